@@ -1,0 +1,33 @@
+# `make demo` and `make test` work on a fresh clone: each creates .venv and installs what it needs.
+PY      ?= python3
+VENV    := .venv
+PYTHON  := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+PYTEST  := $(PYTHON) -m pytest
+
+.PHONY: demo test test-fast zoo bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q -c constraints.txt -e ".[test,bench]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fxprune inspect resnet18
+
+# The unit and property tests, then the torchvision zoo sweep (every classifier, numerically checked).
+test: $(STAMP)
+	$(PYTEST) -q -m "not zoo"
+	$(PYTEST) -q -m zoo
+
+test-fast: $(STAMP)
+	$(PYTEST) -q -m "not zoo"
+
+zoo: $(STAMP)
+	$(VENV)/bin/fxprune zoo
+
+bench: $(STAMP)
+	$(VENV)/bin/fxprune bench analyze
+
+clean:
+	rm -rf $(VENV) build *.egg-info

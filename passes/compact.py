@@ -1,0 +1,166 @@
+"""Compaction rewrite: remove gates, slice what they switched off, delete dropped branches.
+
+Two passes over a *copy* of the gated model:
+
+* :class:`StripGates` removes every gate node and module, leaving the original graph;
+* :class:`Compact` slices every parameter and buffer bound to a group with the kept
+  indices, updates module attributes (``in_channels``, ``groups``, ``num_features``, ...),
+  rewrites shape constants (view sizes, slice bounds, split sizes; ``chunk`` becomes
+  ``split``), and replaces each dropped branch's add by its stream.
+
+The result is a plain ``GraphModule``: no hooks, no masks, no fxprune modules, so
+``torch.compile`` and ``torch.export`` see an ordinary network.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from ..gates import apply_layer_gate
+from .channel_graph import ChannelGraph
+from .insert_gates import LAYERS, READS, UNITS
+
+__all__ = ["StripGates", "Compact", "slice_tensor", "refresh_module"]
+
+
+class StripGates(PassBase):
+    """Remove gate nodes and gate modules (in place); the model computes as if all gates were 1."""
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        graph = gm.graph
+        for n in list(graph.nodes):
+            if (n.op == "call_module" and str(n.target).startswith(READS + ".")) or (
+                n.op == "call_function" and n.target is apply_layer_gate
+            ):
+                n.replace_all_uses_with(n.args[0])
+                graph.erase_node(n)
+        for n in list(graph.nodes):
+            if n.op == "call_module" and str(n.target).startswith((UNITS + ".", LAYERS + ".")):
+                graph.erase_node(n)
+        for name in (UNITS, LAYERS, READS):
+            if hasattr(gm, name):
+                delattr(gm, name)
+        graph.lint()
+        gm.recompile()
+        return PassResult(gm, True)
+
+
+def slice_tensor(t: torch.Tensor, dim: int, idx: np.ndarray) -> None:
+    """Keep ``idx`` along ``dim`` of ``t`` in place (``t`` stays the same object)."""
+    t.data = t.data.index_select(dim, torch.as_tensor(idx, dtype=torch.long, device=t.device)).contiguous()
+
+
+def refresh_module(m: nn.Module) -> None:
+    """Re-derive a layer's size attributes from its (sliced) parameters."""
+    if isinstance(m, nn.modules.conv._ConvNd):
+        w = m.weight
+        if m.transposed:
+            m.in_channels, m.out_channels = w.shape[0], w.shape[1] * m.groups
+        else:
+            if m.groups > 1 and m.groups == m.in_channels:  # depthwise: one group per input channel
+                mult = m.out_channels // m.groups
+                m.groups = w.shape[0] // mult
+                m.in_channels = m.groups
+            else:
+                m.in_channels = w.shape[1] * m.groups
+            m.out_channels = w.shape[0]
+    elif isinstance(m, nn.Linear):
+        m.out_features, m.in_features = m.weight.shape
+    elif isinstance(m, (nn.modules.batchnorm._NormBase)):
+        t = m.weight if m.weight is not None else m.running_mean
+        if t is not None:
+            m.num_features = t.shape[0]
+
+
+def _delete_unreferenced_tensors(gm: fx.GraphModule) -> None:
+    """Delete parameters and buffers that no ``call_module`` or ``get_attr`` node reaches."""
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    fetched = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        owner, _, attr = name.rpartition(".")
+        if name in fetched or any(owner == c or owner.startswith(c + ".") for c in called):
+            continue
+        delattr(gm.get_submodule(owner) if owner else gm, attr)
+
+
+class Compact(PassBase):
+    """Slice ``gm`` (in place) to the units ``unit_keep[group]`` and drop ``drop`` branches."""
+
+    def __init__(self, cg: ChannelGraph, unit_keep: dict[int, np.ndarray], drop: set[int]) -> None:
+        super().__init__()
+        self.cg, self.unit_keep, self.drop = cg, unit_keep, drop
+        self.dead = set().union(*(cg.branches[i].nodes for i in drop)) if drop else set()
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        for gid, keep in self.unit_keep.items():
+            for s in self.cg.groups[gid].spaces:
+                space = self.cg.spaces[s]
+                if space.node not in self.dead and not self.cg.keep_indices(s, self.unit_keep).size:
+                    raise ValueError(
+                        f"the gates of group {gid} remove every channel of '{space.node}' (dim {space.dim}); "
+                        "a channel dimension cannot become empty: keep at least one of its units"
+                    )
+
+    def _keep(self, space: int) -> np.ndarray:
+        return self.cg.keep_indices(space, self.unit_keep)
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        cg = self.cg
+        tensors = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
+        owners = set()
+        for b in cg.bindings:
+            if cg.spaces[b.space].group not in self.unit_keep or b.target not in tensors:
+                continue
+            idx = self._keep(b.space)
+            if b.period is not None:
+                idx = idx[idx < b.period]
+            if len(idx) != tensors[b.target].shape[b.dim]:
+                slice_tensor(tensors[b.target], b.dim, idx)
+                owners.add(b.target.rpartition(".")[0])
+        for name in owners:
+            refresh_module(gm.get_submodule(name))
+
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for rw in cg.rewrites:
+            if rw.node in nodes and rw.node not in self.dead:
+                getattr(self, f"_rewrite_{rw.kind}")(nodes[rw.node], rw)
+
+        for i in sorted(self.drop):
+            br = cg.branches[i]
+            add = nodes[br.add]
+            add.replace_all_uses_with(nodes[br.stream])
+            gm.graph.erase_node(add)
+        gm.graph.eliminate_dead_code()
+        _delete_unreferenced_tensors(gm)
+        gm.delete_all_unused_submodules()
+        gm.graph.lint()
+        gm.recompile()
+        return PassResult(gm, True)
+
+    # -- shape constants
+    def _rewrite_view(self, node: fx.Node, rw) -> None:
+        new = len(self._keep(rw.spaces[0]))
+        sizes_in_tuple = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
+        sizes = list(node.args[1] if sizes_in_tuple else node.args[1:])
+        if isinstance(sizes[rw.pos], int) and sizes[rw.pos] != -1:
+            sizes[rw.pos] = new
+        node.args = (node.args[0], type(node.args[1])(sizes)) if sizes_in_tuple else (node.args[0], *sizes)
+
+    def _rewrite_slice(self, node: fx.Node, rw) -> None:
+        idx = node.args[1]
+        items = list(idx) if isinstance(idx, tuple) else [idx]
+        sl, size = items[rw.pos], self.cg.spaces[rw.spaces[0]].size
+        start, stop, _ = sl.indices(size)
+        kept = self._keep(rw.spaces[0])
+        a = int(np.searchsorted(kept, start))
+        items[rw.pos] = slice(a, int(np.searchsorted(kept, stop)))
+        node.args = (node.args[0], tuple(items) if isinstance(idx, tuple) else items[0])
+
+    def _rewrite_split(self, node: fx.Node, rw) -> None:
+        sizes = [len(self._keep(s)) for s in rw.spaces]
+        x = node.args[0] if node.args else node.kwargs["input"]
+        node.op, node.target = "call_function", torch.split
+        node.args, node.kwargs = (x, sizes), {"dim": rw.pos}
