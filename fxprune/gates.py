@@ -48,13 +48,13 @@ class BernoulliGate(nn.Module):
 class ChannelGateRead(nn.Module):
     """Multiplies the channels of ``x`` on ``dim`` by their units' gate values.
 
-    ``index[c]`` is the unit of channel ``c`` (None when channel ``c`` is unit ``c``).
+    ``index[c]`` is the unit (of ``num_units``) of channel ``c``.
     """
 
-    def __init__(self, index: np.ndarray | None, dim: int) -> None:
+    def __init__(self, index: np.ndarray, dim: int, num_units: int) -> None:
         super().__init__()
         self.dim = dim
-        identity = index is None or np.array_equal(index, np.arange(len(index)))
+        identity = len(index) == num_units and np.array_equal(index, np.arange(num_units))
         self.register_buffer("index", None if identity else torch.as_tensor(index, dtype=torch.long))
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:

@@ -50,7 +50,7 @@ def implied_param_count(gated: fx.GraphModule) -> int:
     total = 0
     for name, p in gated.named_parameters():
         owner = name.rpartition(".")[0]
-        if name not in fetched and owner not in called:
+        if name not in fetched and not any(owner == c or owner.startswith(c + ".") for c in called):
             continue
         dims = []
         for d, n in enumerate(p.shape):

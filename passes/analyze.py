@@ -80,7 +80,7 @@ class Builder:
         """Tie index ``pairs[0][k]`` of space ``a`` to ``pairs[1][k]`` of ``b`` (identity if None)."""
         if pairs is None and self.spaces[a].size != self.spaces[b].size:
             raise AssertionError(f"identity link between spaces of sizes {self.spaces[a].size} and {self.spaces[b].size}")
-        self.graph.add_edge(a, b, pairs=pairs)
+        self.graph.add_edge(a, b, pairs=pairs, src=a)
 
     def freeze(self, s: int, reason: str) -> None:
         if self.spaces[s].frozen is None:
@@ -97,8 +97,8 @@ class Builder:
             return
         self.bindings[key] = Binding(target, dim, space, role, owner, period)
 
-    def read(self, node: fx.Node, argpos: int, space: int) -> None:
-        self.reads.append(Read(node.name, argpos, space))
+    def read(self, node: fx.Node, argpos: int, space: int, dim: int) -> None:
+        self.reads.append(Read(node.name, argpos, space, dim))
 
     def rewrite(self, node: fx.Node, kind: str, pos: int, spaces: tuple[int, ...]) -> None:
         self.rewrites.append(Rewrite(node.name, kind, pos, spaces))
@@ -124,8 +124,8 @@ def _groups(b: Builder) -> list[Group]:
     groups = []
     for gid, comp in enumerate(sorted(nx.connected_components(b.graph), key=min)):
         members = sorted(comp)
-        edges = list(b.graph.subgraph(members).edges(data="pairs"))
-        if all(p is None for _, _, p in edges):
+        edges = list(b.graph.subgraph(members).edges(data=True))
+        if all(d["pairs"] is None for _, _, d in edges):
             n = b.spaces[members[0]].size
             unit_index = {s: np.arange(n) for s in members}
         else:
@@ -133,11 +133,12 @@ def _groups(b: Builder) -> list[Group]:
             for s in members:
                 off[s], total = total, total + b.spaces[s].size
             rows, cols = [], []
-            for u, v, p in edges:
-                iu, iv = (np.arange(b.spaces[u].size),) * 2 if p is None else p
+            for u, v, d in edges:
+                u, v = (u, v) if d["src"] == u else (v, u)  # undirected: orient the pairs
+                iu, iv = (np.arange(b.spaces[u].size),) * 2 if d["pairs"] is None else d["pairs"]
                 rows.append(off[u] + np.asarray(iu)), cols.append(off[v] + np.asarray(iv))
             rows_a, cols_a = np.concatenate(rows), np.concatenate(cols)
-            adj = sp.coo_matrix((np.ones(len(rows_a), dtype=np.int8), (rows_a, cols_a)), shape=(total, total))
+            adj = sp.coo_matrix((np.ones(len(rows_a), dtype=np.int32), (rows_a, cols_a)), shape=(total, total))
             n, labels = connected_components(adj, directed=False)
             _, first, inv = np.unique(labels, return_index=True, return_inverse=True)
             rank = np.empty(n, dtype=np.int64)

@@ -55,13 +55,14 @@ class Binding:
 
 @dataclass(frozen=True)
 class Read:
-    """A consumer that mixes the channels of ``space``: ``node.args[arg]`` reads them.
-
-    Unit gates are applied here, so a gate at 0 means exactly "channel absent"."""
+    """A consumer that mixes the channels of ``space``: ``node.args[arg]`` reads them on
+    dimension ``dim``. Unit gates are applied here, so a gate at 0 means exactly
+    "channel absent"."""
 
     node: str
     arg: int
     space: int
+    dim: int
 
 
 @dataclass(frozen=True)

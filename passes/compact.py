@@ -128,11 +128,13 @@ class Compact(PassBase):
             if rw.node in nodes and rw.node not in self.dead:
                 getattr(self, f"_rewrite_{rw.kind}")(nodes[rw.node], rw)
 
-        for i in sorted(self.drop):
+        replaced: dict[str, fx.Node] = {}
+        for i in sorted(self.drop):  # branches are numbered in graph order
             br = cg.branches[i]
-            add = nodes[br.add]
-            add.replace_all_uses_with(nodes[br.stream])
-            gm.graph.erase_node(add)
+            stream = replaced.get(br.stream, nodes[br.stream])
+            nodes[br.add].replace_all_uses_with(stream)
+            gm.graph.erase_node(nodes[br.add])
+            replaced[br.add] = stream
         gm.graph.eliminate_dead_code()
         _delete_unreferenced_tensors(gm)
         gm.delete_all_unused_submodules()

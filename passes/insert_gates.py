@@ -68,8 +68,8 @@ class InsertGates(PassBase):
             key = (src.name, r.space)
             if key not in gated:
                 name = f"r{len(gm.get_submodule(READS))}"
-                space = cg.spaces[r.space]
-                gm.get_submodule(READS)[name] = ChannelGateRead(cg.groups[gid].unit_index[r.space], space.dim)
+                gm.get_submodule(READS)[name] = ChannelGateRead(
+                    cg.groups[gid].unit_index[r.space], r.dim, cg.groups[gid].num_units)
                 with graph.inserting_before(consumer):
                     gated[key] = graph.call_module(f"{READS}.{name}", (src, masks[f"{UNITS}.g{gid}"]))
             consumer.update_arg(r.arg, gated[key])

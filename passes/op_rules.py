@@ -347,11 +347,11 @@ def conv_like(b: "Builder", node: fx.Node, x: fx.Node, w: str, bias: str | None,
             return {**dims, cd: out}
         b.bind(w, 0, cin, "consumer", owner)
         b.bind(w, 1, out, "producer", owner)
-        b.read(node, 0, cin)
+        b.read(node, 0, cin, cd)
     elif groups == 1:
         b.bind(w, 1, cin, "consumer", owner)
         b.bind(w, 0, out, "producer", owner)
-        b.read(node, 0, cin)
+        b.read(node, 0, cin, cd)
     elif groups == cin_n:  # depthwise: output channel o reads input o // m
         m = cout_n // cin_n
         idx = np.arange(cout_n)
@@ -363,7 +363,7 @@ def conv_like(b: "Builder", node: fx.Node, x: fx.Node, w: str, bias: str | None,
         b.link(out, out, (np.arange(cout_n - pout), np.arange(pout, cout_n)))
         b.bind(w, 1, cin, "consumer", owner, period=pin)
         b.bind(w, 0, out, "producer", owner)
-        b.read(node, 0, cin)
+        b.read(node, 0, cin, cd)
     if bias is not None:
         b.bind(bias, 0, out, "carrier" if groups == cin_n and groups > 1 else "producer", owner)
     return {**dims, cd: out}
@@ -395,7 +395,7 @@ def linear_like(b: "Builder", node: fx.Node, x: fx.Node, w: str, bias: str | Non
     b.bind(w, 0, out, "producer", owner)
     if bias is not None:
         b.bind(bias, 0, out, "producer", owner)
-    b.read(node, 0, cin)
+    b.read(node, 0, cin, nd - 1)
     return {**{d: s for d, s in b.dims_of(x).items() if d < nd - 1}, nd - 1: out}
 
 

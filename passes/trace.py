@@ -111,10 +111,12 @@ def trace(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor) -> f
             try:
                 ShapeProp(gm).propagate(*example_inputs)
             except Exception as exc:
+                cause = exc.__cause__ or exc
+                where = next((line for line in str(exc).splitlines() if line.startswith("While executing")), "")
                 raise ValueError(
-                    f"running {type(model).__name__} on the example inputs failed "
-                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                    "check the example input shapes"
+                    f"running {type(model).__name__} on the example inputs failed: "
+                    f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''} "
+                    f"({where.replace('While executing ', 'at node ')}). Check the example input shapes."
                 ) from exc
     finally:
         model.train(was_training)

@@ -1,0 +1,151 @@
+"""Model-zoo sweep: every torchvision classifier, pruned at random and checked numerically.
+
+For each model: ``prepare`` -> ``random_masks(keep)`` -> ``convert``; the compact model's
+outputs must equal the gated model's (eval mode) within ``rtol`` of the output scale,
+its parameter count must equal the one the masks imply, and ``torch.export.export`` of
+it must run and give the same outputs. Run as ``python -m fxprune.zoo`` or ``fxprune zoo``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import gc
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torchvision
+
+from .api import channel_graph, convert, prepare
+from .testing import implied_param_count, random_masks
+
+__all__ = ["ZooResult", "check_model", "classification_models", "input_size", "main"]
+
+#: Models that only accept one input resolution, or need a larger one than the default.
+_SIZES = {"vit_*": 224, "maxvit_t": 224, "inception_v3": 96, "swin*": 64}
+DEFAULT_SIZE = 64
+
+
+def classification_models() -> list[str]:
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def input_size(name: str) -> int:
+    return next((s for pat, s in _SIZES.items() if fnmatch.fnmatch(name, pat)), DEFAULT_SIZE)
+
+
+@dataclass
+class ZooResult:
+    name: str
+    equivalent: bool = False
+    max_rel_err: float = float("nan")
+    params_before: int = 0
+    params_after: int = 0
+    params_implied: int = 0
+    exported: bool = False
+    prunable: int = 0
+    channels: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    error: str = ""
+
+    @property
+    def prunable_fraction(self) -> float:
+        return self.prunable / self.channels if self.channels else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.equivalent and self.exported and self.params_after == self.params_implied and not self.error
+
+    def line(self) -> str:
+        if self.error:
+            return f"{self.name:<24} FAIL  {self.error}"
+        return (
+            f"{self.name:<24} {'ok  ' if self.ok else 'FAIL'}  err {self.max_rel_err:8.1e}  "
+            f"params {self.params_before / 1e6:8.2f}M -> {self.params_after / 1e6:7.2f}M  "
+            f"prunable {100 * self.prunable_fraction:5.1f}% of {self.channels} channels  "
+            f"export {'ok' if self.exported else 'FAIL'}  {self.seconds:5.1f}s"
+        )
+
+
+def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give constant-initialised tensors (norm affines and statistics, layer scales) random
+    values, so that slicing one of them wrongly shows in the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if not t.is_floating_point() or t.numel() < 2:
+                continue
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) * 1.5 + 0.5)
+            elif name.endswith("running_mean"):
+                t.copy_((torch.rand(t.shape, generator=g) - 0.5) * 0.4)
+            elif t.std() == 0 and t.abs().max() > 0:  # norm weights, layer scales
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+    return model
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def check_model(name: str, keep: float = 0.5, seed: int = 0, rtol: float = 1e-4, batch: int = 2) -> ZooResult:
+    """Prepare, randomly mask, convert and export torchvision model ``name``."""
+    res, t0 = ZooResult(name), time.perf_counter()
+    try:
+        torch.manual_seed(seed)
+        model = perturb(torchvision.models.get_model(name, weights=None).eval(), seed)
+        x = torch.randn(batch, 3, input_size(name), input_size(name))
+        res.params_before = sum(p.numel() for p in model.parameters())
+        gated = prepare(model, (x,))
+        cg = channel_graph(gated)
+        res.prunable, res.channels = cg.producer_channels()
+        res.reasons = cg.frozen_reasons()
+        random_masks(gated, keep=keep, seed=seed).eval()
+        compact = convert(gated).eval()
+        res.params_after = sum(p.numel() for p in compact.parameters())
+        res.params_implied = implied_param_count(gated)
+        with torch.no_grad():
+            ref = gated(x)
+            res.max_rel_err = _rel_err(compact(x), ref)
+            res.equivalent = res.max_rel_err <= rtol
+            ep = torch.export.export(compact, (x,))
+            res.exported = _rel_err(ep.module()(x), ref) <= rtol
+    except Exception as exc:  # noqa: BLE001 - the sweep reports every failure and goes on
+        res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+    res.seconds = time.perf_counter() - t0
+    gc.collect()
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fxprune zoo", description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="*", help="names or glob patterns (default: every classification model)")
+    p.add_argument("--keep", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    names = classification_models()
+    if args.models:
+        names = [n for n in names if any(fnmatch.fnmatch(n, pat) for pat in args.models)]
+        if not names:
+            p.error(f"no torchvision classification model matches {args.models}")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    results = []
+    for name in names:
+        results.append(check_model(name, keep=args.keep, seed=args.seed))
+        print(results[-1].line(), flush=True)
+    low = [r for r in results if not r.error and r.prunable_fraction < 0.5]
+    if low:
+        print("\nModels with less than half of their conv/linear channels prunable, and why:")
+        for r in low:
+            print(f"  {r.name} ({100 * r.prunable_fraction:.1f}%):")
+            for reason, n in list(r.reasons.items())[:4]:
+                print(f"    {n:>6} channels: {reason}")
+    n_ok = sum(r.ok for r in results)
+    print(f"{n_ok}/{len(results)} models equivalent")
+    return 0 if n_ok == len(results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,229 @@
+"""A grammar of random networks for the property tests.
+
+``networks()`` is a hypothesis strategy returning ``(model, example_input)``: a conv trunk of
+random blocks (conv/BN/act, depthwise, grouped, residual, projection shortcut, SE,
+cat/split/chunk, channel slices, functional convs with their own parameters, group norm,
+transposed conv), then one of several heads (flatten into Linear with literal view sizes,
+global pooling, tokens with LayerNorm/MLP/attention, Linear on the last dim of a 4-D
+tensor via permute).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from hypothesis import strategies as st
+from torch import nn
+
+H = W = 6
+
+
+def conv_bn(cin: int, cout: int, k: int = 3, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class Residual(nn.Module):
+    def __init__(self, body: nn.Module, proj: nn.Module | None = None) -> None:
+        super().__init__()
+        self.body, self.proj = body, proj
+
+    def forward(self, x):
+        return (x if self.proj is None else self.proj(x)) + self.body(x)
+
+
+class SE(nn.Module):
+    def __init__(self, c: int, r: int, linear: bool) -> None:
+        super().__init__()
+        self.linear = linear
+        self.fc1 = nn.Linear(c, r) if linear else nn.Conv2d(c, r, 1)
+        self.fc2 = nn.Linear(r, c) if linear else nn.Conv2d(r, c, 1)
+
+    def forward(self, x):
+        if self.linear:
+            s = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3))))))
+            return x * s[:, :, None, None]
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        return x * s
+
+
+class SplitCat(nn.Module):
+    """Split channels, transform one part, concatenate back (chunk or split)."""
+
+    def __init__(self, c: int, first: int, chunk: bool) -> None:
+        super().__init__()
+        self.chunk, self.first = chunk, (c // 2 if chunk else first)
+        self.conv = conv_bn(self.first, self.first)
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1) if self.chunk else torch.split(x, [self.first, x.shape[1] - self.first], dim=1)
+        return torch.cat([self.conv(a), b], dim=1)
+
+
+class Branches(nn.Module):
+    def __init__(self, cin: int, c1: int, c2: int) -> None:
+        super().__init__()
+        self.a, self.b = conv_bn(cin, c1, 1), conv_bn(cin, c2, 3)
+
+    def forward(self, x):
+        return torch.cat((self.a(x), F.max_pool2d(self.b(x), 3, 1, 1)), 1)
+
+
+class Slice(nn.Module):
+    def __init__(self, start: int, stop: int) -> None:
+        super().__init__()
+        self.start, self.stop = start, stop
+
+    def forward(self, x):
+        return x[:, self.start:self.stop]
+
+
+class FunctionalConv(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin, 3, 3) / (3 * cin**0.5))
+        self.bias = nn.Parameter(torch.randn(cout) * 0.1)
+
+    def forward(self, x):
+        return F.gelu(F.conv2d(x, self.weight, self.bias, padding=1))
+
+
+class FlattenHead(nn.Module):
+    def __init__(self, c: int, hidden: int, out: int, literal: bool) -> None:
+        super().__init__()
+        self.literal, self.features = literal, c * H * W
+        self.fc1, self.fc2 = nn.Linear(c * H * W, hidden), nn.Linear(hidden, out)
+
+    def forward(self, x):
+        x = x.view(-1, self.features) if self.literal else torch.flatten(x, 1)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class PoolHead(nn.Module):
+    def __init__(self, c: int, out: int) -> None:
+        super().__init__()
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(c, out)
+
+    def forward(self, x):
+        return self.fc(self.pool(x).flatten(1))
+
+
+class TokenHead(nn.Module):
+    """[N, C, H, W] -> tokens [N, L, C] -> (attention) -> LayerNorm -> MLP -> mean -> Linear."""
+
+    def __init__(self, c: int, hidden: int, out: int, attention: bool) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(c, 2 if c % 2 == 0 else 1, batch_first=True) if attention else None
+        self.norm = nn.LayerNorm(c)
+        self.fc1, self.fc2, self.out = nn.Linear(c, hidden), nn.Linear(hidden, c), nn.Linear(c, out)
+
+    def forward(self, x):
+        t = x.flatten(2).transpose(1, 2)
+        if self.attn is not None:
+            t = t + self.attn(t, t, t, need_weights=False)[0]
+        t = t + self.fc2(F.gelu(self.fc1(self.norm(t))))
+        return self.out(t.mean(dim=1))
+
+
+class LastDimHead(nn.Module):
+    """Linear applied on the last dim of a 4-D tensor (channels-last), then back."""
+
+    def __init__(self, c: int, hidden: int, out: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(c, hidden), nn.Linear(hidden, out)
+
+    def forward(self, x):
+        y = self.fc1(x.permute(0, 2, 3, 1)).relu().permute(0, 3, 1, 2)
+        return self.fc2(y.mean((2, 3)))
+
+
+class Net(nn.Module):
+    def __init__(self, stem: nn.Module, blocks: list[nn.Module], head: nn.Module) -> None:
+        super().__init__()
+        self.stem, self.blocks, self.head = stem, nn.ModuleList(blocks), head
+
+    def forward(self, x):
+        x = self.stem(x)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+class Example(tuple):
+    """(model, input) with a short repr, so hypothesis reports show the architecture."""
+
+    def __repr__(self) -> str:
+        return f"Example(input={tuple(self[1].shape)}, model={self[0]!r})"
+
+
+@st.composite
+def networks(draw) -> tuple[nn.Module, torch.Tensor]:
+    widths = st.sampled_from([4, 6, 8, 12])
+    c = draw(widths)
+    stem = conv_bn(3, c)
+    blocks: list[nn.Module] = []
+    for _ in range(draw(st.integers(1, 5))):
+        kind = draw(st.sampled_from(
+            ["conv", "depthwise", "grouped", "residual", "projection", "se", "splitcat", "branches", "slice",
+             "functional", "groupnorm", "transposed"]))
+        if kind == "conv":
+            cout = draw(widths)
+            blocks.append(conv_bn(c, cout, draw(st.sampled_from([1, 3]))))
+            c = cout
+        elif kind == "depthwise":
+            mult = draw(st.sampled_from([1, 2]))
+            blocks.append(conv_bn(c, c * mult, 3, groups=c))
+            c *= mult
+        elif kind == "grouped":
+            g = 2
+            cout = draw(st.sampled_from([4, 8]))
+            blocks.append(conv_bn(c, cout, 3, groups=g))
+            c = cout
+        elif kind == "residual":
+            mid = draw(widths)
+            body = nn.Sequential(conv_bn(c, mid), nn.Conv2d(mid, c, 3, padding=1), nn.BatchNorm2d(c))
+            blocks.append(Residual(body))
+        elif kind == "projection":
+            cout = draw(widths)
+            blocks.append(Residual(conv_bn(c, cout), nn.Conv2d(c, cout, 1)))
+            c = cout
+        elif kind == "se":
+            blocks.append(SE(c, max(2, c // 2), draw(st.booleans())))
+        elif kind == "splitcat":
+            blocks.append(SplitCat(c, draw(st.integers(1, c - 1)), draw(st.booleans()) and c % 2 == 0))
+        elif kind == "branches":
+            c1, c2 = draw(widths), draw(widths)
+            blocks.append(Branches(c, c1, c2))
+            c = c1 + c2
+        elif kind == "slice":
+            start = draw(st.integers(0, c // 2))
+            stop = draw(st.integers(start + 1, c))
+            blocks.append(nn.Sequential(Slice(start, stop), conv_bn(stop - start, c)))
+        elif kind == "functional":
+            cout = draw(widths)
+            blocks.append(FunctionalConv(c, cout))
+            c = cout
+        elif kind == "groupnorm":
+            blocks.append(nn.Sequential(nn.GroupNorm(2 if c % 2 == 0 else 1, c), nn.SiLU()))
+        elif kind == "transposed":
+            cout = draw(widths)
+            blocks.append(nn.Sequential(nn.ConvTranspose2d(c, cout, 3, padding=1), nn.Hardswish()))
+            c = cout
+    head_kind = draw(st.sampled_from(["flatten", "flatten_literal", "pool", "tokens", "attention", "lastdim"]))
+    out = 5
+    if head_kind.startswith("flatten"):
+        head = FlattenHead(c, draw(widths), out, literal=head_kind == "flatten_literal")
+    elif head_kind == "pool":
+        head = PoolHead(c, out)
+    elif head_kind in ("tokens", "attention"):
+        head = TokenHead(c, draw(widths), out, attention=head_kind == "attention")
+    else:
+        head = LastDimHead(c, draw(widths), out)
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    model = Net(stem, blocks, head).eval()
+    for m in model.modules():  # non-trivial BN statistics, so slicing them matters
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    return Example((model, torch.randn(3, 3, H, W)))
