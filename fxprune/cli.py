@@ -1,0 +1,109 @@
+"""The ``fxprune`` command line: ``inspect``, ``zoo``, ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+import torch
+from torch import nn
+
+__all__ = ["main", "load_model"]
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+def load_model(spec: str) -> nn.Module:
+    """A torchvision model name, or ``package.module:attr`` naming a module or a factory."""
+    if ":" in spec:
+        mod_name, _, attr = spec.partition(":")
+        try:
+            obj = getattr(importlib.import_module(mod_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise CLIError(f"cannot load '{spec}': {exc}") from None
+        model = obj if isinstance(obj, nn.Module) else obj()
+        if not isinstance(model, nn.Module):
+            raise CLIError(f"'{spec}' gave a {type(model).__name__}, not an nn.Module")
+        return model
+    import torchvision
+
+    names = torchvision.models.list_models()
+    if spec not in names:
+        close = [n for n in names if spec.lower() in n][:5]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise CLIError(f"unknown model '{spec}'{hint}; give a torchvision model name or package.module:factory")
+    return torchvision.models.get_model(spec, weights=None)
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"input shape must look like 1,3,224,224, got '{text}'") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"input shape must be positive integers, got '{text}'")
+    return dims
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .passes import analyze, trace
+    from .report import branches_table, groups_table, summary
+
+    model = load_model(args.model).eval()
+    gm = trace(model, (torch.randn(*args.input_shape),))
+    cg = analyze(gm)
+    print(f"{args.model}: input {tuple(args.input_shape)}")
+    print(summary(cg))
+    print()
+    print(groups_table(cg))
+    print()
+    print(branches_table(cg) if cg.branches else "no residual branches")
+    return 0
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from . import zoo
+
+    return zoo.main(args.rest)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    return bench.main([args.what, *args.rest])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fxprune", description="Train and prune PyTorch networks with torch.fx passes.")
+    sub = p.add_subparsers(dest="command", required=True)
+    i = sub.add_parser("inspect", help="print a model's channel groups and residual branches")
+    i.add_argument("model", help="torchvision model name, or package.module:factory")
+    i.add_argument("--input-shape", type=_shape, default=(1, 3, 224, 224), help="example input shape (default 1,3,224,224)")
+    i.set_defaults(func=cmd_inspect)
+    z = sub.add_parser("zoo", help="prune every torchvision classifier at random and check equivalence", add_help=False)
+    z.add_argument("rest", nargs=argparse.REMAINDER)
+    z.set_defaults(func=cmd_zoo)
+    b = sub.add_parser("bench", help="benchmarks: 'analyze' (trace+analyze against Torch-Pruning)")
+    b.add_argument("what", choices=["analyze"])
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CLIError as exc:
+        print(f"fxprune: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # bad input shapes and the like, reported by the passes
+        print(f"fxprune: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

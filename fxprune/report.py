@@ -1,0 +1,57 @@
+"""Tables of what the analysis found: channel groups and residual branches (tabulate)."""
+
+from __future__ import annotations
+
+from tabulate import tabulate
+
+from .passes import ChannelGraph
+
+__all__ = ["group_rows", "groups_table", "branches_table", "summary"]
+
+
+def _names(items: list[str], limit: int = 3) -> str:
+    items = list(dict.fromkeys(items))
+    more = f" +{len(items) - limit}" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def group_rows(cg: ChannelGraph) -> list[dict]:
+    """One dict per group: id, units, producers, consumers, carriers, status."""
+    by_group: dict[int, dict[str, list[str]]] = {g.id: {"producer": [], "consumer": [], "carrier": []} for g in cg.groups}
+    for b in cg.bindings:
+        by_group[cg.spaces[b.space].group][b.role].append(b.owner)
+    rows = []
+    for g in cg.groups:
+        roles = by_group[g.id]
+        if not (roles["producer"] or roles["consumer"]):
+            continue  # groups no layer touches (inputs, shape-only tensors)
+        rows.append({
+            "group": g.id, "units": g.num_units, "producers": roles["producer"], "consumers": roles["consumer"],
+            "carriers": roles["carrier"], "status": "prunable" if g.prunable else f"frozen: {g.frozen[0]}",
+        })
+    return rows
+
+
+def groups_table(cg: ChannelGraph, fmt: str = "simple") -> str:
+    rows = [
+        [r["group"], r["units"], _names(r["producers"]), _names(r["consumers"]), r["status"]]
+        for r in group_rows(cg)
+    ]
+    return tabulate(rows, headers=["group", "units", "producers", "consumers", "status"], tablefmt=fmt, maxcolwidths=[None, None, 40, 40, 60])
+
+
+def branches_table(cg: ChannelGraph, fmt: str = "simple") -> str:
+    rows = [[b.id, b.add, b.stream, len(b.nodes)] for b in cg.branches]
+    return tabulate(rows, headers=["branch", "add", "stream x", "ops in F(x)"], tablefmt=fmt)
+
+
+def summary(cg: ChannelGraph) -> str:
+    prunable, total = cg.producer_channels()
+    lines = [
+        f"{len(cg.prunable_groups)} prunable of {len(group_rows(cg))} channel groups; "
+        f"{prunable}/{total} conv/linear output channels prunable ({100 * prunable / max(total, 1):.1f}%); "
+        f"{len(cg.branches)} residual branches"
+    ]
+    if cg.leaves:
+        lines += [f"traced as leaf: {k}: {v}" for k, v in cg.leaves.items()]
+    return "\n".join(lines)

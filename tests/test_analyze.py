@@ -1,0 +1,148 @@
+"""Dependency analysis: groups, units, roles, branches and frozen reasons on small models."""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import fxprune
+
+
+def analyze(model, x):
+    return fxprune.analyze(fxprune.trace(model.eval(), (x,)))
+
+
+def group_of_producer(cg, owner):
+    return next(cg.group_of(b.space) for b in cg.bindings if b.owner == owner and b.role == "producer")
+
+
+def test_resnet_residual_stream_is_one_group_and_blocks_are_branches():
+    cg = analyze(torchvision.models.resnet18(), torch.randn(1, 3, 32, 32))
+    stream = group_of_producer(cg, "conv1")
+    assert stream is group_of_producer(cg, "layer1.0.conv2") is group_of_producer(cg, "layer1.1.conv2")
+    assert stream.prunable and stream.num_units == 64
+    assert group_of_producer(cg, "layer2.0.conv2") is group_of_producer(cg, "layer2.0.downsample.0")
+    assert len(cg.branches) == 5  # identity-shortcut blocks; projection blocks are not x + F(x)
+    assert all(len(b.nodes) == 5 for b in cg.branches)  # conv, bn, relu, conv, bn
+    assert not group_of_producer(cg, "fc").prunable
+
+
+class Unknown(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.fc = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = torch.roll(self.a(x), 1, dims=1)  # mixes channel positions: not understood
+        return self.fc(self.b(y).mean((2, 3)))
+
+
+def test_unknown_op_freezes_its_channels_and_names_the_op():
+    cg = analyze(Unknown(), torch.randn(1, 3, 8, 8))
+    g = group_of_producer(cg, "a")
+    assert not g.prunable and "roll" in g.frozen[0]
+    assert group_of_producer(cg, "b").prunable
+
+
+class FlattenLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc, self.out = nn.Conv2d(1, 6, 3), nn.Linear(6 * 4 * 4, 10), nn.Linear(10, 3)
+
+    def forward(self, x):
+        return self.out(F.relu(self.fc(torch.flatten(F.relu(self.conv(x)), 1))))
+
+
+def test_flatten_into_linear_expands_channel_indices():
+    cg = analyze(FlattenLinear(), torch.randn(2, 1, 6, 6))
+    g = group_of_producer(cg, "conv")
+    assert g.prunable and g.num_units == 6
+    flat = next(r.space for r in cg.reads if r.node == "fc")
+    np.testing.assert_array_equal(g.unit_index[flat], np.repeat(np.arange(6), 16))
+
+
+def test_grouped_conv_ties_same_position_in_every_group():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 12, 3, groups=4), nn.ReLU(), nn.Conv2d(12, 2, 1))
+    cg = analyze(model, torch.randn(1, 3, 5, 5))
+    g_in = group_of_producer(cg, "0")
+    assert g_in.num_units == 2  # 8 channels in 4 groups of 2
+    assert group_of_producer(cg, "1").num_units == 3
+
+
+def test_depthwise_multiplier_ties_input_to_its_outputs():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 8, 3, groups=4), nn.Conv2d(8, 2, 1))
+    cg = analyze(model, torch.randn(1, 3, 5, 5))
+    g = group_of_producer(cg, "0")
+    assert g.num_units == 4
+    out_space = next(b.space for b in cg.bindings if b.owner == "2" and b.role == "consumer")
+    np.testing.assert_array_equal(g.unit_index[out_space], np.repeat(np.arange(4), 2))
+
+
+def test_layernorm_over_channels_is_frozen_with_reason():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.ln, self.fc2 = nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc2(self.ln(self.fc1(x)))
+
+    cg = analyze(M(), torch.randn(2, 3, 4))
+    g = group_of_producer(cg, "fc1")
+    assert not g.prunable and "LayerNorm" in g.frozen[0]
+
+
+def test_multihead_attention_is_frozen_not_guessed():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.attn = nn.Linear(4, 8), nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            t = self.fc(x)
+            return self.attn(t, t, t)[0]
+
+    cg = analyze(M(), torch.randn(2, 3, 4))
+    assert "MultiheadAttention" in group_of_producer(cg, "fc").frozen[0]
+
+
+def test_shared_module_ties_both_uses():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.shared = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.shared(self.a(x)) + self.shared(self.b(x))
+
+    cg = analyze(M(), torch.randn(1, 3, 4, 4))
+    assert group_of_producer(cg, "a") is group_of_producer(cg, "b")
+
+
+def test_cat_gives_each_input_its_own_units():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 6, 1), nn.Conv2d(10, 2, 1)
+
+        def forward(self, x):
+            return self.c(torch.cat([self.a(x), self.b(x)], 1))
+
+    cg = analyze(M(), torch.randn(1, 3, 4, 4))
+    g = group_of_producer(cg, "a")
+    assert g is group_of_producer(cg, "b") and g.num_units == 10
+
+
+def test_size_of_channel_dim_used_in_arithmetic_freezes():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.b(y) * (y.size(1) / 4)
+
+    cg = analyze(M(), torch.randn(1, 3, 4, 4))
+    assert "size of channel dim" in group_of_producer(cg, "a").frozen[0]

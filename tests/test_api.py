@@ -1,0 +1,90 @@
+"""prepare / convert / random_masks: behaviour and errors."""
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+import fxprune
+from fxprune.passes.insert_gates import UNITS
+from fxprune.testing import implied_param_count, random_masks
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    return model, torch.randn(2, 3, 32, 32)
+
+
+def test_prepare_shares_parameters_and_keeps_function(resnet):
+    model, x = resnet
+    gated = fxprune.prepare(model, (x,)).eval()
+    assert gated.get_submodule("conv1").weight is model.conv1.weight
+    with torch.no_grad():
+        torch.testing.assert_close(gated(x), model(x))
+
+
+def test_random_masks_keep_fraction_and_never_empty_a_space(resnet):
+    model, x = resnet
+    gated = random_masks(fxprune.prepare(model, (x,)), keep=0.0, seed=3)
+    cg = fxprune.channel_graph(gated)
+    unit_keep, _ = fxprune.api.gate_state(gated)
+    for gid, keep in unit_keep.items():
+        for s in cg.groups[gid].spaces:
+            assert cg.keep_indices(s, unit_keep).size >= 1
+    random_masks(gated, keep=0.5, seed=3)
+    unit_keep, _ = fxprune.api.gate_state(gated)
+    assert all(abs(k.mean() - 0.5) < 0.05 for k in unit_keep.values())
+
+
+def test_convert_is_plain_and_equivalent(resnet):
+    model, x = resnet
+    gated = random_masks(fxprune.prepare(model, (x,)), keep=0.5, seed=1).eval()
+    compact = fxprune.convert(gated).eval()
+    assert not any("fxprune" in name for name, _ in compact.named_modules())
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)
+    assert sum(p.numel() for p in compact.parameters()) == implied_param_count(gated)
+    assert compact.conv1.out_channels == compact.conv1.weight.shape[0] == compact.bn1.num_features < 64
+
+
+def test_convert_refuses_to_empty_a_channel_dimension(resnet):
+    model, x = resnet
+    gated = fxprune.prepare(model, (x,))
+    gate = next(iter(gated.get_submodule(UNITS).values()))
+    gate.set_keep(np.zeros(gate.theta.numel(), dtype=bool))
+    with pytest.raises(ValueError, match="cannot become empty"):
+        fxprune.convert(gated)
+
+
+def test_convert_needs_a_gated_model(resnet):
+    model, _ = resnet
+    with pytest.raises(ValueError, match="fxprune.prepare"):
+        fxprune.convert(torch.fx.symbolic_trace(model))
+
+
+def test_layer_gates_off_delete_the_branch(resnet):
+    model, x = resnet
+    gated = fxprune.prepare(model, (x,), fxprune.PruneConfig(structures="layers")).eval()
+    for g in gated.fxprune_layers.values():
+        g.set_keep(np.array([False]))
+    compact = fxprune.convert(gated).eval()
+    names = {n for n, _ in compact.named_modules()}
+    assert "layer1.0.conv1" not in names and "layer2.0.conv1" in names
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)
+
+
+def test_compact_model_compiles(resnet):
+    model, x = resnet
+    gated = random_masks(fxprune.prepare(model, (x,)), keep=0.5, seed=2).eval()
+    compact = fxprune.convert(gated).eval()
+    compiled = torch.compile(compact)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), compact(x), rtol=1e-4, atol=1e-4)
+
+
+def test_config_validates():
+    with pytest.raises(ValueError, match="structures"):
+        fxprune.PruneConfig(structures="filters")
