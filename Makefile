@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/fxprune inspect resnet18
+	$(VENV)/bin/fxprune inspect resnet18 --input-shape 1,3,224,224
+	$(PYTHON) examples/compile_and_export.py --out out/resnet18_pruned.pt2
 
 # The unit and property tests, then the torchvision zoo sweep (every classifier, numerically checked).
 test: $(STAMP)
@@ -30,4 +31,4 @@ bench: $(STAMP)
 	$(VENV)/bin/fxprune bench analyze
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info out

@@ -70,8 +70,9 @@ class ZooResult:
 
 
 def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give constant-initialised tensors (norm affines and statistics, layer scales) random
-    values, so that slicing one of them wrongly shows in the outputs."""
+    """Give constant-initialised tensors (norm affines and statistics, layer scales,
+    zero-initialised weight matrices) random values, so that slicing one of them wrongly
+    shows in the outputs."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -83,6 +84,8 @@ def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 t.copy_((torch.rand(t.shape, generator=g) - 0.5) * 0.4)
             elif t.std() == 0 and t.abs().max() > 0:  # norm weights, layer scales
                 t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif t.dim() >= 2 and t.abs().max() == 0:  # zero-initialised heads (ViT)
+                t.copy_(torch.randn(t.shape, generator=g) * 0.02)
     return model
 
 
