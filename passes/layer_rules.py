@@ -1,0 +1,150 @@
+"""Rules for layers with parameters: convolutions, linear layers and normalisations.
+
+These are where channels are produced (output dims of weights), consumed (input dims,
+where unit gates read) and carried (per-channel parameters and statistics)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from torch import fx, nn
+
+from .op_helpers import Dims, arg, shape, tensor_args, unknown
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .analyze import Builder
+
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def conv_like(b: "Builder", node: fx.Node, x: fx.Node, w: str, bias: str | None, groups: int, transposed: bool) -> Dims:
+    cd = len(shape(node)) - len(b.param(w).shape) + 1
+    cin_n, cout_n = shape(x)[cd], shape(node)[cd]
+    cin = b.space(x, cd)
+    out = b.new(node, cd, cout_n)
+    dims = {d: s for d, s in b.dims_of(x).items() if d < cd}
+    owner = node.target if node.op == "call_module" else node.name
+    if transposed:
+        if groups != 1:
+            b.freeze(cin, f"grouped ConvTranspose '{owner}' is not pruned")
+            b.freeze(out, f"grouped ConvTranspose '{owner}' is not pruned")
+            return {**dims, cd: out}
+        b.bind(w, 0, cin, "consumer", owner)
+        b.bind(w, 1, out, "producer", owner)
+        b.read(node, 0, cin, cd)
+    elif groups == 1:
+        b.bind(w, 1, cin, "consumer", owner)
+        b.bind(w, 0, out, "producer", owner)
+        b.read(node, 0, cin, cd)
+    elif groups == cin_n:  # depthwise: output channel o reads input o // m
+        m = cout_n // cin_n
+        idx = np.arange(cout_n)
+        b.link(cin, out, None if m == 1 else (idx // m, idx))
+        b.bind(w, 0, out, "carrier", owner)
+    else:  # grouped: prune the same positions in every group, so groups stay equal
+        pin, pout = cin_n // groups, cout_n // groups
+        b.link(cin, cin, (np.arange(cin_n - pin), np.arange(pin, cin_n)))
+        b.link(out, out, (np.arange(cout_n - pout), np.arange(pout, cout_n)))
+        b.bind(w, 1, cin, "consumer", owner, period=pin)
+        b.bind(w, 0, out, "producer", owner)
+        b.read(node, 0, cin, cd)
+    if bias is not None:
+        b.bind(bias, 0, out, "carrier" if groups == cin_n and groups > 1 else "producer", owner)
+    return {**dims, cd: out}
+
+
+def conv_module(b: "Builder", node: fx.Node) -> Dims:
+    m = b.modules[node.target]
+    bias = f"{node.target}.bias" if m.bias is not None else None
+    return conv_like(b, node, node.args[0], f"{node.target}.weight", bias, m.groups, isinstance(m, _CONVT))
+
+
+def _attr(x: Any) -> str | None:
+    return x.target if isinstance(x, fx.Node) and x.op == "get_attr" else None
+
+
+def conv_function(b: "Builder", node: fx.Node) -> Dims:
+    w, bias, groups = arg(node, 1, "weight"), arg(node, 2, "bias"), arg(node, 6, "groups", 1)
+    if _attr(w) is None or (bias is not None and _attr(bias) is None) or groups != 1:
+        return unknown(b, node, f"functional conv '{node.name}' with computed weights or groups>1 is not pruned")
+    return conv_like(b, node, node.args[0], _attr(w), _attr(bias), 1, False)
+
+
+def linear_like(b: "Builder", node: fx.Node, x: fx.Node, w: str, bias: str | None) -> Dims:
+    nd = len(shape(node))
+    owner = node.target if node.op == "call_module" else node.name
+    cin = b.space(x, nd - 1)
+    out = b.new(node, nd - 1, shape(node)[-1])
+    b.bind(w, 1, cin, "consumer", owner)
+    b.bind(w, 0, out, "producer", owner)
+    if bias is not None:
+        b.bind(bias, 0, out, "producer", owner)
+    b.read(node, 0, cin, nd - 1)
+    return {**{d: s for d, s in b.dims_of(x).items() if d < nd - 1}, nd - 1: out}
+
+
+def linear_module(b: "Builder", node: fx.Node) -> Dims:
+    m = b.modules[node.target]
+    return linear_like(b, node, node.args[0], f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None)
+
+
+def linear_function(b: "Builder", node: fx.Node) -> Dims:
+    w, bias = arg(node, 1, "weight"), arg(node, 2, "bias")
+    if _attr(w) is None or (bias is not None and _attr(bias) is None):
+        return unknown(b, node, f"functional linear '{node.name}' with computed weights is not pruned")
+    return linear_like(b, node, node.args[0], _attr(w), _attr(bias))
+
+
+def channel_norm(b: "Builder", node: fx.Node, names: list[str | None]) -> Dims:
+    """Per-channel normalisation (BatchNorm, InstanceNorm): carriers on dim 1."""
+    x = node.args[0] if node.args else node.kwargs["input"]
+    dims = dict(b.dims_of(x))
+    if len(shape(x)) < 2:
+        return unknown(b, node)
+    s = b.space(x, 1)
+    for n in names:
+        if n is not None:
+            b.bind(n, 0, s, "carrier", node.target if node.op == "call_module" else node.name)
+    dims[1] = s
+    return dims
+
+
+def norm_module(b: "Builder", node: fx.Node) -> Dims:
+    m = b.modules[node.target]
+    names = [f"{node.target}.{p}" for p in ("weight", "bias", "running_mean", "running_var") if getattr(m, p, None) is not None]
+    return channel_norm(b, node, names)
+
+
+def batch_norm_function(b: "Builder", node: fx.Node) -> Dims:
+    tensors = [arg(node, i, n) for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))]
+    if any(t is not None and _attr(t) is None for t in tensors):
+        return unknown(b, node, f"functional batch_norm '{node.name}' with computed statistics is not pruned")
+    return channel_norm(b, node, [_attr(t) for t in tensors])
+
+
+def layer_norm(b: "Builder", node: fx.Node) -> Dims:
+    x = tensor_args(node)[0]
+    if node.op == "call_module":
+        k = len(b.modules[node.target].normalized_shape)
+    else:
+        ns = arg(node, 1, "normalized_shape")
+        k = len(ns) if isinstance(ns, (tuple, list)) else 1
+    return _norm_over(b, node, x, k, "LayerNorm normalises over channels")
+
+
+def _norm_over(b: "Builder", node: fx.Node, x: fx.Node, k: int, why: str) -> Dims:
+    nd, out = len(shape(x)), {}
+    for d, s in b.dims_of(x).items():
+        if d >= nd - k:
+            b.freeze(s, f"{why} ('{node.name}'); pruning would change its statistics")
+        else:
+            out[d] = s
+    return out
+
+
+def group_norm(b: "Builder", node: fx.Node) -> Dims:
+    x = tensor_args(node)[0]
+    return _norm_over(b, node, x, len(shape(x)) - 1, "GroupNorm normalises over groups of channels")

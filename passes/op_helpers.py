@@ -1,0 +1,149 @@
+"""Helpers and generic rules shared by the op rule tables.
+
+A rule gets the analysis builder and one fx node, records what the op ties, produces,
+consumes or carries, and returns the channel dims of the node's output (``{dim: space}``,
+or a list of those for ops that return several tensors).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from torch import fx
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .analyze import Builder
+
+Dims = dict[int, int]
+Rule = Callable[["Builder", fx.Node], Any]
+
+
+# ----------------------------------------------------------------------------- helpers
+def arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def shape(x: Any) -> tuple[int, ...] | None:
+    tm = x.meta.get("tensor_meta") if isinstance(x, fx.Node) else None
+    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
+
+
+def is_tensor(x: Any) -> bool:
+    return shape(x) is not None
+
+
+def tensor_args(node: fx.Node) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda a: out.append(a) if is_tensor(a) else None)
+    return out
+
+
+def describe(b: "Builder", node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"{type(b.modules[node.target]).__name__} module '{node.target}'"
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    return getattr(node.target, "__qualname__", None) or getattr(node.target, "__name__", str(node.target))
+
+
+def norm_dim(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+# ----------------------------------------------------------------------------- generic rules
+def unknown(b: "Builder", node: fx.Node, why: str | None = None) -> Dims:
+    why = why or f"read by '{node.name}' ({describe(b, node)}), an op the analysis does not understand"
+    for t in tensor_args(node):
+        for s in b.dims_of(t).values():
+            b.freeze(s, why)
+    return {}
+
+
+def passthrough(b: "Builder", node: fx.Node) -> Dims:
+    """Element-wise unary ops: output channels are the input's."""
+    x = tensor_args(node)
+    return dict(b.dims_of(x[0])) if x else {}
+
+
+def no_tensor(b: "Builder", node: fx.Node) -> Dims:
+    return {}
+
+
+def broadcast(b: "Builder", node: fx.Node) -> Dims:
+    """Element-wise n-ary ops with broadcasting: full-size operands are tied per dim."""
+    out_shape = shape(node)
+    ts = tensor_args(node)
+    if out_shape is None or not ts:
+        return {}
+    nd, out = len(out_shape), {}
+    for d in range(nd):
+        cands = []
+        for t in ts:
+            k = d - (nd - len(shape(t)))
+            if k >= 0 and not (shape(t)[k] == 1 and out_shape[d] != 1):
+                cands.append((t, k))
+        tracked = [b.dims_of(t)[k] for t, k in cands if k in b.dims_of(t)]
+        if not tracked:
+            continue
+        s0 = tracked[0]
+        for t, k in cands:
+            s = b.space(t, k)
+            if s != s0:
+                b.link(s0, s)
+        out[d] = s0
+    return out
+
+
+def spatial(k: int | Callable[[fx.Node], int]) -> Rule:
+    """Ops acting on the trailing ``k`` dims only (pooling, interpolation, padding)."""
+
+    def rule(b: "Builder", node: fx.Node) -> Dims:
+        x = tensor_args(node)[0]
+        nd = len(shape(x))
+        kk = k(node) if callable(k) else k
+        out = {}
+        for d, s in b.dims_of(x).items():
+            if d >= nd - kk:
+                b.freeze(s, f"'{node.name}' ({describe(b, node)}) acts across channel dim {d}")
+            else:
+                out[d] = s
+        return out
+
+    return rule
+
+
+def along_dim(name: str, pos: int, what: str) -> Rule:
+    """Ops that mix values along one dim (softmax): fine unless that dim carries channels."""
+
+    return lambda b, node: mix_along(b, node, arg(node, pos, name), what)
+
+
+def mix_along(b: "Builder", node: fx.Node, d: int | None, what: str) -> Dims:
+    x = tensor_args(node)[0]
+    if d is None:
+        return unknown(b, node)
+    dims = dict(b.dims_of(x))
+    d = norm_dim(d, len(shape(x)))
+    if d in dims:
+        b.freeze(dims.pop(d), f"'{node.name}' ({what}) mixes values across channels")
+    return dims
+
+
+def reduce(b: "Builder", node: fx.Node) -> Dims:
+    x = tensor_args(node)[0]
+    nd = len(shape(x))
+    dim = arg(node, 1, "dim")
+    keep = bool(arg(node, 2, "keepdim", False))
+    if dim is None:
+        reduced = set(range(nd))
+    else:
+        reduced = {norm_dim(d, nd) for d in (dim if isinstance(dim, (tuple, list)) else (dim,))}
+    out = {}
+    for d, s in b.dims_of(x).items():
+        if d in reduced:
+            b.freeze(s, f"'{node.name}' ({describe(b, node)}) reduces over channel dim {d}")
+        else:
+            out[d if keep else d - sum(r < d for r in reduced)] = s
+    return out

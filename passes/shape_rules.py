@@ -1,0 +1,187 @@
+"""Rules for ops that move channels between tensor dims: reshape, permute, expand,
+indexing, cat, split/chunk, and reads of a tensor's size."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import fx
+
+from .op_helpers import Dims, arg, describe, is_tensor, norm_dim, shape, tensor_args, unknown
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .analyze import Builder
+
+
+def _blocks(ins: tuple[int, ...], outs: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
+    """Pair the non-1 dims of a reshape into blocks with equal products."""
+    a = [i for i, n in enumerate(ins) if n != 1]
+    c = [i for i, n in enumerate(outs) if n != 1]
+    blocks, i, j = [], 0, 0
+    while i < len(a) and j < len(c):
+        bi, bo, pi, po = [a[i]], [c[j]], ins[a[i]], outs[c[j]]
+        i, j = i + 1, j + 1
+        while pi != po:
+            if pi < po:
+                bi.append(a[i])
+                pi, i = pi * ins[a[i]], i + 1
+            else:
+                bo.append(c[j])
+                po, j = po * outs[c[j]], j + 1
+        blocks.append((bi, bo))
+    return blocks
+
+
+def reshape(b: "Builder", node: fx.Node) -> Dims:
+    """view/reshape/flatten/unflatten/squeeze/unsqueeze, from the recorded shapes."""
+    x = tensor_args(node)[0]
+    ins, outs = shape(x), shape(node)
+    dims = b.dims_of(x)
+    out: Dims = {}
+    sizes_given = node.op == "call_method" and node.target in ("view", "reshape") or node.target is torch.reshape
+    for bi, bo in _blocks(ins, outs):
+        tracked = [d for d in bi if d in dims]
+        if not tracked:
+            continue
+        if len(bo) > 1 or len(tracked) > 1:
+            for d in tracked:
+                b.freeze(dims[d], f"'{node.name}' ({describe(b, node)}) splits or interleaves channel dim {d}")
+            continue
+        d, o = tracked[0], bo[0]
+        if len(bi) == 1:
+            out[o] = dims[d]
+        else:
+            inner = math.prod(ins[k] for k in bi if k > d)
+            idx = np.arange(outs[o])
+            out[o] = b.new(node, o, outs[o])
+            b.link(dims[d], out[o], ((idx // inner) % ins[d], idx))
+        if sizes_given:
+            b.rewrite(node, "view", o, (out[o],))
+    return out
+
+
+def permute(b: "Builder", node: fx.Node) -> Dims:
+    x = tensor_args(node)[0]
+    nd = len(shape(x))
+    if node.target in ("transpose", torch.transpose):
+        d0, d1 = norm_dim(arg(node, 1, "dim0"), nd), norm_dim(arg(node, 2, "dim1"), nd)
+        perm = list(range(nd))
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+    else:
+        p = node.args[1:] if node.op == "call_method" else arg(node, 1, "dims")
+        if len(p) == 1 and isinstance(p[0], (tuple, list)):
+            p = p[0]
+        if not all(isinstance(v, int) for v in p):
+            return unknown(b, node)
+        perm = [norm_dim(v, nd) for v in p]
+    return {perm.index(d): s for d, s in b.dims_of(x).items()}
+
+
+def expand(b: "Builder", node: fx.Node) -> Dims:
+    x = tensor_args(node)[0]
+    lead = len(shape(node)) - len(shape(x))
+    out = {}
+    for d, s in b.dims_of(x).items():
+        if shape(x)[d] == shape(node)[d + lead]:
+            out[d + lead] = s
+        else:
+            b.freeze(s, f"'{node.name}' expands channel dim {d}")
+    return out
+
+
+def getitem(b: "Builder", node: fx.Node) -> Dims:
+    x, idx = node.args[0], node.args[1]
+    xd = b.dims.get(x.name) if isinstance(x, fx.Node) else None
+    if isinstance(xd, list):
+        return xd[idx] if isinstance(idx, int) else unknown(b, node)
+    if not is_tensor(x):
+        return b.check_size_use(node, x, idx)
+    dims, xs = b.dims_of(x), shape(x)
+    items = idx if isinstance(idx, tuple) else (idx,)
+    n_real = sum(1 for it in items if it is not None and it is not Ellipsis)
+    out, d_in, d_out = {}, 0, 0
+    for k, it in enumerate(items):
+        if it is Ellipsis:
+            for _ in range(len(xs) - n_real):
+                if d_in in dims:
+                    out[d_out] = dims[d_in]
+                d_in, d_out = d_in + 1, d_out + 1
+        elif it is None:
+            d_out += 1
+        elif isinstance(it, int):
+            if d_in in dims:
+                b.freeze(dims[d_in], f"'{node.name}' selects a single channel of dim {d_in}")
+            d_in += 1
+        elif isinstance(it, slice) and all(isinstance(v, (int, type(None))) for v in (it.start, it.stop, it.step)):
+            if d_in in dims:
+                start, stop, step = it.indices(xs[d_in])
+                if step != 1:
+                    b.freeze(dims[d_in], f"'{node.name}' takes a strided slice of channel dim {d_in}")
+                elif (start, stop) == (0, xs[d_in]):
+                    out[d_out] = dims[d_in]
+                else:
+                    n = max(stop - start, 0)
+                    out[d_out] = b.new(node, d_out, n)
+                    b.link(dims[d_in], out[d_out], (start + np.arange(n), np.arange(n)))
+                    b.rewrite(node, "slice", k, (dims[d_in],))
+            d_in, d_out = d_in + 1, d_out + 1
+        else:
+            return unknown(b, node)
+    for d in range(d_in, len(xs)):
+        if d in dims:
+            out[d_out + d - d_in] = dims[d]
+    return out
+
+
+def cat(b: "Builder", node: fx.Node) -> Dims:
+    ts = [t for t in arg(node, 0, "tensors") if is_tensor(t)]
+    nd = len(shape(node))
+    cd = norm_dim(arg(node, 1, "dim", 0), nd)
+    out: Dims = {}
+    for d in range(nd):
+        tracked = [b.dims_of(t)[d] for t in ts if d in b.dims_of(t)]
+        if not tracked:
+            continue
+        if d != cd:
+            for t in ts:
+                if b.space(t, d) != tracked[0]:
+                    b.link(tracked[0], b.space(t, d))
+            out[d] = tracked[0]
+            continue
+        out[d] = b.new(node, d, shape(node)[d])
+        off = 0
+        for t in ts:
+            n = shape(t)[d]
+            b.link(b.space(t, d), out[d], (np.arange(n), off + np.arange(n)))
+            off += n
+    return out
+
+
+def split(b: "Builder", node: fx.Node) -> list[Dims]:
+    x = tensor_args(node)[0]
+    nd = len(shape(x))
+    d = norm_dim(arg(node, 2, "dim", 0), nd)
+    metas = node.meta["tensor_meta"]
+    dims = b.dims_of(x)
+    outs: list[Dims] = [dict(dims) for _ in metas]
+    if d in dims:
+        off, spaces = 0, []
+        for k, m in enumerate(metas):
+            n = m.shape[d]
+            outs[k][d] = b.new(node, d, n)
+            b.link(dims[d], outs[k][d], (off + np.arange(n), np.arange(n)))
+            spaces.append(outs[k][d])
+            off += n
+        b.rewrite(node, "split", d, tuple(spaces))
+    return outs
+
+
+def size(b: "Builder", node: fx.Node) -> Any:
+    x = node.args[0]
+    d = arg(node, 1, "dim")
+    if node.op == "call_method" and d is not None:
+        return b.check_size_use(node, x, d)
+    return {"size_of": x}
