@@ -1,4 +1,9 @@
-"""One config object for the whole method (PyTorch quantization's ``QConfig`` style)."""
+"""One config object for the whole method (PyTorch quantization's ``QConfig`` style).
+
+The symbols follow ``method.md``: ``gamma`` (strength of the complexity cost), ``beta``
+(FLOPs versus parameters), ``alpha`` (layer versus unit balance), ``lam1`` (slab
+precision = ordinary weight decay) and ``spike_ratio`` (``lam0 = spike_ratio * lam1``).
+"""
 
 from __future__ import annotations
 
@@ -10,19 +15,58 @@ __all__ = ["PruneConfig"]
 
 @dataclass
 class PruneConfig:
-    """What to gate and how the gates start.
+    """What to gate, the objective's knobs, and the pruning conditions.
 
     Attributes:
         structures: which structures get gates: ``"units"`` (channel groups),
             ``"layers"`` (residual branches) or ``"both"``.
+        gamma: strength of the complexity cost: task loss traded for removing the whole cost.
+        beta: in [0, 1], weight of FLOPs against parameters in the cost.
+        alpha: multiplies the cost gradient of layer gates (>1 favours removing layers).
+        lam1: slab precision of the weight prior, i.e. the ordinary weight decay.
+        spike_ratio: ``lam0 / lam1``, the spike precision that pulls switched-off weights to 0.
+        theta_lr: learning rate of the projected SGD on theta.
         theta_init: initial keep probability of every gate (1 = start from the full network).
+        check_every: steps between pruning checks.
+        theta_tol: theta at or below this counts as switched off.
+        w_tol: a structure's weight RMS must be at most ``w_tol`` times the RMS of the kept
+            weights of its group (layer gates: of the whole model) to be removed.
+        patience: consecutive checks a structure must pass before it is removed.
     """
 
     structures: Literal["units", "layers", "both"] = "both"
+    gamma: float = 1.0
+    beta: float = 0.5
+    alpha: float = 1.0
+    lam1: float = 5e-4
+    spike_ratio: float = 100.0
+    theta_lr: float = 0.05
     theta_init: float = 1.0
+    check_every: int = 50
+    theta_tol: float = 0.01
+    w_tol: float = 0.1
+    patience: int = 2
 
     def __post_init__(self) -> None:
         if self.structures not in ("units", "layers", "both"):
             raise ValueError(f"PruneConfig.structures must be 'units', 'layers' or 'both', got {self.structures!r}")
-        if not 0.0 <= self.theta_init <= 1.0:
-            raise ValueError(f"PruneConfig.theta_init must lie in [0, 1], got {self.theta_init}")
+        for name in ("theta_init", "beta", "theta_tol"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"PruneConfig.{name} must lie in [0, 1], got {getattr(self, name)}")
+        for name in ("gamma", "alpha", "lam1", "spike_ratio", "theta_lr", "w_tol"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"PruneConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.check_every < 1 or self.patience < 1:
+            raise ValueError("PruneConfig.check_every and patience must be >= 1")
+
+    @property
+    def lam0(self) -> float:
+        return self.spike_ratio * self.lam1
+
+    @property
+    def units(self) -> bool:
+        return self.structures in ("units", "both")
+
+    @property
+    def layers(self) -> bool:
+        return self.structures in ("layers", "both")

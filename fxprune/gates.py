@@ -19,11 +19,13 @@ class BernoulliGate(nn.Module):
     """``theta`` for ``n`` structures; ``forward(ref)`` returns the mask for ``ref``'s batch.
 
     The mask is ``[n]`` in eval mode and ``[batch, n]`` in training mode (batch on dim 0).
+    ``theta`` is a buffer, not a parameter: it is updated by the pruner's projected SGD,
+    never by the user's optimizer, and it is saved in the state dict.
     """
 
     def __init__(self, n: int, theta_init: float = 1.0) -> None:
         super().__init__()
-        self.theta = nn.Parameter(torch.full((n,), float(theta_init)), requires_grad=False)
+        self.register_buffer("theta", torch.full((n,), float(theta_init)))
 
     def forward(self, ref: Tensor) -> Tensor:
         theta = self.theta.to(ref.dtype)
@@ -31,6 +33,12 @@ class BernoulliGate(nn.Module):
             return (theta >= 0.5).to(ref.dtype)
         xi = torch.bernoulli(theta.detach().expand(ref.shape[0], -1))
         return xi + theta - theta.detach()
+
+    def slice_(self, keep: np.ndarray) -> None:
+        """Keep only the structures ``keep`` (bool), in place (live removal)."""
+        idx = torch.as_tensor(np.flatnonzero(keep), dtype=torch.long, device=self.theta.device)
+        requires_grad = self.theta.requires_grad
+        self.theta = self.theta.detach().index_select(0, idx).requires_grad_(requires_grad)
 
     def keep(self) -> np.ndarray:
         """The deterministic keep pattern ``theta >= 0.5`` as a bool array."""
@@ -48,14 +56,19 @@ class BernoulliGate(nn.Module):
 class ChannelGateRead(nn.Module):
     """Multiplies the channels of ``x`` on ``dim`` by their units' gate values.
 
-    ``index[c]`` is the unit (of ``num_units``) of channel ``c``.
+    ``index[c]`` is the unit (of ``num_units``) of channel ``c``; ``group`` and ``space``
+    name the analysis entities the read belongs to, so the index can be refreshed after
+    live removal.
     """
 
-    def __init__(self, index: np.ndarray, dim: int, num_units: int) -> None:
+    def __init__(self, index: np.ndarray, dim: int, num_units: int, group: int = -1, space: int = -1) -> None:
         super().__init__()
-        self.dim = dim
+        self.dim, self.group, self.space = dim, group, space
+        self.set_index(index, num_units)
+
+    def set_index(self, index: np.ndarray, num_units: int) -> None:
         identity = len(index) == num_units and np.array_equal(index, np.arange(num_units))
-        self.register_buffer("index", None if identity else torch.as_tensor(index, dtype=torch.long))
+        self.register_buffer("index", None if identity else torch.as_tensor(np.asarray(index), dtype=torch.long))
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         m = mask if self.index is None else mask.index_select(-1, self.index)
@@ -66,7 +79,7 @@ class ChannelGateRead(nn.Module):
         return x * m.reshape(shape)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}"
+        return f"dim={self.dim}, group={self.group}"
 
 
 def apply_layer_gate(x: Tensor, mask: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ import numpy as np
 from torch import fx
 
 from .api import channel_graph, gate_state
-from .passes.insert_gates import LAYERS, UNITS
+from .passes.insert_gates import LAYERS, UNITS, gate_modules
 
 __all__ = ["random_masks", "implied_param_count"]
 
@@ -24,7 +24,7 @@ def random_masks(gated: fx.GraphModule, keep: float = 0.5, seed: int = 0) -> fx.
         raise ValueError(f"keep must lie in [0, 1], got {keep}")
     cg = channel_graph(gated)
     rng = np.random.default_rng(seed)
-    for key, gate in gated.get_submodule(UNITS).items():
+    for key, gate in gate_modules(gated, UNITS).items():
         group = cg.groups[int(key[1:])]
         mask = np.zeros(group.num_units, dtype=bool)
         mask[rng.choice(group.num_units, max(1, round(keep * group.num_units)), replace=False)] = True
@@ -33,7 +33,7 @@ def random_masks(gated: fx.GraphModule, keep: float = 0.5, seed: int = 0) -> fx.
             if not mask[units].any():
                 mask[rng.choice(units)] = True
         gate.set_keep(mask)
-    for gate in gated.get_submodule(LAYERS).values():
+    for gate in gate_modules(gated, LAYERS).values():
         gate.set_keep(np.array([rng.random() < keep]))
     return gated
 

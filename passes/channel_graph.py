@@ -14,7 +14,7 @@ re-derives channel relations from the fx graph.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import networkx as nx
@@ -140,6 +140,26 @@ class ChannelGraph:
         if keep is None:
             return np.arange(s.size)
         return np.flatnonzero(keep[self.groups[s.group].unit_index[space]])
+
+    def restrict(self, unit_keep: dict[int, np.ndarray]) -> "ChannelGraph":
+        """The analysis of the model after the units not in ``unit_keep`` were sliced out:
+        spaces shrink, kept units are renumbered, grouped-conv periods follow. (The
+        networkx graph keeps its original edges; only groups and spaces are updated.)"""
+        spaces = [replace(s, size=len(self.keep_indices(s.id, unit_keep))) for s in self.spaces]
+        groups = []
+        for g in self.groups:
+            keep = unit_keep.get(g.id)
+            if keep is None:
+                groups.append(g)
+                continue
+            renumber = np.cumsum(keep) - 1
+            index = {s: renumber[u[keep[u]]] for s, u in g.unit_index.items()}
+            groups.append(replace(g, num_units=int(keep.sum()), unit_index=index))
+        bindings = [
+            replace(b, period=int((self.keep_indices(b.space, unit_keep) < b.period).sum())) if b.period else b
+            for b in self.bindings
+        ]
+        return replace(self, spaces=spaces, groups=groups, bindings=bindings)
 
     def producer_channels(self) -> tuple[int, int]:
         """(prunable, total) output channels of the layers that produce channels."""

@@ -14,6 +14,8 @@ The result is a plain ``GraphModule``: no hooks, no masks, no fxprune modules, s
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
 from torch import fx, nn
@@ -75,6 +77,26 @@ def refresh_module(m: nn.Module) -> None:
             m.num_features = t.shape[0]
 
 
+_INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                      operator.itruediv: operator.truediv}
+
+
+def _out_of_place(gm: fx.GraphModule, node: fx.Node, stream: fx.Node) -> None:
+    """``node`` now reads ``stream`` where it read a fresh add result: an in-place op there
+    would overwrite a tensor others (and autograd) still hold, so make it out-of-place."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if getattr(m, "inplace", False):
+            m.inplace = False
+    elif node.op == "call_function":
+        if node.target in _INPLACE_OPERATORS and node.args and node.args[0] is stream:
+            node.target = _INPLACE_OPERATORS[node.target]
+        elif node.kwargs.get("inplace"):
+            node.kwargs = {**node.kwargs, "inplace": False}
+    elif node.op == "call_method" and node.target.endswith("_") and hasattr(torch.Tensor, node.target[:-1]):
+        node.target = node.target[:-1]
+
+
 def _delete_unreferenced_tensors(gm: fx.GraphModule) -> None:
     """Delete parameters and buffers that no ``call_module`` or ``get_attr`` node reaches."""
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
@@ -92,6 +114,8 @@ class Compact(PassBase):
     def __init__(self, cg: ChannelGraph, unit_keep: dict[int, np.ndarray], drop: set[int]) -> None:
         super().__init__()
         self.cg, self.unit_keep, self.drop = cg, unit_keep, drop
+        #: ``(tensor name, dim, kept indices, shape before)`` of every tensor sliced.
+        self.sliced: list[tuple[str, int, np.ndarray, torch.Size]] = []
         self.dead = set().union(*(cg.branches[i].nodes for i in drop)) if drop else set()
 
     def requires(self, gm: fx.GraphModule) -> None:
@@ -118,6 +142,7 @@ class Compact(PassBase):
             if b.period is not None:
                 idx = idx[idx < b.period]
             if len(idx) != tensors[b.target].shape[b.dim]:
+                self.sliced.append((b.target, b.dim, idx, tensors[b.target].shape))
                 slice_tensor(tensors[b.target], b.dim, idx)
                 owners.add(b.target.rpartition(".")[0])
         for name in owners:
@@ -132,9 +157,12 @@ class Compact(PassBase):
         for i in sorted(self.drop):  # branches are numbered in graph order
             br = cg.branches[i]
             stream = replaced.get(br.stream, nodes[br.stream])
+            users = list(nodes[br.add].users)
             nodes[br.add].replace_all_uses_with(stream)
             gm.graph.erase_node(nodes[br.add])
             replaced[br.add] = stream
+            for user in users:
+                _out_of_place(gm, user, stream)
         gm.graph.eliminate_dead_code()
         _delete_unreferenced_tensors(gm)
         gm.delete_all_unused_submodules()

@@ -20,11 +20,17 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from ..gates import BernoulliGate, ChannelGateRead, apply_layer_gate
 from .channel_graph import ChannelGraph
 
-__all__ = ["InsertGates", "UNITS", "LAYERS", "READS", "CHANNEL_GRAPH"]
+__all__ = ["InsertGates", "gate_modules", "UNITS", "LAYERS", "READS", "CHANNEL_GRAPH"]
 
 UNITS, LAYERS, READS = "fxprune_units", "fxprune_layers", "fxprune_reads"
 #: ``gm.meta`` key of the ChannelGraph a gated model was built from.
 CHANNEL_GRAPH = "fxprune_channel_graph"
+
+
+def gate_modules(gm: fx.GraphModule, kind: str) -> dict[str, nn.Module]:
+    """The gate modules of one kind (``UNITS``, ``LAYERS`` or ``READS``) by key; empty if
+    there are none (compaction deletes a gate dict no node uses any more)."""
+    return dict(gm.get_submodule(kind).items()) if hasattr(gm, kind) else {}
 
 
 class InsertGates(PassBase):
@@ -69,7 +75,7 @@ class InsertGates(PassBase):
             if key not in gated:
                 name = f"r{len(gm.get_submodule(READS))}"
                 gm.get_submodule(READS)[name] = ChannelGateRead(
-                    cg.groups[gid].unit_index[r.space], r.dim, cg.groups[gid].num_units)
+                    cg.groups[gid].unit_index[r.space], r.dim, cg.groups[gid].num_units, gid, r.space)
                 with graph.inserting_before(consumer):
                     gated[key] = graph.call_module(f"{READS}.{name}", (src, masks[f"{UNITS}.g{gid}"]))
             consumer.update_arg(r.arg, gated[key])

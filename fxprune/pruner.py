@@ -1,0 +1,208 @@
+"""The pruner: projected SGD on theta, pruning checks, and live removal during training.
+
+    pruner = fxprune.Pruner(gated, optimizer)
+    for x, y in loader:
+        loss = criterion(gated(x), y) + pruner.penalty()
+        optimizer.zero_grad(); loss.backward(); optimizer.step(); pruner.step()
+
+A structure is removed at a check (every ``check_every`` steps) once its theta has been
+at or below ``theta_tol`` for ``patience`` checks and its weights are in the domain of
+attraction of zero (RMS at most ``w_tol`` times that of the kept weights). Removal
+compacts the live model: the same ``Parameter`` objects are sliced, and so is the
+optimizer state (momentum, Adam moments); removed branches leave the optimizer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, fx
+from torch.utils.flop_counter import FlopCounterMode
+
+from .api import EXAMPLE, channel_graph, config_of
+from .config import PruneConfig
+from .objective import Objective, gated_weights
+from .passes import CHANNEL_GRAPH, Compact
+from .passes.insert_gates import LAYERS, READS, UNITS, gate_modules
+
+__all__ = ["Pruner", "slice_optimizer_state"]
+
+
+def slice_optimizer_state(optimizer: torch.optim.Optimizer, param: Tensor, dim: int, idx: np.ndarray, old_shape: torch.Size) -> None:
+    """Slice every per-element state tensor of ``param`` (momentum, Adam moments) like the parameter."""
+    state = optimizer.state.get(param)
+    if not state:
+        return
+    index = torch.as_tensor(idx, dtype=torch.long)
+    for key, value in state.items():
+        if isinstance(value, Tensor) and value.shape == old_shape:
+            state[key] = value.index_select(dim, index.to(value.device)).contiguous()
+
+
+def _drop_from_optimizer(optimizer: torch.optim.Optimizer, live: set[int]) -> None:
+    for group in optimizer.param_groups:
+        gone = [p for p in group["params"] if id(p) not in live]
+        for p in gone:
+            optimizer.state.pop(p, None)
+        group["params"] = [p for p in group["params"] if id(p) in live]
+
+
+class Pruner:
+    """Learns the gates of ``gated`` next to the user's ``optimizer`` and removes
+    structures during training. ``config`` defaults to the one given to ``prepare``."""
+
+    def __init__(self, gated: fx.GraphModule, optimizer: torch.optim.Optimizer, config: PruneConfig | None = None) -> None:
+        self.gated, self.optimizer = gated, optimizer
+        self.config = config or config_of(gated)
+        cg = channel_graph(gated)
+        units, layers = gate_modules(gated, UNITS), gate_modules(gated, LAYERS)
+        if not len(units) and not len(layers):
+            reasons = sorted({g.frozen[0] for g in cg.groups if g.frozen})[:5]
+            raise ValueError(
+                "the model has no prunable structure: every channel group is frozen and there is no residual "
+                f"branch (reasons: {'; '.join(reasons)})"
+            )
+        for gate in [*units.values(), *layers.values()]:
+            gate.theta.requires_grad_(True)
+        self.objective = Objective(gated, self.config)
+        self.steps = 0
+        self.below: dict[str, np.ndarray] = {}
+        #: forward FLOPs per example of the live model, one entry per step
+        self.flops_per_step: list[int] = []
+        #: one dict per removal: step, units removed per group, branches removed
+        self.removals: list[dict] = []
+        self.dense_flops = self.forward_flops()
+        self._flops = self.dense_flops
+
+    # ----------------------------------------------------------------- training loop
+    def penalty(self) -> Tensor:
+        """GSM prior plus ``gamma * C(theta)``; add it to the task loss."""
+        return self.objective.penalty()
+
+    def gates(self) -> dict[str, torch.nn.Module]:
+        units, layers = gate_modules(self.gated, UNITS), gate_modules(self.gated, LAYERS)
+        return {**{f"{UNITS}.{k}": g for k, g in units.items()}, **{f"{LAYERS}.{k}": g for k, g in layers.items()}}
+
+    @torch.no_grad()
+    def step(self) -> dict | None:
+        """Projected SGD on theta; every ``check_every`` steps, the pruning check.
+        Returns what was removed at this step, if anything."""
+        lr = self.config.theta_lr
+        for gate in self.gates().values():
+            if gate.theta.grad is not None:
+                gate.theta.sub_(lr * gate.theta.grad).clamp_(0.0, 1.0)
+                gate.theta.grad = None
+        self.steps += 1
+        self.flops_per_step.append(self._flops)
+        return self.check() if self.steps % self.config.check_every == 0 else None
+
+    # ----------------------------------------------------------------- pruning conditions
+    def _patience(self, key: str, off: np.ndarray) -> np.ndarray:
+        count = np.where(off, self.below.get(key, np.zeros(len(off), dtype=int)) + 1, 0)
+        self.below[key] = count
+        return count >= self.config.patience
+
+    @torch.no_grad()
+    def check(self) -> dict | None:
+        """Apply the pruning conditions and remove what meets them."""
+        c = self.config
+        unit_drop: dict[int, np.ndarray] = {}
+        for u in self.objective.units:
+            theta = u.gate.theta.detach().cpu().numpy()
+            ripe = self._patience(f"{UNITS}.g{u.group}", theta <= c.theta_tol)
+            if not ripe.any():
+                continue
+            sq, elems = self.objective.unit_sq(u).cpu().numpy(), u.elems.numpy()
+            kept = theta > c.theta_tol
+            ref = np.sqrt(sq[kept].sum() / max(elems[kept].sum(), 1)) if kept.any() else np.sqrt(sq.sum() / max(elems.sum(), 1))
+            drop = ripe & (np.sqrt(sq / np.maximum(elems, 1)) <= c.w_tol * ref)
+            if drop.any():
+                unit_drop[u.group] = drop
+        layer_drop: set[int] = set()
+        weights = gated_weights(self.gated)
+        ref = torch.sqrt(sum(p.pow(2).sum() for _, p in weights) / max(sum(p.numel() for _, p in weights), 1)).item()
+        for l in self.objective.layers:
+            ripe = self._patience(f"{LAYERS}.b{l.branch}", l.gate.theta.detach().cpu().numpy() <= c.theta_tol)
+            rms = torch.sqrt(sum(p.pow(2).sum() for p in l.params) / max(l.numel, 1)).item() if l.params else 0.0
+            if ripe[0] and rms <= c.w_tol * ref:
+                layer_drop.add(l.branch)
+        if not unit_drop and not layer_drop:
+            return None
+        return self.remove(unit_drop, layer_drop)
+
+    # ----------------------------------------------------------------- live removal
+    def _never_empty(self, unit_drop: dict[int, np.ndarray], dead: set[str]) -> dict[int, np.ndarray]:
+        """Keep, in every channel space still in the graph, at least its best unit."""
+        cg = channel_graph(self.gated)
+        live_nodes = {n.name for n in self.gated.graph.nodes} - dead
+        units = gate_modules(self.gated, UNITS)
+        keep = {}
+        for gid, drop in unit_drop.items():
+            k = ~drop
+            theta = units[f"g{gid}"].theta.detach().cpu().numpy()
+            for s in cg.groups[gid].spaces:
+                idx = cg.groups[gid].unit_index[s]
+                if cg.spaces[s].node in live_nodes and len(idx) and not k[idx].any():
+                    k[idx[np.argmax(theta[idx])]] = True
+            if not k.all():
+                keep[gid] = k
+        return keep
+
+    def remove(self, unit_drop: dict[int, np.ndarray], layer_drop: set[int]) -> dict:
+        """Remove units (``unit_drop[group]`` True = remove) and branches from the live model."""
+        gated, cg = self.gated, channel_graph(self.gated)
+        dead = set().union(*(cg.branches[i].nodes for i in layer_drop)) if layer_drop else set()
+        unit_keep = self._never_empty(unit_drop, dead)
+        compact = Compact(cg, unit_keep, set(layer_drop))
+        compact(gated)
+        params = dict(gated.named_parameters())
+        for name, dim, idx, old_shape in compact.sliced:
+            if name in params:
+                slice_optimizer_state(self.optimizer, params[name], dim, idx, old_shape)
+        _drop_from_optimizer(self.optimizer, {id(p) for p in gated.parameters()})
+
+        new_cg = cg.restrict(unit_keep)
+        gated.meta[CHANNEL_GRAPH] = new_cg
+        units = gate_modules(gated, UNITS)
+        for gid, keep in unit_keep.items():
+            key = f"g{gid}"
+            if key in units:
+                units[key].slice_(keep)
+                if f"{UNITS}.{key}" in self.below:
+                    self.below[f"{UNITS}.{key}"] = self.below[f"{UNITS}.{key}"][keep]
+        for read in gate_modules(gated, READS).values():
+            if read.group in unit_keep:
+                g = new_cg.groups[read.group]
+                read.set_index(g.unit_index[read.space], g.num_units)
+        self.objective.rebuild()
+        self._flops = self.forward_flops()
+        record = {
+            "step": self.steps,
+            "units": {gid: int((~k).sum()) for gid, k in unit_keep.items()},
+            "layers": sorted(layer_drop),
+            "flops": self._flops,
+        }
+        self.removals.append(record)
+        return record
+
+    # ----------------------------------------------------------------- accounting
+    @torch.no_grad()
+    def forward_flops(self) -> int:
+        """Forward FLOPs per example of the live (partly compacted) model, gates as in eval."""
+        example = self.gated.meta.get(EXAMPLE)
+        if example is None:
+            return 0
+        device = next((p.device for p in self.gated.parameters()), torch.device("cpu"))
+        example = tuple(t.to(device) if isinstance(t, Tensor) else t for t in example)
+        was_training = self.gated.training
+        self.gated.eval()
+        try:
+            with FlopCounterMode(display=False) as counter:
+                self.gated(*example)
+        finally:
+            self.gated.train(was_training)
+        return counter.get_total_flops()
+
+    def training_flops_ratio(self) -> float:
+        """Cumulative forward FLOPs of the steps so far over dense training's."""
+        return sum(self.flops_per_step) / max(self.dense_flops * len(self.flops_per_step), 1)

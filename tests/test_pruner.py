@@ -1,0 +1,202 @@
+"""The learning method's machinery: theta updates, estimator, live removal, optimizer surgery."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import fxprune
+from fxprune.passes.insert_gates import LAYERS, UNITS
+
+
+class MLP(nn.Module):
+    def __init__(self, widths=(6, 12, 10, 3)):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+
+    def forward(self, x):
+        for layer in self.layers[:-1]:
+            x = F.relu(layer(x))
+        return self.layers[-1](x)
+
+
+def train_steps(gated, opt, pruner, x, y, n):
+    losses = []
+    for _ in range(n):
+        loss = F.cross_entropy(gated(x), y) + pruner.penalty()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        pruner.step()
+        losses.append(loss.item())
+    return losses
+
+
+def switch_off(gated, gid, units):
+    """Push some units to theta = 0 and their producing weights to 0 (the attractor)."""
+    gate = gated.get_submodule(UNITS)[f"g{gid}"]
+    with torch.no_grad():
+        gate.theta[units] = 0.0
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    lambda ps: torch.optim.Adam(ps, lr=1e-2),
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.0),
+])
+def test_live_removal_slices_params_and_optimizer_state(make_opt):
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    gated = fxprune.prepare(MLP(), (x,), fxprune.PruneConfig(structures="units", gamma=0.0))
+    opt = make_opt(list(gated.parameters()))
+    pruner = fxprune.Pruner(gated, opt)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
+    train_steps(gated, opt, pruner, x, y, 3)
+    sched.step()
+    w = gated.get_submodule("layers.0").weight
+    before = {k: v.clone() for k, v in opt.state[w].items() if torch.is_tensor(v) and v.shape == w.shape}
+    gid = next(g for g in (int(k[1:]) for k in gated.get_submodule(UNITS)) if fxprune.channel_graph(gated).groups[g].num_units == 12)
+    switch_off(gated, gid, [1, 4, 7])
+    gated.eval()
+    with torch.no_grad():
+        ref = gated(x)
+    drop = np.zeros(12, dtype=bool)
+    drop[[1, 4, 7]] = True
+    pruner.remove({gid: drop}, set())
+    with torch.no_grad():
+        torch.testing.assert_close(gated(x), ref, rtol=1e-5, atol=1e-6)  # the function is unchanged
+    assert gated.get_submodule("layers.0").weight is w and w.shape == (9, 6)
+    assert gated.get_submodule("layers.1").weight.shape == (10, 9)
+    kept = np.flatnonzero(~drop)
+    assert before, "the optimizer had per-element state to slice"
+    for k, v in before.items():
+        torch.testing.assert_close(opt.state[w][k], v[kept])  # kept entries unchanged, removed ones gone
+    gated.train()
+    train_steps(gated, opt, pruner, x, y, 3)  # optimizer and scheduler keep working
+    sched.step()
+    assert gated.get_submodule(UNITS)[f"g{gid}"].theta.numel() == 9
+
+
+def test_removal_makes_steps_cheaper_and_convert_still_equivalent():
+    torch.manual_seed(1)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    gated = fxprune.prepare(MLP((6, 32, 32, 3)), (x,), fxprune.PruneConfig(structures="units"))
+    opt = torch.optim.SGD(gated.parameters(), lr=0.05, momentum=0.9)
+    pruner = fxprune.Pruner(gated, opt)
+    dense = pruner.forward_flops()
+    gid = int(next(iter(gated.get_submodule(UNITS)))[1:])
+    drop = np.zeros(32, dtype=bool)
+    drop[:20] = True
+    switch_off(gated, gid, list(range(20)))
+    pruner.remove({gid: drop}, set())
+    assert pruner.forward_flops() < dense
+    train_steps(gated, opt, pruner, x, y, 2)
+    assert pruner.flops_per_step[-1] < dense
+    compact = fxprune.convert(gated.eval())
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), gated(x), rtol=1e-5, atol=1e-6)
+
+
+def test_layer_removal_during_training():
+    torch.manual_seed(2)
+    model = torchvision.models.resnet18(num_classes=4)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 4, (4,))
+    gated = fxprune.prepare(model, (x,), fxprune.PruneConfig(structures="layers"))
+    opt = torch.optim.SGD(gated.parameters(), lr=0.01, momentum=0.9)
+    pruner = fxprune.Pruner(gated, opt)
+    train_steps(gated, opt, pruner, x, y, 1)
+    with torch.no_grad():
+        gated.get_submodule(LAYERS)["b1"].theta.zero_()
+    gated.eval()
+    with torch.no_grad():
+        ref = gated(x)
+    n_params = sum(len(g["params"]) for g in opt.param_groups)
+    pruner.remove({}, {1})
+    with torch.no_grad():
+        torch.testing.assert_close(gated(x), ref, rtol=1e-5, atol=1e-5)
+    assert "b1" not in gated.get_submodule(LAYERS)
+    assert "layer1.1.conv1" not in dict(gated.named_modules())
+    assert sum(len(g["params"]) for g in opt.param_groups) == n_params - 6  # conv, bn, conv, bn
+    gated.train()
+    train_steps(gated, opt, pruner, x, y, 2)
+
+
+def test_theta_stays_in_unit_interval():
+    torch.manual_seed(3)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    gated = fxprune.prepare(MLP(), (x,), fxprune.PruneConfig(theta_lr=50.0, gamma=5.0, check_every=10**6))
+    opt = torch.optim.SGD(gated.parameters(), lr=0.01)
+    pruner = fxprune.Pruner(gated, opt)
+    train_steps(gated, opt, pruner, x, y, 20)
+    for gate in pruner.gates().values():
+        assert 0.0 <= gate.theta.min().item() and gate.theta.max().item() <= 1.0
+    assert any(g.theta.min().item() == 0.0 for g in pruner.gates().values())  # the projection was active
+
+
+class LinearReadout(nn.Module):
+    """The loss is linear in each hidden unit's mask, so the straight-through gradient is exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 5), nn.Linear(5, 1)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_estimator_matches_exact_difference():
+    torch.manual_seed(4)
+    x = torch.randn(64, 3)
+    gated = fxprune.prepare(LinearReadout(), (x,), fxprune.PruneConfig(structures="units", gamma=0.0, lam1=0.0))
+    gate = next(iter(gated.get_submodule(UNITS).values()))
+    gate.theta.requires_grad_(True)
+    gated.train()
+    gated(x).mean().backward()
+    ste = gate.theta.grad.clone()
+    exact = torch.zeros(5)
+    gated.eval()
+    with torch.no_grad():
+        for g in range(5):
+            keep = np.ones(5, dtype=bool)
+            on = gated(x).mean()
+            keep[g] = False
+            gate.set_keep(keep)
+            exact[g] = on - gated(x).mean()
+            gate.set_keep(np.ones(5, dtype=bool))
+    torch.testing.assert_close(ste, exact, rtol=1e-4, atol=1e-6)
+
+
+def test_estimator_sign_on_a_nonlinear_loss():
+    torch.manual_seed(5)
+    x, y = torch.randn(128, 6), torch.randint(0, 3, (128,))
+    gated = fxprune.prepare(MLP(), (x,), fxprune.PruneConfig(structures="units"))
+    units = gated.get_submodule(UNITS)
+    for gate in units.values():
+        gate.theta.requires_grad_(True)
+    gated.train()
+    F.cross_entropy(gated(x), y).backward()
+    gated.eval()
+    agree = total = 0
+    for gate in units.values():
+        for u in range(gate.theta.numel()):
+            keep = np.ones(gate.theta.numel(), dtype=bool)
+            with torch.no_grad():
+                on = F.cross_entropy(gated(x), y)
+                keep[u] = False
+                gate.set_keep(keep)
+                diff = (on - F.cross_entropy(gated(x), y)).item()
+                gate.set_keep(np.ones_like(keep))
+            if abs(diff) > 1e-3:
+                total += 1
+                agree += np.sign(diff) == np.sign(gate.theta.grad[u].item())
+    assert total >= 5 and agree / total >= 0.9
+
+
+def test_model_without_prunable_structure_is_a_clear_error():
+    model = nn.Sequential(nn.Linear(4, 3))
+    x = torch.randn(2, 4)
+    gated = fxprune.prepare(model, (x,))
+    with pytest.raises(ValueError, match="no prunable structure"):
+        fxprune.Pruner(gated, torch.optim.SGD(gated.parameters(), lr=0.1))
