@@ -23,26 +23,52 @@ class BernoulliGate(nn.Module):
     never by the user's optimizer, and it is saved in the state dict.
     """
 
-    def __init__(self, n: int, theta_init: float = 1.0) -> None:
+    def __init__(self, n: int, theta_init: float = 1.0, segments: list[np.ndarray] | None = None) -> None:
         super().__init__()
         self.register_buffer("theta", torch.full((n,), float(theta_init)))
+        self.set_segments([np.arange(n)] if segments is None else segments)
+
+    def set_segments(self, segments: list[np.ndarray]) -> None:
+        """The unit sets of the channel spaces the gate covers: the deterministic mask keeps
+        at least the best unit of each, so no channel dimension becomes empty. Layer gates
+        have none: a branch may go entirely."""
+        width = max((len(s) for s in segments), default=0)
+        pad = np.full((len(segments), width), -1, dtype=np.int64)
+        for i, seg in enumerate(segments):
+            pad[i, : len(seg)] = seg
+        self.register_buffer("segments", torch.as_tensor(pad, device=self.theta.device), persistent=False)
+
+    def deterministic(self) -> Tensor:
+        """``1[theta >= 0.5]``, plus the best unit of any segment that would be empty."""
+        theta = self.theta.detach()
+        on = theta >= 0.5
+        if not self.segments.numel():
+            return on.to(theta.dtype)
+        valid = self.segments >= 0
+        units = self.segments.clamp_min(0)
+        scores = torch.where(valid, theta[units], torch.full_like(units, -1, dtype=theta.dtype))
+        best = units.gather(1, scores.argmax(1, keepdim=True)).squeeze(1)
+        empty = ~(on[units] & valid).any(1)
+        return on.to(theta.dtype).scatter_reduce(0, best, empty.to(theta.dtype), reduce="amax")
 
     def forward(self, ref: Tensor) -> Tensor:
         theta = self.theta.to(ref.dtype)
         if not self.training:
-            return (theta >= 0.5).to(ref.dtype)
+            return self.deterministic().to(ref.dtype)
         xi = torch.bernoulli(theta.detach().expand(ref.shape[0], -1))
         return xi + theta - theta.detach()
 
-    def slice_(self, keep: np.ndarray) -> None:
-        """Keep only the structures ``keep`` (bool), in place (live removal)."""
+    def slice_(self, keep: np.ndarray, segments: list[np.ndarray]) -> None:
+        """Keep only the structures ``keep`` (bool), in place (live removal); ``segments``
+        are the unit sets after renumbering."""
         idx = torch.as_tensor(np.flatnonzero(keep), dtype=torch.long, device=self.theta.device)
         requires_grad = self.theta.requires_grad
         self.theta = self.theta.detach().index_select(0, idx).requires_grad_(requires_grad)
+        self.set_segments(segments)
 
     def keep(self) -> np.ndarray:
-        """The deterministic keep pattern ``theta >= 0.5`` as a bool array."""
-        return (self.theta.detach() >= 0.5).cpu().numpy()
+        """The deterministic keep pattern (what eval mode uses) as a bool array."""
+        return (self.deterministic() > 0).cpu().numpy()
 
     def set_keep(self, keep: np.ndarray) -> None:
         """Set ``theta`` to the 0/1 pattern ``keep``."""

@@ -167,7 +167,7 @@ class Pruner:
         for gid, keep in unit_keep.items():
             key = f"g{gid}"
             if key in units:
-                units[key].slice_(keep)
+                units[key].slice_(keep, new_cg.groups[gid].segments())
                 if f"{UNITS}.{key}" in self.below:
                     self.below[f"{UNITS}.{key}"] = self.below[f"{UNITS}.{key}"][keep]
         for read in gate_modules(gated, READS).values():

@@ -93,6 +93,11 @@ class Group:
     def prunable(self) -> bool:
         return not self.frozen
 
+    def segments(self) -> list[np.ndarray]:
+        """The distinct unit sets of the group's spaces (each must keep one unit)."""
+        seen = {tuple(np.unique(u)) for u in self.unit_index.values() if len(u)}
+        return [np.asarray(s, dtype=np.int64) for s in sorted(seen)]
+
 
 @dataclass
 class Branch:

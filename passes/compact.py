@@ -51,8 +51,15 @@ class StripGates(PassBase):
 
 
 def slice_tensor(t: torch.Tensor, dim: int, idx: np.ndarray) -> None:
-    """Keep ``idx`` along ``dim`` of ``t`` in place (``t`` stays the same object)."""
-    t.data = t.data.index_select(dim, torch.as_tensor(idx, dtype=torch.long, device=t.device)).contiguous()
+    """Keep ``idx`` along ``dim`` of ``t`` in place (``t`` stays the same object, so an
+    optimizer holding it keeps working)."""
+    new = t.data.index_select(dim, torch.as_tensor(idx, dtype=torch.long, device=t.device)).contiguous()
+    if t.requires_grad:
+        # Autograd caches a parameter's gradient accumulator with its old shape, and a
+        # graph still alive (the last step's loss) keeps that cache; assigning data of
+        # another dtype first is the supported way to make autograd drop it.
+        t.data = torch.empty(0, dtype=torch.float64 if t.dtype != torch.float64 else torch.float32, device=t.device)
+    t.data = new
 
 
 def refresh_module(m: nn.Module) -> None:

@@ -53,8 +53,8 @@ class InsertGates(PassBase):
             raise ValueError("gates need a tensor input to take the batch size from")
         groups = cg.prunable_groups if self.units else []
         branches = cg.branches if self.layers else []
-        gm.add_submodule(UNITS, nn.ModuleDict({f"g{g.id}": BernoulliGate(g.num_units, self.theta_init) for g in groups}))
-        gm.add_submodule(LAYERS, nn.ModuleDict({f"b{b.id}": BernoulliGate(1, self.theta_init) for b in branches}))
+        gm.add_submodule(UNITS, nn.ModuleDict({f"g{g.id}": BernoulliGate(g.num_units, self.theta_init, g.segments()) for g in groups}))
+        gm.add_submodule(LAYERS, nn.ModuleDict({f"b{b.id}": BernoulliGate(1, self.theta_init, segments=[]) for b in branches}))
         gm.add_submodule(READS, nn.ModuleDict())
 
         masks: dict[str, fx.Node] = {}

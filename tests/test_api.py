@@ -6,6 +6,7 @@ import torch
 import torchvision
 
 import fxprune
+from fxprune.passes import Compact
 from fxprune.passes.insert_gates import UNITS
 from fxprune.testing import implied_param_count, random_masks
 
@@ -49,13 +50,26 @@ def test_convert_is_plain_and_equivalent(resnet):
     assert compact.conv1.out_channels == compact.conv1.weight.shape[0] == compact.bn1.num_features < 64
 
 
-def test_convert_refuses_to_empty_a_channel_dimension(resnet):
+def test_a_group_switched_off_keeps_its_best_unit(resnet):
+    model, x = resnet
+    gated = fxprune.prepare(model, (x,)).eval()
+    key, gate = next(iter(gated.get_submodule(UNITS).items()))
+    with torch.no_grad():
+        gate.theta.copy_(torch.linspace(0.0, 0.4, gate.theta.numel()))  # all below 0.5
+    assert gate.keep().sum() == 1 and gate.keep()[-1]
+    compact = fxprune.convert(gated).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)
+
+
+def test_compaction_refuses_to_empty_a_channel_dimension(resnet):
     model, x = resnet
     gated = fxprune.prepare(model, (x,))
-    gate = next(iter(gated.get_submodule(UNITS).values()))
-    gate.set_keep(np.zeros(gate.theta.numel(), dtype=bool))
+    cg = fxprune.channel_graph(gated)
+    gid = cg.prunable_groups[0].id
+    empty = {gid: np.zeros(cg.groups[gid].num_units, dtype=bool)}
     with pytest.raises(ValueError, match="cannot become empty"):
-        fxprune.convert(gated)
+        Compact(cg, empty, set())(fxprune.trace(model, (x,)))
 
 
 def test_convert_needs_a_gated_model(resnet):
