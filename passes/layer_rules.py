@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import fx, nn
 
-from .op_helpers import Dims, arg, shape, tensor_args, unknown
+from .op_helpers import Dims, arg, freeze_trailing, shape, tensor_args, unknown
 
 if TYPE_CHECKING:  # pragma: no cover
     from .analyze import Builder
@@ -136,13 +136,7 @@ def layer_norm(b: "Builder", node: fx.Node) -> Dims:
 
 
 def _norm_over(b: "Builder", node: fx.Node, x: fx.Node, k: int, why: str) -> Dims:
-    nd, out = len(shape(x)), {}
-    for d, s in b.dims_of(x).items():
-        if d >= nd - k:
-            b.freeze(s, f"{why} ('{node.name}'); pruning would change its statistics")
-        else:
-            out[d] = s
-    return out
+    return freeze_trailing(b, x, k, lambda d: f"{why} ('{node.name}'); pruning would change its statistics")
 
 
 def group_norm(b: "Builder", node: fx.Node) -> Dims:

@@ -101,17 +101,22 @@ def spatial(k: int | Callable[[fx.Node], int]) -> Rule:
 
     def rule(b: "Builder", node: fx.Node) -> Dims:
         x = tensor_args(node)[0]
-        nd = len(shape(x))
-        kk = k(node) if callable(k) else k
-        out = {}
-        for d, s in b.dims_of(x).items():
-            if d >= nd - kk:
-                b.freeze(s, f"'{node.name}' ({describe(b, node)}) acts across channel dim {d}")
-            else:
-                out[d] = s
-        return out
+        why = f"'{node.name}' ({describe(b, node)}) acts across channel dim"
+        return freeze_trailing(b, x, k(node) if callable(k) else k, lambda d: f"{why} {d}")
 
     return rule
+
+
+def freeze_trailing(b: "Builder", x: fx.Node, k: int, why: Callable[[int], str]) -> Dims:
+    """``x``'s channel dims, passed through; those among its trailing ``k`` dims (which the
+    op acts across) are frozen with reason ``why(dim)``."""
+    nd, out = len(shape(x)), {}
+    for d, s in b.dims_of(x).items():
+        if d >= nd - k:
+            b.freeze(s, why(d))
+        else:
+            out[d] = s
+    return out
 
 
 def along_dim(name: str, pos: int, what: str) -> Rule:
