@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import time
 from typing import Callable
@@ -50,9 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="*", default=MODELS)
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args(argv)
-    try:
-        import torch_pruning  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("torch_pruning") is None:
         p.error("this benchmark compares against Torch-Pruning: pip install 'fxprune[bench]'")
     rows = [time_analysis(m, args.repeat) for m in args.models]
     print(f"trace+analyze vs Torch-Pruning DependencyGraph.build_dependency, input 1x3x224x224, "
