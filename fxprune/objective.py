@@ -70,6 +70,8 @@ class Objective:
 
     def rebuild(self) -> None:
         gated, cg = self.gated, channel_graph(self.gated)
+        #: the model's own parameters; changes only when structures are removed
+        self.weights = [p for _, p in gated_weights(gated)]
         params = dict(gated.named_parameters())
         self.units: list[UnitStructure] = []
         for key, gate in gate_modules(gated, UNITS).items():
@@ -121,9 +123,8 @@ class Objective:
 
     def penalty(self) -> Tensor:
         c = self.config
-        weights = gated_weights(self.gated)
-        device = weights[0][1].device if weights else torch.device("cpu")
-        slab = 0.5 * c.lam1 * sum((p.pow(2).sum() for _, p in weights), torch.zeros((), device=device))
+        device = self.weights[0].device if self.weights else torch.device("cpu")
+        slab = 0.5 * c.lam1 * sum((p.pow(2).sum() for p in self.weights), torch.zeros((), device=device))
         spike = torch.zeros((), device=device)
         for u in self.units:
             spike = spike + ((1 - u.gate.theta) * self.unit_sq(u)).sum()

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .api import EXAMPLE, channel_graph, config_of
 from .config import PruneConfig
-from .objective import Objective, gated_weights
+from .objective import Objective
 from .passes import CHANNEL_GRAPH, Compact
 from .passes.insert_gates import LAYERS, READS, UNITS, gate_modules
 
@@ -119,8 +119,8 @@ class Pruner:
             if drop.any():
                 unit_drop[u.group] = drop
         layer_drop: set[int] = set()
-        weights = gated_weights(self.gated)
-        ref = torch.sqrt(sum(p.pow(2).sum() for _, p in weights) / max(sum(p.numel() for _, p in weights), 1)).item()
+        weights = self.objective.weights
+        ref = torch.sqrt(sum(p.pow(2).sum() for p in weights) / max(sum(p.numel() for p in weights), 1)).item()
         for l in self.objective.layers:
             ripe = self._patience(f"{LAYERS}.b{l.branch}", l.gate.theta.detach().cpu().numpy() <= c.theta_tol)
             rms = torch.sqrt(sum(p.pow(2).sum() for p in l.params) / max(l.numel, 1)).item() if l.params else 0.0

@@ -8,6 +8,7 @@ import numpy as np
 from torch import fx
 
 from .api import channel_graph, gate_state
+from .passes.compact import reached_tensors
 from .passes.insert_gates import LAYERS, UNITS, gate_modules
 
 __all__ = ["random_masks", "implied_param_count"]
@@ -43,14 +44,11 @@ def implied_param_count(gated: fx.GraphModule) -> int:
     cg = channel_graph(gated)
     unit_keep, drop = gate_state(gated)
     dead = set().union(*(cg.branches[i].nodes for i in drop)) if drop else set()
-    live = [n for n in gated.graph.nodes if n.name not in dead]
-    called = {n.target for n in live if n.op == "call_module" and not str(n.target).startswith(("fxprune_",))}
-    fetched = {n.target for n in live if n.op == "get_attr"}
+    reached = reached_tensors(gated, [n for n in gated.graph.nodes if n.name not in dead])
     bound = {(b.target, b.dim): b for b in cg.bindings}
     total = 0
     for name, p in gated.named_parameters():
-        owner = name.rpartition(".")[0]
-        if name not in fetched and not any(owner == c or owner.startswith(c + ".") for c in called):
+        if name not in reached or name.startswith("fxprune_"):
             continue
         dims = []
         for d, n in enumerate(p.shape):

@@ -25,7 +25,7 @@ from ..gates import apply_layer_gate
 from .channel_graph import ChannelGraph
 from .insert_gates import LAYERS, READS, UNITS
 
-__all__ = ["StripGates", "Compact", "slice_tensor", "refresh_module"]
+__all__ = ["StripGates", "Compact", "slice_tensor", "refresh_module", "reached_tensors"]
 
 
 class StripGates(PassBase):
@@ -104,15 +104,25 @@ def _out_of_place(gm: fx.GraphModule, node: fx.Node, stream: fx.Node) -> None:
         node.target = node.target[:-1]
 
 
+def reached_tensors(gm: fx.GraphModule, nodes: list[fx.Node] | None = None) -> set[str]:
+    """Names of the parameters and buffers that the ``call_module`` and ``get_attr`` nodes
+    among ``nodes`` (default: the whole graph) reach."""
+    nodes = list(gm.graph.nodes) if nodes is None else nodes
+    called = {n.target for n in nodes if n.op == "call_module"}
+    fetched = {n.target for n in nodes if n.op == "get_attr"}
+    return {
+        name for name, _ in [*gm.named_parameters(), *gm.named_buffers()]
+        if name in fetched or any((owner := name.rpartition(".")[0]) == c or owner.startswith(c + ".") for c in called)
+    }
+
+
 def _delete_unreferenced_tensors(gm: fx.GraphModule) -> None:
     """Delete parameters and buffers that no ``call_module`` or ``get_attr`` node reaches."""
-    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    fetched = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    reached = reached_tensors(gm)
     for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
-        owner, _, attr = name.rpartition(".")
-        if name in fetched or any(owner == c or owner.startswith(c + ".") for c in called):
-            continue
-        delattr(gm.get_submodule(owner) if owner else gm, attr)
+        if name not in reached:
+            owner, _, attr = name.rpartition(".")
+            delattr(gm.get_submodule(owner) if owner else gm, attr)
 
 
 class Compact(PassBase):
