@@ -32,6 +32,9 @@ class PruneConfig:
         w_tol: a structure's weight RMS must be at most ``w_tol`` times the RMS of the kept
             weights of its group (layer gates: of the whole model) to be removed.
         patience: consecutive checks a structure must pass before it is removed.
+        cost_reference: ``(FLOPs per example, parameters)`` the cost is normalised by;
+            ``None`` means the dense model's own. Give models of different widths the same
+            reference and a unit costs the same in all of them.
     """
 
     structures: Literal["units", "layers", "both"] = "both"
@@ -46,6 +49,7 @@ class PruneConfig:
     theta_tol: float = 0.01
     w_tol: float = 0.1
     patience: int = 2
+    cost_reference: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.structures not in ("units", "layers", "both"):

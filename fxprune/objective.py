@@ -9,22 +9,20 @@ For a structure that no other contains this is exactly method.md's
 keeps a weight inside both a unit and a gated branch from getting the slab twice. The
 plain ``lam1`` term covers ungated weights too: use the optimizer with ``weight_decay=0``.
 
-``C(theta)`` here is the expected fraction of parameters left: each unit's gate multiplies
-the parameters in its slices (producers, carriers, consumers), each layer gate the
-parameters of its branch (scaled by ``alpha``). The exact FLOPs/parameter polynomial of
-method.md section 3 replaces it in the complexity-cost module.
+``C(theta)`` is the exact expected FLOPs/parameter fraction of :mod:`fxprune.cost`; in the
+penalty the layer gates' share of its gradient is multiplied by ``alpha``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor, fx
 
-from .api import channel_graph, config_of
+from .api import EXAMPLE, channel_graph, config_of
 from .config import PruneConfig
+from .cost import ComplexityCost, forward_flops, weight_flop_factors
 from .gates import BernoulliGate
 from .passes.insert_gates import LAYERS, UNITS, gate_modules
 
@@ -39,7 +37,6 @@ class UnitStructure:
     gate: BernoulliGate
     slices: list[tuple[Tensor, int, Tensor]]
     elems: Tensor  # weight entries per unit in ``slices`` (for RMS)
-    cost: Tensor  # parameters per unit, consumers included (for C)
 
 
 @dataclass
@@ -47,6 +44,7 @@ class LayerStructure:
     branch: int
     gate: BernoulliGate
     params: list[Tensor]
+    names: list[str]
 
     @property
     def numel(self) -> int:
@@ -65,8 +63,17 @@ class Objective:
     def __init__(self, gated: fx.GraphModule, config: PruneConfig | None = None) -> None:
         self.gated = gated
         self.config = config or config_of(gated)
+        self.flop_factors = weight_flop_factors(gated)
         self.dense_params = sum(p.numel() for _, p in gated_weights(gated))
+        example = gated.meta.get(EXAMPLE)
+        self.dense_flops = forward_flops(gated, example) if example is not None else 0
         self.rebuild()
+        with torch.no_grad():
+            weight_flops, _ = self.complexity.expected(*(torch.ones_like(t, dtype=torch.float64) for t in self.thetas()))
+        #: FLOPs of ops without weights (attention products, ...): constant
+        self.other_flops = max(self.dense_flops - float(weight_flops), 0.0)
+        ref = self.config.cost_reference
+        self.ref_flops, self.ref_params = ref if ref is not None else (self.dense_flops, self.dense_params)
 
     def rebuild(self) -> None:
         gated, cg = self.gated, channel_graph(self.gated)
@@ -76,34 +83,39 @@ class Objective:
         self.units: list[UnitStructure] = []
         for key, gate in gate_modules(gated, UNITS).items():
             g = cg.groups[int(key[1:])]
-            slices, cost = [], np.zeros(g.num_units)
-            elems = torch.zeros(g.num_units)
+            slices, elems = [], torch.zeros(g.num_units)
             for b in cg.bindings_of(g):
-                if b.target not in params:
+                if b.target not in params or b.role not in ("producer", "carrier"):
                     continue
                 p = params[b.target]
                 idx = g.unit_index[b.space]
-                per_channel = p.numel() / len(idx)  # grouped convs: weight rows shared by `groups` channels
-                np.add.at(cost, idx, per_channel)
-                if b.role in ("producer", "carrier"):
-                    t = torch.as_tensor(idx, dtype=torch.long, device=p.device)
-                    slices.append((p, b.dim, t))
-                    elems.index_add_(0, t.cpu(), torch.full((len(idx),), float(per_channel)))
-            self.units.append(UnitStructure(g.id, gate, slices, elems, torch.as_tensor(cost, dtype=torch.float32)))
+                t = torch.as_tensor(idx, dtype=torch.long, device=p.device)
+                slices.append((p, b.dim, t))
+                elems.index_add_(0, t.cpu(), torch.full((len(idx),), p.numel() / len(idx)))
+            self.units.append(UnitStructure(g.id, gate, slices, elems))
         self.layers: list[LayerStructure] = []
         nodes = {n.name: n for n in gated.graph.nodes}
         for key, gate in gate_modules(gated, LAYERS).items():
             br = cg.branches[int(key[1:])]
-            seen: dict[int, Tensor] = {}
+            names: list[str] = []
             for name in br.nodes:
                 n = nodes.get(name)
-                if n is None:
-                    continue
-                if n.op == "call_module":
-                    seen.update({id(p): p for p in gated.get_submodule(n.target).parameters()})
-                elif n.op == "get_attr" and n.target in params:
-                    seen[id(params[n.target])] = params[n.target]
-            self.layers.append(LayerStructure(br.id, gate, list(seen.values())))
+                if n is not None and n.op == "call_module":
+                    names += [f"{n.target}.{k}" for k, _ in gated.get_submodule(n.target).named_parameters()]
+                elif n is not None and n.op == "get_attr" and n.target in params:
+                    names.append(n.target)
+            names = [k for k in dict.fromkeys(names) if k in params]
+            self.layers.append(LayerStructure(br.id, gate, [params[k] for k in names], names))
+        offsets, start = {}, 0
+        for u in self.units:
+            offsets[u.group], start = start, start + u.gate.theta.numel()
+        in_branches: dict[str, list[int]] = {}
+        for l in self.layers:
+            for k in l.names:
+                in_branches.setdefault(k, []).append(l.branch)
+        self.complexity = ComplexityCost(
+            dict(gated_weights(gated)), cg, offsets, {l.branch: i for i, l in enumerate(self.layers)}, in_branches,
+            self.flop_factors)
 
     @staticmethod
     def unit_sq(u: UnitStructure) -> Tensor:
@@ -114,12 +126,26 @@ class Objective:
             out = out.index_add(0, idx, per.to(out.dtype))
         return out
 
-    def cost(self) -> Tensor:
-        """``C(theta)``: expected fraction of the dense parameter count left."""
-        c = self.config
-        total = sum((u.gate.theta * u.cost.to(u.gate.theta)).sum() for u in self.units)
-        total = total + sum(c.alpha * l.gate.theta.sum() * l.numel for l in self.layers)
-        return total / self.dense_params
+    def thetas(self) -> tuple[Tensor, Tensor]:
+        """All unit thetas concatenated (in ``self.units`` order) and all layer thetas."""
+        ref = next((p for p in self.weights), torch.zeros(()))
+        unit = torch.cat([u.gate.theta for u in self.units]) if self.units else ref.new_zeros(0)
+        layer = torch.cat([l.gate.theta for l in self.layers]) if self.layers else ref.new_zeros(0)
+        return unit, layer
+
+    def expected(self, alpha: float = 1.0) -> tuple[Tensor, Tensor]:
+        """Expected FLOPs and parameters per example; ``alpha`` scales the layer gates' gradient."""
+        unit, layer = self.thetas()
+        if alpha != 1.0:
+            layer = layer + (alpha - 1.0) * (layer - layer.detach())
+        flops, params = self.complexity.expected(unit, layer)
+        return flops + self.other_flops, params
+
+    def cost(self, alpha: float = 1.0) -> Tensor:
+        """``C(theta) = beta E[FLOPs]/FLOPs_ref + (1 - beta) E[Params]/Params_ref``."""
+        beta = self.config.beta
+        flops, params = self.expected(alpha)
+        return beta * flops / max(self.ref_flops, 1) + (1 - beta) * params / max(self.ref_params, 1)
 
     def penalty(self) -> Tensor:
         c = self.config
@@ -130,4 +156,4 @@ class Objective:
             spike = spike + ((1 - u.gate.theta) * self.unit_sq(u)).sum()
         for l in self.layers:
             spike = spike + (1 - l.gate.theta.sum()) * sum(p.pow(2).sum() for p in l.params)
-        return slab + 0.5 * (c.lam0 - c.lam1) * spike + c.gamma * self.cost()
+        return slab + 0.5 * (c.lam0 - c.lam1) * spike + c.gamma * self.cost(c.alpha)

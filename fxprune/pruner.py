@@ -17,10 +17,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor, fx
-from torch.utils.flop_counter import FlopCounterMode
 
 from .api import EXAMPLE, channel_graph, config_of
 from .config import PruneConfig
+from .cost import forward_flops
 from .objective import Objective
 from .passes import CHANNEL_GRAPH, Compact
 from .passes.insert_gates import LAYERS, READS, UNITS, gate_modules
@@ -71,7 +71,7 @@ class Pruner:
         self.flops_per_step: list[int] = []
         #: one dict per removal: step, units removed per group, branches removed
         self.removals: list[dict] = []
-        self.dense_flops = self.forward_flops()
+        self.dense_flops = self.objective.dense_flops
         self._flops = self.dense_flops
 
     # ----------------------------------------------------------------- training loop
@@ -186,22 +186,10 @@ class Pruner:
         return record
 
     # ----------------------------------------------------------------- accounting
-    @torch.no_grad()
     def forward_flops(self) -> int:
         """Forward FLOPs per example of the live (partly compacted) model, gates as in eval."""
         example = self.gated.meta.get(EXAMPLE)
-        if example is None:
-            return 0
-        device = next((p.device for p in self.gated.parameters()), torch.device("cpu"))
-        example = tuple(t.to(device) if isinstance(t, Tensor) else t for t in example)
-        was_training = self.gated.training
-        self.gated.eval()
-        try:
-            with FlopCounterMode(display=False) as counter:
-                self.gated(*example)
-        finally:
-            self.gated.train(was_training)
-        return counter.get_total_flops()
+        return forward_flops(self.gated, example) if example is not None else 0
 
     def training_flops_ratio(self) -> float:
         """Cumulative forward FLOPs of the steps so far over dense training's."""

@@ -1,0 +1,110 @@
+"""The complexity cost is exact: at 0/1 gates it equals what FlopCounterMode and a
+parameter count give on the compact model, and at any theta it is the mean over masks."""
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from netgen import networks
+
+import fxprune
+from fxprune.api import EXAMPLE
+from fxprune.cost import forward_flops
+from fxprune.objective import Objective
+from fxprune.passes.insert_gates import LAYERS, UNITS, gate_modules
+from fxprune.testing import random_masks
+
+
+def counted(gated):
+    """FLOPs per example and parameters of ``convert(gated)``, measured."""
+    compact = fxprune.convert(gated)
+    return forward_flops(compact, gated.meta[EXAMPLE]), sum(p.numel() for p in compact.parameters())
+
+
+def check_vertices(model, x, seeds=(0, 1, 2)):
+    gated = fxprune.prepare(model, (x,))
+    objective = Objective(gated)
+    with torch.no_grad():
+        flops, params = objective.expected()
+    assert float(flops) == pytest.approx(objective.dense_flops, rel=1e-6)
+    assert float(params) == pytest.approx(objective.dense_params, rel=1e-6)
+    for seed in seeds:
+        random_masks(gated, keep=0.5, seed=seed)
+        with torch.no_grad():
+            flops, params = objective.expected()
+        want_flops, want_params = counted(gated)
+        assert float(flops) == pytest.approx(want_flops, rel=1e-5)
+        assert float(params) == pytest.approx(want_params, rel=1e-5)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(net=networks())
+def test_cost_is_exact_at_masks_on_random_networks(net):
+    model, x = net
+    check_vertices(model, x)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "densenet121"])
+def test_cost_is_exact_at_masks_on_torchvision(name):
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    check_vertices(model, torch.randn(2, 3, 64, 64), seeds=(0,))
+
+
+def monte_carlo(model, x, theta_of, samples=200, seed=0):
+    """Expected FLOPs and params from C against the sample mean of counted masks."""
+    gated = fxprune.prepare(model, (x,))
+    objective = Objective(gated)
+    gates = {**gate_modules(gated, UNITS), **gate_modules(gated, LAYERS)}
+    rng = np.random.default_rng(seed)
+    thetas = {k: theta_of(rng, g.theta.numel()) for k, g in gates.items()}
+    for k, g in gates.items():
+        g.theta.copy_(torch.as_tensor(thetas[k], dtype=torch.float32))
+    with torch.no_grad():
+        want = [float(v) for v in objective.expected()]
+    draws = []
+    for _ in range(samples):
+        for k, g in gates.items():
+            g.set_keep(rng.random(len(thetas[k])) < thetas[k])
+        draws.append(counted(gated))
+    draws = np.array(draws, dtype=float)
+    return want, draws.mean(0), draws.std(0, ddof=1) / np.sqrt(samples)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(net=networks(), seed=st.integers(0, 100))
+def test_cost_is_the_mean_over_sampled_masks(net, seed):
+    model, x = net
+    # theta in [0.6, 1]: every channel space keeps a unit in practice, so the floor that
+    # keeps dimensions non-empty (not part of C) does not act
+    want, mean, se = monte_carlo(model, x, lambda rng, n: rng.uniform(0.6, 1.0, n), samples=60, seed=seed)
+    for w, m, s in zip(want, mean, se):
+        assert abs(w - m) <= 3 * s + 1e-6 * abs(w)
+
+
+class SameGroupInAndOut(torch.nn.Module):
+    """A 1x1 conv reading and writing the same residual stream: E[n_in n_out] needs the variance term."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.mix = torch.nn.Conv2d(8, 8, 1)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.mix(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_cost_variance_term_for_same_group_in_and_out():
+    torch.manual_seed(0)
+    want, mean, se = monte_carlo(SameGroupInAndOut(), torch.randn(2, 3, 6, 6), lambda rng, n: rng.uniform(0.3, 1.0, n),
+                                 samples=400)
+    for w, m, s in zip(want, mean, se):
+        assert abs(w - m) <= 3 * s
+    # without the variance term the product of means would be off by more than the noise
+    gated = fxprune.prepare(SameGroupInAndOut(), (torch.randn(2, 3, 6, 6),))
+    assert Objective(gated).complexity.terms.var_rows.numel() > 0
