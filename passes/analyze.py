@@ -171,7 +171,8 @@ def _cone(order: dict[fx.Node, int], out: fx.Node, add: fx.Node) -> set[fx.Node]
 
 
 def _branches(gm: fx.GraphModule) -> list[Branch]:
-    """Residual branches ``x + F(x)``: F reads only x (and parameters) and feeds only the add."""
+    """Residual branches ``s + F(x)``: F reads one tensor x (and parameters) and feeds only
+    the add; ``s`` is x itself or any shortcut of it (a projection). Removing F leaves ``s``."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     out = []
     for add in gm.graph.nodes:
@@ -180,14 +181,17 @@ def _branches(gm: fx.GraphModule) -> list[Branch]:
         ops = add.args[:2]
         if len(add.args) != 2 or not all(is_tensor(a) for a in ops) or not shape(ops[0]) == shape(ops[1]) == shape(add):
             continue
+        candidates = []
         for stream, branch in (ops, ops[::-1]):
             cone = _cone(order, branch, add)
-            if not cone:
+            if not cone or stream in cone:
                 continue
             external = {i for n in cone for i in n.all_input_nodes if i not in cone and i.op != "get_attr"}
-            if external == {stream} and any(n.op in ("call_module", "call_function", "call_method") for n in cone):
-                out.append(Branch(len(out), add.name, stream.name, branch.name, frozenset(n.name for n in cone)))
-                break
+            if len(external) == 1 and any(n.op in ("call_module", "call_function", "call_method") for n in cone):
+                candidates.append((len(cone), stream, branch, cone))
+        if candidates:  # both sides qualify with a projection shortcut: the branch is the larger side
+            _, stream, branch, cone = max(candidates, key=lambda c: c[0])
+            out.append(Branch(len(out), add.name, stream.name, branch.name, frozenset(n.name for n in cone)))
     return out
 
 

@@ -101,8 +101,8 @@ class Group:
 
 @dataclass
 class Branch:
-    """A residual branch ``add(stream, out)`` where ``out = F(stream)``; removing the
-    ``nodes`` of F turns the add into ``stream``."""
+    """A residual branch ``add(stream, out)`` where ``out = F(x)`` and ``stream`` is ``x``
+    or a shortcut of it; removing the ``nodes`` of F turns the add into ``stream``."""
 
     id: int
     add: str

@@ -1,0 +1,69 @@
+"""The baseline a user would pick instead: train dense, prune by weight magnitude with
+Torch-Pruning to a FLOPs target, fine-tune. Torch-Pruning is the optional ``bench`` extra.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from .cost import forward_flops
+from .data import digits_loaders
+from .training import Run, accuracy, train_epochs, widths
+
+__all__ = ["magnitude_prune", "magnitude_baseline"]
+
+
+def magnitude_prune(model: nn.Module, example: torch.Tensor, target_flops: float, tol: float = 0.02) -> nn.Module:
+    """A copy of ``model`` with channels removed by L2 magnitude (Torch-Pruning's
+    ``MagnitudePruner``, the same ratio in every layer, classifier kept) so that its forward
+    FLOPs are at most ``target_flops``: bisection on the pruning ratio."""
+    import torch_pruning as tp
+
+    classifier = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+
+    def pruned(ratio: float) -> nn.Module:
+        m = copy.deepcopy(model).eval()
+        tp.pruner.MagnitudePruner(m, example, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio,
+                                  ignored_layers=[dict(m.named_modules())[n] for n, mod in model.named_modules()
+                                                  if mod is classifier]).step()
+        return m
+
+    lo, hi = 0.0, 0.99
+    best = pruned(hi)
+    if forward_flops(best, (example,)) > target_flops:
+        return best  # as small as magnitude pruning gets
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        m = pruned(mid)
+        if forward_flops(m, (example,)) <= target_flops:
+            hi, best = mid, m
+        else:
+            lo = mid
+        if hi - lo < tol / 10:
+            break
+    return best
+
+
+def magnitude_baseline(model: nn.Module, epochs: int, target_flops: float, *, prune_at: float = 0.5, seed: int = 0,
+                       lr: float = 1e-3, image: bool = True, lam1: float = 5e-4) -> Run:
+    """Dense training for ``prune_at * epochs``, magnitude pruning to ``target_flops``, then
+    fine-tuning for the rest of the epochs (the same total as the pruning run)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    train, test = digits_loaders(64, seed=seed, image=image)
+    example = next(iter(train))[0][:1]
+    dense_params, dense_flops = sum(p.numel() for p in model.parameters()), forward_flops(model, (example,))
+    t0 = time.perf_counter()
+    first = round(prune_at * epochs)
+    train_epochs(model, train, first, torch.optim.Adam(model.parameters(), lr=lr), lam1)
+    small = magnitude_prune(model, example, target_flops)
+    small_flops = forward_flops(small, (example,))
+    train_epochs(small, train, epochs - first, torch.optim.Adam(small.parameters(), lr=lr), lam1)
+    ratio = (first * dense_flops + (epochs - first) * small_flops) / (epochs * dense_flops)
+    return Run(small.eval(), accuracy(small, test), sum(p.numel() for p in small.parameters()), small_flops,
+               dense_params, dense_flops, widths(small), ratio, seconds=time.perf_counter() - t0)

@@ -1,0 +1,124 @@
+"""A plain training loop on the digits data, dense or pruning while training.
+
+``fit(model, epochs, config)`` trains ``model`` with Adam; with a ``PruneConfig`` it
+prepares the gates, runs the :class:`~fxprune.Pruner` next to the optimizer and returns
+the compact model. Dense training uses the same loss, optimizer and the same L2 term
+(``lam1``) as the slab of the pruning objective, so the two differ only by the method.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from .api import convert, prepare
+from .config import PruneConfig
+from .cost import forward_flops
+from .data import digits_loaders
+from .passes.insert_gates import LAYERS, UNITS, gate_modules
+from .pruner import Pruner
+
+__all__ = ["Run", "fit", "train_epochs", "accuracy", "widths", "theta_undecided"]
+
+
+@dataclass
+class Run:
+    """What one training run ends with."""
+
+    model: nn.Module
+    accuracy: float  # test accuracy, percent
+    params: int
+    flops: int  # forward FLOPs per example
+    dense_params: int
+    dense_flops: int
+    widths: list[int]
+    train_flops_ratio: float = 1.0  # cumulative training FLOPs over dense training's
+    undecided: float = 0.0  # fraction of gates with theta in (0.01, 0.99) at the end
+    layers_removed: int = 0
+    layers_total: int = 0
+    seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, loader) -> float:
+    was = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        correct += (model(x).argmax(1) == y).sum().item()
+        total += len(y)
+    model.train(was)
+    return 100.0 * correct / total
+
+
+def widths(model: nn.Module) -> list[int]:
+    """Output widths of the conv and linear layers, in module order (the classifier last)."""
+    return [m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
+            for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+
+
+def theta_undecided(gated: fx.GraphModule, low: float = 0.01, high: float = 0.99) -> float:
+    """Fraction of the remaining gates whose theta lies strictly in (low, high)."""
+    thetas = [g.theta.detach().flatten() for kind in (UNITS, LAYERS) for g in gate_modules(gated, kind).values()]
+    if not thetas:
+        return 0.0
+    t = torch.cat(thetas)
+    return ((t > low) & (t < high)).float().mean().item()
+
+
+def _l2(params, lam1: float) -> Tensor:
+    return 0.5 * lam1 * sum(p.pow(2).sum() for p in params)
+
+
+def train_epochs(model: nn.Module, loader, epochs: int, optimizer: torch.optim.Optimizer, lam1: float,
+                 after_step: Callable[[], object] | None = None, loss_extra: Callable[[], Tensor] | None = None) -> None:
+    """``epochs`` passes of cross-entropy (+ ``loss_extra()``, default the L2 term) over ``loader``."""
+    model.train()
+    extra = loss_extra or (lambda: _l2([p for p in model.parameters() if p.requires_grad], lam1))
+    for _ in range(epochs):
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y) + extra()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if after_step is not None:
+                after_step()
+
+
+def fit(model: nn.Module, epochs: int, config: PruneConfig | None = None, *, seed: int = 0, lr: float = 1e-3,
+        image: bool = True, batch_size: int = 64, lam1: float = 5e-4) -> Run:
+    """Train ``model`` on digits for ``epochs``: dense when ``config`` is None, else pruning
+    while training with ``config`` (its ``lam1`` replaces ``lam1``)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    train, test = digits_loaders(batch_size, seed=seed, image=image)
+    example = (next(iter(train))[0][:1],)
+    dense_params = sum(p.numel() for p in model.parameters())
+    dense_flops = forward_flops(model, example)
+    t0 = time.perf_counter()
+    if config is None:
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        train_epochs(model, train, epochs, opt, lam1)
+        return Run(model.eval(), accuracy(model, test), dense_params, dense_flops, dense_params, dense_flops,
+                   widths(model), seconds=time.perf_counter() - t0)
+
+    gated = prepare(model, (next(iter(train))[0],), config)
+    opt = torch.optim.Adam(gated.parameters(), lr=lr)
+    pruner = Pruner(gated, opt)
+    layers_total = len(gate_modules(gated, LAYERS))
+    train_epochs(gated, train, epochs, opt, config.lam1, after_step=pruner.step, loss_extra=pruner.penalty)
+    undecided = theta_undecided(gated)
+    compact = convert(gated.eval()).eval()
+    layers_left = sum(bool(g.keep()[0]) for g in gate_modules(gated, LAYERS).values())
+    return Run(
+        compact, accuracy(compact, test), sum(p.numel() for p in compact.parameters()), forward_flops(compact, example),
+        dense_params, dense_flops, widths(compact), pruner.training_flops_ratio(), undecided,
+        layers_total - layers_left, layers_total, time.perf_counter() - t0, pruner.removals,
+    )
