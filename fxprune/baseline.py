@@ -18,22 +18,35 @@ from .training import Run, accuracy, train_epochs, widths
 __all__ = ["magnitude_prune", "magnitude_baseline"]
 
 
+def _last_called(model: nn.Module, example: torch.Tensor) -> str:
+    """Name of the conv or linear module that runs last (the classifier, kept whole)."""
+    order: list[str] = []
+    hooks = [m.register_forward_hook(lambda *_, n=n: order.append(n))
+             for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order[-1]
+
+
 def magnitude_prune(model: nn.Module, example: torch.Tensor, target_flops: float, tol: float = 0.02) -> nn.Module:
     """A copy of ``model`` with channels removed by L2 magnitude (Torch-Pruning's
     ``MagnitudePruner``, the same ratio in every layer, classifier kept) so that its forward
     FLOPs are at most ``target_flops``: bisection on the pruning ratio."""
     import torch_pruning as tp
 
-    classifier = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+    head = _last_called(model, example)
 
     def pruned(ratio: float) -> nn.Module:
         m = copy.deepcopy(model).eval()
         tp.pruner.MagnitudePruner(m, example, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio,
-                                  ignored_layers=[dict(m.named_modules())[n] for n, mod in model.named_modules()
-                                                  if mod is classifier]).step()
+                                  ignored_layers=[m.get_submodule(head)]).step()
         return m
 
-    lo, hi = 0.0, 0.99
+    lo, hi = 0.0, 0.9  # Torch-Pruning leaves a model untouched at ratios that would empty a layer
     best = pruned(hi)
     if forward_flops(best, (example,)) > target_flops:
         return best  # as small as magnitude pruning gets

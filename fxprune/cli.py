@@ -71,6 +71,10 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "digits":
+        from . import bench_digits
+
+        return bench_digits.main([args.what, *args.rest])
     from . import bench
 
     return bench.main([args.what, *args.rest])
@@ -86,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     z = sub.add_parser("zoo", help="prune every torchvision classifier at random and check equivalence", add_help=False)
     z.add_argument("rest", nargs=argparse.REMAINDER)
     z.set_defaults(func=cmd_zoo)
-    b = sub.add_parser("bench", help="benchmarks: 'analyze' (trace+analyze against Torch-Pruning)")
-    b.add_argument("what", choices=["analyze"])
+    b = sub.add_parser("bench", help="benchmarks: 'analyze' (trace+analyze against Torch-Pruning), "
+                       "'digits' (pruning while training against dense and magnitude pruning)")
+    b.add_argument("what", choices=["analyze", "digits"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
     return p

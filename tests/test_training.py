@@ -1,0 +1,41 @@
+"""The digits training loop, the magnitude-pruning baseline and the bench's tables."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from fxprune import PruneConfig, models
+from fxprune.bench_digits import robustness
+from fxprune.cost import forward_flops
+from fxprune.training import fit
+
+
+def test_fit_prunes_while_training_and_reports_the_compact_model():
+    run = fit(models.lenet_300_100(), 8, PruneConfig("units", gamma=8.0, theta_lr=0.5, check_every=10), seed=0)
+    assert run.params == sum(p.numel() for p in run.model.parameters()) < run.dense_params
+    assert run.flops == forward_flops(run.model, (torch.zeros(1, 1, 8, 8),)) < run.dense_flops
+    assert run.train_flops_ratio < 1.0 and run.history, "structures must go during training, not after"
+    assert run.widths[-1] == 10 and run.accuracy > 50
+
+
+def test_fit_dense_is_the_reference():
+    run = fit(models.lenet_300_100(), 2, seed=0)
+    assert run.params == run.dense_params and run.flops == run.dense_flops and run.accuracy > 80
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_pruning") is None, reason="the bench extra (Torch-Pruning) is not installed")
+def test_magnitude_prune_reaches_the_flops_target():
+    from fxprune.baseline import magnitude_prune
+
+    model, x = models.resnet(), torch.randn(1, 1, 8, 8)
+    dense = forward_flops(model, (x,))
+    small = magnitude_prune(model, x, 0.5 * dense)
+    assert 0.4 * dense <= forward_flops(small, (x,)) <= 0.5 * dense
+    assert small(x).shape == (1, 10)
+
+
+def test_robustness_table_has_a_row_per_width():
+    rows, summary = robustness((1, 2), 2, 2, PruneConfig("units", gamma=4.0))
+    assert [r[0] for r in rows] == ["x1", "x2"] and set(summary) == {1, 2}
+    assert all(len(v["acc"]) == 2 and len(v["cv"]) == 2 for v in summary.values())
