@@ -11,11 +11,11 @@
 from . import testing
 from .api import channel_graph, convert, prepare
 from .config import PruneConfig
-from .passes import ChannelGraph, TraceError, analyze, trace
+from .passes import ChannelGraph, TraceError, analyze, residualize, trace
 from .pruner import Pruner
 
 __all__ = [
-    "trace", "analyze", "prepare", "convert", "channel_graph", "PruneConfig", "Pruner", "ChannelGraph", "TraceError",
+    "trace", "analyze", "residualize", "prepare", "convert", "channel_graph", "PruneConfig", "Pruner", "ChannelGraph", "TraceError",
     "testing",
 ]
 __version__ = "0.1.0"

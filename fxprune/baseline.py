@@ -13,7 +13,7 @@ from torch import nn
 
 from .cost import forward_flops
 from .data import digits_loaders
-from .training import Run, accuracy, train_epochs, widths
+from .training import Run, accuracy, make_optimizer, train_epochs, widths
 
 __all__ = ["magnitude_prune", "magnitude_baseline"]
 
@@ -63,7 +63,7 @@ def magnitude_prune(model: nn.Module, example: torch.Tensor, target_flops: float
 
 
 def magnitude_baseline(model: nn.Module, epochs: int, target_flops: float, *, prune_at: float = 0.5, seed: int = 0,
-                       lr: float = 1e-3, image: bool = True, lam1: float = 5e-4) -> Run:
+                       lr: float = 1e-3, optimizer: str = "adam", image: bool = True, lam1: float = 5e-4) -> Run:
     """Dense training for ``prune_at * epochs``, magnitude pruning to ``target_flops``, then
     fine-tuning for the rest of the epochs (the same total as the pruning run)."""
     torch.manual_seed(seed)
@@ -73,10 +73,10 @@ def magnitude_baseline(model: nn.Module, epochs: int, target_flops: float, *, pr
     dense_params, dense_flops = sum(p.numel() for p in model.parameters()), forward_flops(model, (example,))
     t0 = time.perf_counter()
     first = round(prune_at * epochs)
-    train_epochs(model, train, first, torch.optim.Adam(model.parameters(), lr=lr), lam1)
+    train_epochs(model, train, first, make_optimizer(model.parameters(), optimizer, lr), lam1)
     small = magnitude_prune(model, example, target_flops)
     small_flops = forward_flops(small, (example,))
-    train_epochs(small, train, epochs - first, torch.optim.Adam(small.parameters(), lr=lr), lam1)
+    train_epochs(small, train, epochs - first, make_optimizer(small.parameters(), optimizer, lr), lam1)
     ratio = (first * dense_flops + (epochs - first) * small_flops) / (epochs * dense_flops)
     return Run(small.eval(), accuracy(small, test), sum(p.numel() for p in small.parameters()), small_flops,
                dense_params, dense_flops, widths(small), ratio, seconds=time.perf_counter() - t0)

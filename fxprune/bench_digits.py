@@ -34,7 +34,8 @@ class Experiment:
     build: Callable[[], nn.Module]
     config: PruneConfig
     epochs: int
-    image: bool = True
+    optimizer: str = "adam"
+    lr: float = 1e-3
     baseline: bool = True
 
 
@@ -45,9 +46,9 @@ def _residual_vgg() -> nn.Module:
 #: gamma and the theta learning rate per model, everything else PruneConfig's defaults
 EXPERIMENTS = [
     Experiment("LeNet-300-100", models.lenet_300_100, PruneConfig("units", gamma=4.0, theta_lr=0.5), 100),
-    Experiment("LeNet-5", models.lenet5, PruneConfig("units", gamma=3.0, theta_lr=0.5), 60),
-    Experiment("VGG + residualize", _residual_vgg, PruneConfig("both", gamma=3.0, theta_lr=0.5), 30),
-    Experiment("ResNet 3x3 blocks", models.resnet, PruneConfig("both", gamma=3.0, theta_lr=0.5), 30),
+    Experiment("LeNet-5", models.lenet5, PruneConfig("units", gamma=1.0, theta_lr=0.5), 60),
+    Experiment("VGG + residualize", _residual_vgg, PruneConfig("both", gamma=30.0, theta_lr=0.5), 20),
+    Experiment("ResNet 3x3 blocks", models.resnet, PruneConfig("both", gamma=30.0, theta_lr=0.5), 20),
 ]
 
 
@@ -67,14 +68,15 @@ HEADERS = ["model", "method", "seed", "test acc %", "params", "params removed %"
 def compare(exp: Experiment, seed: int, epochs: int, baseline: bool) -> list[list]:
     """Dense, pruned while training and (with Torch-Pruning) magnitude-pruned, one seed."""
     rows = []
-    dense = fit(exp.build(), epochs, seed=seed, image=exp.image)
+    opt = {"optimizer": exp.optimizer, "lr": exp.lr}
+    dense = fit(exp.build(), epochs, seed=seed, **opt)
     rows.append(_row(exp.name, "dense", seed, dense))
-    pruned = fit(exp.build(), epochs, exp.config, seed=seed, image=exp.image)
+    pruned = fit(exp.build(), epochs, exp.config, seed=seed, **opt)
     rows.append(_row(exp.name, f"fxprune ({exp.config.structures}, gamma={exp.config.gamma:g})", seed, pruned))
     if baseline and exp.baseline:
         from .baseline import magnitude_baseline
 
-        tp = magnitude_baseline(exp.build(), epochs, pruned.flops, seed=seed, image=exp.image)
+        tp = magnitude_baseline(exp.build(), epochs, pruned.flops, seed=seed, **opt)
         rows.append(_row(exp.name, "Torch-Pruning magnitude + fine-tune", seed, tp))
     return rows
 

@@ -88,8 +88,12 @@ class Pruner:
         """Projected SGD on theta; every ``check_every`` steps, the pruning check.
         Returns what was removed at this step, if anything."""
         lr = self.config.theta_lr
-        for gate in self.gates().values():
+        for name, gate in self.gates().items():
             if gate.theta.grad is not None:
+                if not torch.isfinite(gate.theta.grad).all():
+                    raise FloatingPointError(
+                        f"the theta gradient of '{name}' is not finite at step {self.steps}: the loss diverged; "
+                        "lower the weight learning rate or gamma")
                 gate.theta.sub_(lr * gate.theta.grad).clamp_(0.0, 1.0)
                 gate.theta.grad = None
         self.steps += 1

@@ -24,7 +24,7 @@ from .data import digits_loaders
 from .passes.insert_gates import LAYERS, UNITS, gate_modules
 from .pruner import Pruner
 
-__all__ = ["Run", "fit", "train_epochs", "accuracy", "widths", "theta_undecided"]
+__all__ = ["Run", "fit", "make_optimizer", "train_epochs", "accuracy", "widths", "theta_undecided"]
 
 
 @dataclass
@@ -59,9 +59,12 @@ def accuracy(model: nn.Module, loader) -> float:
 
 
 def widths(model: nn.Module) -> list[int]:
-    """Output widths of the conv and linear layers, in module order (the classifier last)."""
+    """Output widths of the conv and linear layers, in the order they run for a GraphModule
+    (module order otherwise): the classifier is last."""
+    mods = ([model.get_submodule(n.target) for n in model.graph.nodes if n.op == "call_module"]
+            if isinstance(model, fx.GraphModule) else list(model.modules()))
     return [m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
-            for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+            for m in mods if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
 
 
 def theta_undecided(gated: fx.GraphModule, low: float = 0.01, high: float = 0.99) -> float:
@@ -92,8 +95,17 @@ def train_epochs(model: nn.Module, loader, epochs: int, optimizer: torch.optim.O
                 after_step()
 
 
+def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
+    """``"adam"`` (Adam) or ``"sgd"`` (SGD with momentum 0.9 and Nesterov)."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
+    raise ValueError(f"optimizer must be 'adam' or 'sgd', got {name!r}")
+
+
 def fit(model: nn.Module, epochs: int, config: PruneConfig | None = None, *, seed: int = 0, lr: float = 1e-3,
-        image: bool = True, batch_size: int = 64, lam1: float = 5e-4) -> Run:
+        optimizer: str = "adam", image: bool = True, batch_size: int = 64, lam1: float = 5e-4) -> Run:
     """Train ``model`` on digits for ``epochs``: dense when ``config`` is None, else pruning
     while training with ``config`` (its ``lam1`` replaces ``lam1``)."""
     torch.manual_seed(seed)
@@ -104,13 +116,13 @@ def fit(model: nn.Module, epochs: int, config: PruneConfig | None = None, *, see
     dense_flops = forward_flops(model, example)
     t0 = time.perf_counter()
     if config is None:
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        opt = make_optimizer(model.parameters(), optimizer, lr)
         train_epochs(model, train, epochs, opt, lam1)
         return Run(model.eval(), accuracy(model, test), dense_params, dense_flops, dense_params, dense_flops,
                    widths(model), seconds=time.perf_counter() - t0)
 
     gated = prepare(model, (next(iter(train))[0],), config)
-    opt = torch.optim.Adam(gated.parameters(), lr=lr)
+    opt = make_optimizer(gated.parameters(), optimizer, lr)
     pruner = Pruner(gated, opt)
     layers_total = len(gate_modules(gated, LAYERS))
     train_epochs(gated, train, epochs, opt, config.lam1, after_step=pruner.step, loss_extra=pruner.penalty)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from netgen import networks
 
@@ -73,13 +73,16 @@ def monte_carlo(model, x, theta_of, samples=200, seed=0):
     return want, draws.mean(0), draws.std(0, ddof=1) / np.sqrt(samples)
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=6, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 @given(net=networks(), seed=st.integers(0, 100))
 def test_cost_is_the_mean_over_sampled_masks(net, seed):
     model, x = net
-    # theta in [0.6, 1]: every channel space keeps a unit in practice, so the floor that
-    # keeps dimensions non-empty (not part of C) does not act
-    want, mean, se = monte_carlo(model, x, lambda rng, n: rng.uniform(0.6, 1.0, n), samples=60, seed=seed)
+    # C leaves out the floor that keeps every channel dimension non-empty; with at least 4
+    # units per space and theta in [0.8, 1] it acts in under 0.2 % of the samples
+    cg = fxprune.channel_graph(fxprune.prepare(model, (x,)))
+    assume(all(len(np.unique(g.unit_index[sp])) >= 4 for g in cg.prunable_groups for sp in g.spaces))
+    want, mean, se = monte_carlo(model, x, lambda rng, n: rng.uniform(0.8, 1.0, n), samples=60, seed=seed)
     for w, m, s in zip(want, mean, se):
         assert abs(w - m) <= 3 * s + 1e-6 * abs(w)
 

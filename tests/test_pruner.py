@@ -135,6 +135,17 @@ def test_theta_stays_in_unit_interval():
     assert any(g.theta.min().item() == 0.0 for g in pruner.gates().values())  # the projection was active
 
 
+def test_diverged_theta_gradient_is_a_clear_error():
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    gated = fxprune.prepare(MLP(), (x,))
+    opt = torch.optim.SGD(gated.parameters(), lr=0.01)
+    pruner = fxprune.Pruner(gated, opt)
+    (F.cross_entropy(gated(x), y) + pruner.penalty()).backward()
+    next(iter(pruner.gates().values())).theta.grad[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="not finite at step 0.*lower the weight learning rate"):
+        pruner.step()
+
+
 class LinearReadout(nn.Module):
     """The loss is linear in each hidden unit's mask, so the straight-through gradient is exact."""
 

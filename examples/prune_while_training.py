@@ -1,0 +1,41 @@
+"""Prune while training, in your own loop: LeNet-300-100 on the built-in digits data.
+
+    python examples/prune_while_training.py --epochs 100 --gamma 4
+"""
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+import fxprune
+from fxprune.data import digits_loaders
+from fxprune.models import lenet_300_100
+from fxprune.training import accuracy
+
+p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+p.add_argument("--epochs", type=int, default=100)
+p.add_argument("--gamma", type=float, default=4.0)
+args = p.parse_args()
+
+torch.manual_seed(0)
+train, test = digits_loaders(batch_size=64, seed=0)
+model = lenet_300_100()
+gated = fxprune.prepare(model, next(iter(train))[0], fxprune.PruneConfig("units", gamma=args.gamma, theta_lr=0.5))
+optimizer = torch.optim.Adam(gated.parameters(), lr=1e-3)  # weight decay is the pruner's slab term
+pruner = fxprune.Pruner(gated, optimizer)
+
+for epoch in range(args.epochs):
+    for x, y in train:
+        loss = F.cross_entropy(gated(x), y) + pruner.penalty()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        pruner.step()  # projected SGD on theta; removes structures from the live model
+    if epoch % 10 == 9:
+        widths = [m.out_features for m in gated.modules() if isinstance(m, torch.nn.Linear)]
+        print(f"epoch {epoch + 1}: widths {widths}, test accuracy {accuracy(gated, test):.1f}%")
+
+compact = fxprune.convert(gated.eval())
+print(f"parameters {sum(p.numel() for p in model.parameters()):,} at the start, "
+      f"{sum(p.numel() for p in compact.parameters()):,} now; training FLOPs ratio {pruner.training_flops_ratio():.2f}")
