@@ -170,9 +170,14 @@ def _cone(order: dict[fx.Node, int], out: fx.Node, add: fx.Node) -> set[fx.Node]
     return members
 
 
+def _external(cone: set[fx.Node]) -> set[fx.Node]:
+    return {i for n in cone for i in n.all_input_nodes if i not in cone and i.op != "get_attr"}
+
+
 def _branches(gm: fx.GraphModule) -> list[Branch]:
     """Residual branches ``s + F(x)``: F reads one tensor x (and parameters) and feeds only
-    the add; ``s`` is x itself or any shortcut of it (a projection). Removing F leaves ``s``."""
+    the add; ``s`` is x itself or a shortcut that reads only x (a projection). Removing F
+    leaves ``s``."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     out = []
     for add in gm.graph.nodes:
@@ -186,8 +191,11 @@ def _branches(gm: fx.GraphModule) -> list[Branch]:
             cone = _cone(order, branch, add)
             if not cone or stream in cone:
                 continue
-            external = {i for n in cone for i in n.all_input_nodes if i not in cone and i.op != "get_attr"}
-            if len(external) == 1 and any(n.op in ("call_module", "call_function", "call_method") for n in cone):
+            external = _external(cone)
+            if len(external) != 1 or not any(n.op in ("call_module", "call_function", "call_method") for n in cone):
+                continue
+            shortcut = _cone(order, stream, add) if stream not in external else None
+            if stream in external or (shortcut and _external(shortcut) == external):
                 candidates.append((len(cone), stream, branch, cone))
         if candidates:  # both sides qualify with a projection shortcut: the branch is the larger side
             _, stream, branch, cone = max(candidates, key=lambda c: c[0])
