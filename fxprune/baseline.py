@@ -7,13 +7,11 @@ from __future__ import annotations
 import copy
 import time
 
-import numpy as np
 import torch
 from torch import nn
 
 from .cost import forward_flops
-from .data import digits_loaders
-from .training import Run, accuracy, make_optimizer, train_epochs, widths
+from .training import Run, accuracy, make_optimizer, seeded_digits, train_epochs, widths
 
 __all__ = ["magnitude_prune", "magnitude_baseline"]
 
@@ -66,11 +64,8 @@ def magnitude_baseline(model: nn.Module, epochs: int, target_flops: float, *, pr
                        lr: float = 1e-3, optimizer: str = "adam", image: bool = True, lam1: float = 5e-4) -> Run:
     """Dense training for ``prune_at * epochs``, magnitude pruning to ``target_flops``, then
     fine-tuning for the rest of the epochs (the same total as the pruning run)."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    train, test = digits_loaders(64, seed=seed, image=image)
-    example = next(iter(train))[0][:1]
-    dense_params, dense_flops = sum(p.numel() for p in model.parameters()), forward_flops(model, (example,))
+    train, test, batch, dense_params, dense_flops = seeded_digits(model, seed, image=image)
+    example = batch[:1]
     t0 = time.perf_counter()
     first = round(prune_at * epochs)
     train_epochs(model, train, first, make_optimizer(model.parameters(), optimizer, lr), lam1)

@@ -52,6 +52,13 @@ EXPERIMENTS = [
 ]
 
 
+def _seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """``build()`` with torch seeded first: every run's initial weights depend on its seed
+    alone, not on what ran before it."""
+    torch.manual_seed(seed)
+    return build()
+
+
 def _row(name: str, method: str, seed: int, run: Run) -> list:
     return [
         name, method, seed, f"{run.accuracy:.1f}", f"{run.params:,}", f"{100 * (1 - run.params / run.dense_params):.1f}",
@@ -69,14 +76,14 @@ def compare(exp: Experiment, seed: int, epochs: int, baseline: bool) -> list[lis
     """Dense, pruned while training and (with Torch-Pruning) magnitude-pruned, one seed."""
     rows = []
     opt = {"optimizer": exp.optimizer, "lr": exp.lr}
-    dense = fit(exp.build(), epochs, seed=seed, **opt)
+    dense = fit(_seeded(exp.build, seed), epochs, seed=seed, **opt)
     rows.append(_row(exp.name, "dense", seed, dense))
-    pruned = fit(exp.build(), epochs, exp.config, seed=seed, **opt)
+    pruned = fit(_seeded(exp.build, seed), epochs, exp.config, seed=seed, **opt)
     rows.append(_row(exp.name, f"fxprune ({exp.config.structures}, gamma={exp.config.gamma:g})", seed, pruned))
     if baseline and exp.baseline:
         from .baseline import magnitude_baseline
 
-        tp = magnitude_baseline(exp.build(), epochs, pruned.flops, seed=seed, **opt)
+        tp = magnitude_baseline(_seeded(exp.build, seed), epochs, pruned.flops, seed=seed, **opt)
         rows.append(_row(exp.name, "Torch-Pruning magnitude + fine-tune", seed, tp))
     return rows
 
@@ -87,7 +94,8 @@ def robustness(widths: tuple[float, ...], seeds: int, epochs: int, config: Prune
     x1 = models.lenet_300_100(1)
     example = (torch.zeros(1, 1, 8, 8),)
     config = replace(config, cost_reference=(forward_flops(x1, example), sum(p.numel() for p in x1.parameters())))
-    runs = {w: [fit(models.lenet_300_100(w), epochs, config, seed=s) for s in range(seeds)] for w in widths}
+    runs = {w: [fit(_seeded(lambda: models.lenet_300_100(w), s), epochs, config, seed=s) for s in range(seeds)]
+            for w in widths}
     rows, summary = [], {}
     base = [statistics.mean(r.widths[i] for r in runs[widths[0]]) for i in range(2)]
     for w, rs in runs.items():
@@ -120,7 +128,6 @@ def main(argv: list[str] | None = None) -> int:
     baseline = importlib.util.find_spec("torch_pruning") is not None
     scale = 0.1 if args.quick else 1.0
     seeds = min(args.seeds, 2) if args.quick else args.seeds
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     wanted = set(args.only) if args.only else None
 
     rows = []
@@ -129,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += compare(exp, args.seed, max(2, round(exp.epochs * scale)), baseline)
             print(tabulate(rows[-3:], headers=HEADERS), flush=True)
     if rows:
-        print(f"\nDigits (sklearn, 1437 train / 360 test, split seed 0), Adam lr 1e-3, batch 64, seed {args.seed}; "
+        optims = ", ".join(sorted({f"{e.optimizer} lr {e.lr:g}" for e in EXPERIMENTS if wanted is None or e.name in wanted}))
+        print(f"\nDigits (sklearn, 1437 train / 360 test, split seed 0), {optims}, batch 64, seed {args.seed}; "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads")
         print(tabulate(rows, headers=HEADERS, tablefmt="github"))
         if not baseline:

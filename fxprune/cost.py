@@ -30,17 +30,13 @@ import torch
 from torch import Tensor, fx, nn
 
 from .passes.channel_graph import ChannelGraph
+from .passes.op_helpers import shape as _shape
 
 __all__ = ["ComplexityCost", "weight_flop_factors", "forward_flops"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _FUNCTIONAL = {torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d, torch.nn.functional.linear}
-
-
-def _shape(node: object) -> tuple[int, ...] | None:
-    tm = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
 
 
 def weight_flop_factors(gm: fx.GraphModule) -> dict[str, float]:
@@ -158,14 +154,16 @@ class ComplexityCost:
             dims_b.append(slots[1])
             rows_br.append([branch_slots[i] for i in param_branches.get(name, []) if i in branch_slots])
         depth = max((len(r) for r in rows_br), default=0)
-        cat = lambda xs, dt: torch.as_tensor(np.concatenate(xs) if xs else np.zeros(0), dtype=dt)  # noqa: E731
+        dev = next(iter(params.values())).device if params else torch.device("cpu")
+        cat = lambda xs, dt: torch.as_tensor(np.concatenate(xs) if xs else np.zeros(0), dtype=dt, device=dev)  # noqa: E731
         one = len(branch_slots)  # the constant-1 slot after the layer thetas
         self.terms = _Terms(
-            k=torch.tensor(rows_k, dtype=torch.float64),
-            flops=torch.tensor(rows_f, dtype=torch.float64),
-            dim_a=torch.tensor([d if d >= 0 else n_dims for d in dims_a], dtype=torch.long),
-            dim_b=torch.tensor([d if d >= 0 else n_dims for d in dims_b], dtype=torch.long),
-            branches=torch.tensor([r + [one] * (depth - len(r)) for r in rows_br], dtype=torch.long).reshape(len(rows_br), depth),
+            k=torch.tensor(rows_k, dtype=torch.float64, device=dev),
+            flops=torch.tensor(rows_f, dtype=torch.float64, device=dev),
+            dim_a=torch.tensor([d if d >= 0 else n_dims for d in dims_a], dtype=torch.long, device=dev),
+            dim_b=torch.tensor([d if d >= 0 else n_dims for d in dims_b], dtype=torch.long, device=dev),
+            branches=torch.tensor([r + [one] * (depth - len(r)) for r in rows_br], dtype=torch.long,
+                                  device=dev).reshape(len(rows_br), depth),
             count_rows=cat(c_rows, torch.long), count_cols=cat(c_cols, torch.long), count_vals=cat(c_vals, torch.float64),
             var_rows=cat(v_rows, torch.long), var_cols=cat(v_cols, torch.long), var_vals=cat(v_vals, torch.float64),
             num_dims=n_dims,
@@ -175,16 +173,15 @@ class ComplexityCost:
         """``(E[FLOPs from weights], E[Params])`` per example, differentiable in both thetas."""
         t = self.terms
         dtype = unit_theta.dtype if unit_theta.numel() else layer_theta.dtype
-        dev = unit_theta.device
-        t_vals = t.count_vals.to(dev, dtype)
-        counts = unit_theta.new_zeros(t.num_dims + 1).index_add(0, t.count_rows.to(dev), unit_theta[t.count_cols.to(dev)] * t_vals)
-        counts = counts + torch.nn.functional.one_hot(torch.tensor(t.num_dims, device=dev), t.num_dims + 1).to(dtype)
-        size = counts[t.dim_a.to(dev)] * counts[t.dim_b.to(dev)]
+        base = unit_theta.new_zeros(t.num_dims + 1, dtype=dtype)
+        base[-1] = 1.0  # the constant slot of parameters with fewer than two pruned dimensions
+        counts = base.index_add(0, t.count_rows, unit_theta[t.count_cols] * t.count_vals.to(dtype))
+        size = counts[t.dim_a] * counts[t.dim_b]
         if t.var_rows.numel():
             q = unit_theta * (1 - unit_theta)
-            size = size.index_add(0, t.var_rows.to(dev), q[t.var_cols.to(dev)] * t.var_vals.to(dev, dtype))
+            size = size.index_add(0, t.var_rows, q[t.var_cols] * t.var_vals.to(dtype))
         if t.branches.shape[1]:
             lt = torch.cat([layer_theta, layer_theta.new_ones(1)])
-            size = size * lt[t.branches.to(dev)].prod(1)
-        size = size * t.k.to(dev, dtype)
-        return (size * t.flops.to(dev, dtype)).sum(), size.sum()
+            size = size * lt[t.branches].prod(1)
+        size = size * t.k.to(dtype)
+        return (size * t.flops.to(dtype)).sum(), size.sum()

@@ -24,7 +24,7 @@ from .data import digits_loaders
 from .passes.insert_gates import LAYERS, UNITS, gate_modules
 from .pruner import Pruner
 
-__all__ = ["Run", "fit", "make_optimizer", "train_epochs", "accuracy", "widths", "theta_undecided"]
+__all__ = ["Run", "fit", "seeded_digits", "make_optimizer", "train_epochs", "accuracy", "widths", "theta_undecided"]
 
 
 @dataclass
@@ -104,16 +104,21 @@ def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
     raise ValueError(f"optimizer must be 'adam' or 'sgd', got {name!r}")
 
 
+def seeded_digits(model: nn.Module, seed: int, batch_size: int = 64, image: bool = True):
+    """Seed torch and numpy, and return the digits loaders, one training batch, and the
+    dense parameter count and forward FLOPs per example of ``model``: the start of every run."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    train, test = digits_loaders(batch_size, seed=seed, image=image)
+    batch = next(iter(train))[0]
+    return train, test, batch, sum(p.numel() for p in model.parameters()), forward_flops(model, (batch[:1],))
+
+
 def fit(model: nn.Module, epochs: int, config: PruneConfig | None = None, *, seed: int = 0, lr: float = 1e-3,
         optimizer: str = "adam", image: bool = True, batch_size: int = 64, lam1: float = 5e-4) -> Run:
     """Train ``model`` on digits for ``epochs``: dense when ``config`` is None, else pruning
     while training with ``config`` (its ``lam1`` replaces ``lam1``)."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    train, test = digits_loaders(batch_size, seed=seed, image=image)
-    example = (next(iter(train))[0][:1],)
-    dense_params = sum(p.numel() for p in model.parameters())
-    dense_flops = forward_flops(model, example)
+    train, test, batch, dense_params, dense_flops = seeded_digits(model, seed, batch_size, image)
     t0 = time.perf_counter()
     if config is None:
         opt = make_optimizer(model.parameters(), optimizer, lr)
@@ -121,7 +126,7 @@ def fit(model: nn.Module, epochs: int, config: PruneConfig | None = None, *, see
         return Run(model.eval(), accuracy(model, test), dense_params, dense_flops, dense_params, dense_flops,
                    widths(model), seconds=time.perf_counter() - t0)
 
-    gated = prepare(model, (next(iter(train))[0],), config)
+    gated = prepare(model, (batch,), config)
     opt = make_optimizer(gated.parameters(), optimizer, lr)
     pruner = Pruner(gated, opt)
     layers_total = len(gate_modules(gated, LAYERS))
@@ -130,7 +135,7 @@ def fit(model: nn.Module, epochs: int, config: PruneConfig | None = None, *, see
     compact = convert(gated.eval()).eval()
     layers_left = sum(bool(g.keep()[0]) for g in gate_modules(gated, LAYERS).values())
     return Run(
-        compact, accuracy(compact, test), sum(p.numel() for p in compact.parameters()), forward_flops(compact, example),
+        compact, accuracy(compact, test), sum(p.numel() for p in compact.parameters()), forward_flops(compact, (batch[:1],)),
         dense_params, dense_flops, widths(compact), pruner.training_flops_ratio(), undecided,
         layers_total - layers_left, layers_total, time.perf_counter() - t0, pruner.removals,
     )
