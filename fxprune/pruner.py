@@ -185,9 +185,37 @@ class Pruner:
             "units": {gid: int((~k).sum()) for gid, k in unit_keep.items()},
             "layers": sorted(layer_drop),
             "flops": self._flops,
+            "keep": {gid: k.tolist() for gid, k in unit_keep.items()},
         }
         self.removals.append(record)
         return record
+
+    # ----------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """Steps, patience counters, FLOPs history and every removal with its keep masks:
+        with the model's and optimizer's state dicts, enough to resume exactly."""
+        return {
+            "steps": self.steps,
+            "below": {k: v.tolist() for k, v in self.below.items()},
+            "flops_per_step": list(self.flops_per_step),
+            "removals": [dict(r) for r in self.removals],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replay the saved removals on this pruner's freshly prepared model and optimizer
+        (so parameter and optimizer shapes match the checkpoint), then restore the counters.
+        Load the model's and the optimizer's state dicts after this."""
+        if self.removals or self.steps:
+            raise RuntimeError(
+                "Pruner.load_state_dict needs a fresh pruner: build the gated model, optimizer and Pruner "
+                "again as at the start of training, then load the checkpoint")
+        for record in state["removals"]:
+            keep = {int(g): np.asarray(k, dtype=bool) for g, k in record["keep"].items()}
+            self.remove({g: ~k for g, k in keep.items()}, set(record["layers"]))
+        self.steps = int(state["steps"])
+        self.below = {k: np.asarray(v, dtype=int) for k, v in state["below"].items()}
+        self.flops_per_step = list(state["flops_per_step"])
+        self.removals = [dict(r) for r in state["removals"]]
 
     # ----------------------------------------------------------------- accounting
     def forward_flops(self) -> int:
