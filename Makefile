@@ -9,7 +9,7 @@ PYTEST  := $(PYTHON) -m pytest
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
-	$(PYTHON) -m pip install -q -c constraints.txt -e ".[test,bench,digits]"
+	$(PYTHON) -m pip install -q -c constraints.txt -e ".[test,bench,digits,plot]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -49,9 +49,12 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from .gate_graph import gate_graph, picture_path, write_gate_graph
     from .passes import analyze, trace
     from .report import branches_table, groups_table, summary
 
+    if args.graph:
+        picture_path(args.graph)  # fail before the work
     model = load_model(args.model).eval()
     gm = trace(model, (torch.randn(*args.input_shape),))
     cg = analyze(gm)
@@ -61,6 +64,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(groups_table(cg))
     print()
     print(branches_table(cg) if cg.branches else "no residual branches")
+    if args.graph:
+        path = write_gate_graph(gate_graph(cg), args.graph, f"{args.model}: channel groups and layer gates")
+        print(f"\ngate placement drawn to {path}")
     return 0
 
 
@@ -86,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="print a model's channel groups and residual branches")
     i.add_argument("model", help="torchvision model name, or package.module:factory")
     i.add_argument("--input-shape", type=_shape, default=(1, 3, 224, 224), help="example input shape (default 1,3,224,224)")
+    i.add_argument("--graph", metavar="FILE", help="draw the gate placement to FILE (.png, .svg, .pdf or graphviz .dot)")
     i.set_defaults(func=cmd_inspect)
     z = sub.add_parser("zoo", help="prune every torchvision classifier at random and check equivalence", add_help=False)
     z.add_argument("rest", nargs=argparse.REMAINDER)
@@ -105,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as exc:
         print(f"fxprune: error: {exc}", file=sys.stderr)
         return 2
-    except ValueError as exc:  # bad input shapes and the like, reported by the passes
+    except (ValueError, OSError) as exc:  # bad input shapes, unwritable paths: reported with what to do
         print(f"fxprune: error: {exc}", file=sys.stderr)
         return 2
 
