@@ -12,9 +12,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m pip install -q -c constraints.txt -e ".[test,bench,digits,plot]"
 	touch $(STAMP)
 
+# Train and prune a ResNet on the built-in digits data: table, compact model, gate picture, latency.
 demo: $(STAMP)
-	$(VENV)/bin/fxprune inspect resnet18 --input-shape 1,3,224,224
-	$(PYTHON) examples/compile_and_export.py --out out/resnet18_pruned.pt2
+	$(VENV)/bin/fxprune demo --out out/demo
 
 # The unit and property tests, then the torchvision zoo sweep (every classifier, numerically checked).
 test: $(STAMP)

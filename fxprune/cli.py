@@ -70,6 +70,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    return demo.run(args)
+
+
 def cmd_zoo(args: argparse.Namespace) -> int:
     from . import zoo
 
@@ -94,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--input-shape", type=_shape, default=(1, 3, 224, 224), help="example input shape (default 1,3,224,224)")
     i.add_argument("--graph", metavar="FILE", help="draw the gate placement to FILE (.png, .svg, .pdf or graphviz .dot)")
     i.set_defaults(func=cmd_inspect)
+    from .demo import add_arguments as demo_arguments
+
+    d = sub.add_parser("demo", help="train and prune a ResNet on the digits data: table, compact model, picture, latency")
+    demo_arguments(d)
+    d.set_defaults(func=cmd_demo)
     z = sub.add_parser("zoo", help="prune every torchvision classifier at random and check equivalence", add_help=False)
     z.add_argument("rest", nargs=argparse.REMAINDER)
     z.set_defaults(func=cmd_zoo)

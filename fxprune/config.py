@@ -32,6 +32,10 @@ class PruneConfig:
         w_tol: a structure's weight RMS must be at most ``w_tol`` times the RMS of the kept
             weights of its group (layer gates: of the whole model) to be removed.
         patience: consecutive checks a structure must pass before it is removed.
+        reset_moments: when a structure's theta has been switched off for ``patience`` checks
+            but its weights are not yet small, zero its optimizer moments, so that the spike
+            prior alone drives them (adaptive optimizers otherwise damp that pull with
+            second moments remembered from the structure's active past).
         cost_reference: ``(FLOPs per example, parameters)`` the cost is normalised by;
             ``None`` means the dense model's own. Give models of different widths the same
             reference and a unit costs the same in all of them.
@@ -49,6 +53,7 @@ class PruneConfig:
     theta_tol: float = 0.01
     w_tol: float = 0.1
     patience: int = 2
+    reset_moments: bool = True
     cost_reference: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:

@@ -75,7 +75,7 @@ def gate_graph(cg: ChannelGraph, gated: fx.GraphModule | None = None, collapse: 
         if units is not None and g.prunable:
             gate = units.get(f"g{g.id}")
             kept = int(gate.keep().sum()) if gate is not None else 0
-            theta = float(gate.theta.mean()) if gate is not None else 0.0
+            theta = float(gate.theta.detach().mean()) if gate is not None else 0.0
         G.add_node(f"g{g.id}", kind="group", groups=[g.id], units=g.num_units, kept=kept, theta=theta,
                    prunable=g.prunable, reason=g.frozen[0] if g.frozen else "", first=min(where), last=max(where))
     for (a, b), owners in edges.items():
@@ -86,7 +86,7 @@ def gate_graph(cg: ChannelGraph, gated: fx.GraphModule | None = None, collapse: 
         inner = [g for g in G if G.nodes[g]["kind"] == "group"
                  and all(cg.spaces[s].node in br.nodes for s in cg.groups[G.nodes[g]["groups"][0]].spaces)]
         gate = layers.get(f"b{br.id}") if layers is not None else None
-        theta = 1.0 if layers is None else float(gate.theta[0]) if gate is not None else 0.0
+        theta = 1.0 if layers is None else float(gate.theta.detach()[0]) if gate is not None else 0.0
         name = f"L{br.id}"
         G.add_node(name, kind="layer", theta=theta, removed=layers is not None and gate is None,
                    first=pos[br.add], last=pos[br.add], add=br.add)

@@ -122,17 +122,38 @@ class Pruner:
             drop = ripe & (np.sqrt(sq / np.maximum(elems, 1)) <= c.w_tol * ref)
             if drop.any():
                 unit_drop[u.group] = drop
+            if c.reset_moments and (ripe & ~drop).any():
+                self._reset_moments([(p, dim, torch.as_tensor(ripe & ~drop, device=p.device)[idx]) for p, dim, idx in u.slices])
         layer_drop: set[int] = set()
-        weights = self.objective.weights
+        # the reference: the weights outside every switched-off branch
+        off = {id(p) for l in self.objective.layers if l.gate.theta.item() <= c.theta_tol for p in l.params}
+        weights = [p for p in self.objective.weights if id(p) not in off] or self.objective.weights
         ref = torch.sqrt(sum(p.pow(2).sum() for p in weights) / max(sum(p.numel() for p in weights), 1)).item()
         for l in self.objective.layers:
             ripe = self._patience(f"{LAYERS}.b{l.branch}", l.gate.theta.detach().cpu().numpy() <= c.theta_tol)
             rms = torch.sqrt(sum(p.pow(2).sum() for p in l.params) / max(l.numel, 1)).item() if l.params else 0.0
             if ripe[0] and rms <= c.w_tol * ref:
                 layer_drop.add(l.branch)
+            elif ripe[0] and c.reset_moments:
+                self._reset_moments([(p, 0, torch.ones(p.shape[0], dtype=torch.bool, device=p.device)) for p in l.params if p.dim()])
         if not unit_drop and not layer_drop:
             return None
         return self.remove(unit_drop, layer_drop)
+
+    def _reset_moments(self, entries: list[tuple[Tensor, int, Tensor]]) -> None:
+        """Zero the optimizer state (momentum, Adam moments) of the switched-off entries:
+        ``(param, dim, mask over that dim)``. A switched-off structure gets no data gradient
+        any more, only the spike prior's pull to zero; moments remembered from its active
+        past would damp that pull for thousands of steps under Adam (second moments decay
+        with 1 - beta2 = 1e-3), and the structure would never reach the weight condition."""
+        for p, dim, mask in entries:
+            state = self.optimizer.state.get(p)
+            if not state:
+                continue
+            index = mask.nonzero().flatten()
+            for key, value in state.items():
+                if isinstance(value, Tensor) and value.shape == p.shape:
+                    value.index_fill_(dim, index.to(value.device), 0.0)
 
     # ----------------------------------------------------------------- live removal
     def _never_empty(self, unit_drop: dict[int, np.ndarray], dead: set[str]) -> dict[int, np.ndarray]:

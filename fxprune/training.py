@@ -21,7 +21,8 @@ from .api import convert, prepare
 from .config import PruneConfig
 from .cost import forward_flops
 from .data import digits_loaders
-from .passes.insert_gates import LAYERS, UNITS, gate_modules
+from .passes.insert_gates import CHANNEL_GRAPH, LAYERS, UNITS, gate_modules
+from .passes import ChannelGraph
 from .pruner import Pruner
 
 __all__ = ["Run", "fit", "seeded_digits", "make_optimizer", "train_epochs", "accuracy", "widths", "theta_undecided"]
@@ -44,6 +45,8 @@ class Run:
     layers_total: int = 0
     seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
+    gated: fx.GraphModule | None = None  # the gated model at the end of training (pruned runs)
+    dense_graph: ChannelGraph | None = None  # the analysis of the dense model (pruned runs)
 
 
 @torch.no_grad()
@@ -81,11 +84,14 @@ def _l2(params, lam1: float) -> Tensor:
 
 
 def train_epochs(model: nn.Module, loader, epochs: int, optimizer: torch.optim.Optimizer, lam1: float,
-                 after_step: Callable[[], object] | None = None, loss_extra: Callable[[], Tensor] | None = None) -> None:
-    """``epochs`` passes of cross-entropy (+ ``loss_extra()``, default the L2 term) over ``loader``."""
+                 after_step: Callable[[], object] | None = None, loss_extra: Callable[[], Tensor] | None = None) -> float:
+    """``epochs`` passes of cross-entropy (+ ``loss_extra()``, default the L2 term) over
+    ``loader``; returns the mean loss of the last pass."""
     model.train()
     extra = loss_extra or (lambda: _l2([p for p in model.parameters() if p.requires_grad], lam1))
+    total = count = 0
     for _ in range(epochs):
+        total = count = 0
         for x, y in loader:
             loss = F.cross_entropy(model(x), y) + extra()
             optimizer.zero_grad(set_to_none=True)
@@ -93,6 +99,8 @@ def train_epochs(model: nn.Module, loader, epochs: int, optimizer: torch.optim.O
             optimizer.step()
             if after_step is not None:
                 after_step()
+            total, count = total + loss.item(), count + 1
+    return total / max(count, 1)
 
 
 def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
@@ -115,27 +123,39 @@ def seeded_digits(model: nn.Module, seed: int, batch_size: int = 64, image: bool
 
 
 def fit(model: nn.Module, epochs: int, config: PruneConfig | None = None, *, seed: int = 0, lr: float = 1e-3,
-        optimizer: str = "adam", image: bool = True, batch_size: int = 64, lam1: float = 5e-4) -> Run:
+        optimizer: str = "adam", image: bool = True, batch_size: int = 64, lam1: float = 5e-4,
+        on_epoch: Callable[[dict], None] | None = None) -> Run:
     """Train ``model`` on digits for ``epochs``: dense when ``config`` is None, else pruning
-    while training with ``config`` (its ``lam1`` replaces ``lam1``)."""
+    while training with ``config`` (its ``lam1`` replaces ``lam1``). ``on_epoch`` gets, after
+    every epoch, the epoch's mean loss, the test accuracy and (pruned runs) the live model's
+    parameter and FLOPs fractions."""
     train, test, batch, dense_params, dense_flops = seeded_digits(model, seed, batch_size, image)
     t0 = time.perf_counter()
     if config is None:
         opt = make_optimizer(model.parameters(), optimizer, lr)
-        train_epochs(model, train, epochs, opt, lam1)
+        for epoch in range(epochs):
+            loss = train_epochs(model, train, 1, opt, lam1)
+            if on_epoch is not None:
+                on_epoch({"epoch": epoch + 1, "loss": loss, "accuracy": accuracy(model, test), "params": 1.0, "flops": 1.0})
         return Run(model.eval(), accuracy(model, test), dense_params, dense_flops, dense_params, dense_flops,
                    widths(model), seconds=time.perf_counter() - t0)
 
     gated = prepare(model, (batch,), config)
+    dense_graph = gated.meta[CHANNEL_GRAPH]
     opt = make_optimizer(gated.parameters(), optimizer, lr)
     pruner = Pruner(gated, opt)
     layers_total = len(gate_modules(gated, LAYERS))
-    train_epochs(gated, train, epochs, opt, config.lam1, after_step=pruner.step, loss_extra=pruner.penalty)
+    for epoch in range(epochs):
+        loss = train_epochs(gated, train, 1, opt, config.lam1, after_step=pruner.step, loss_extra=pruner.penalty)
+        if on_epoch is not None:
+            on_epoch({"epoch": epoch + 1, "loss": loss, "accuracy": accuracy(gated, test),
+                      "params": sum(p.numel() for p in gated.parameters()) / dense_params,
+                      "flops": pruner.flops_per_step[-1] / dense_flops})
     undecided = theta_undecided(gated)
     compact = convert(gated.eval()).eval()
     layers_left = sum(bool(g.keep()[0]) for g in gate_modules(gated, LAYERS).values())
     return Run(
         compact, accuracy(compact, test), sum(p.numel() for p in compact.parameters()), forward_flops(compact, (batch[:1],)),
         dense_params, dense_flops, widths(compact), pruner.training_flops_ratio(), undecided,
-        layers_total - layers_left, layers_total, time.perf_counter() - t0, pruner.removals,
+        layers_total - layers_left, layers_total, time.perf_counter() - t0, pruner.removals, gated, dense_graph,
     )

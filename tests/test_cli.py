@@ -23,3 +23,28 @@ def test_unknown_model_is_a_clear_error(capsys):
 def test_wrong_input_shape_is_a_clear_error(capsys):
     assert main(["inspect", "resnet18", "--input-shape", "1,5,64,64"]) == 2
     assert "example input" in capsys.readouterr().err
+
+
+def test_demo_with_an_unwritable_output_fails_before_training(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    assert main(["demo", "--out", str(tmp_path / "a-file" / "demo")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the demo's outputs" in err and "choose a writable path" in err
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--epochs", "2", "--out", str(tmp_path / "demo"), "--no-compile", "--batch", "32"]) == 0
+    out = capsys.readouterr().out
+    for row in ("test accuracy %", "parameters", "FLOPs per image", "residual blocks", "stage 3 widths",
+                "training FLOPs", "eager"):
+        assert row in out
+    assert (tmp_path / "demo" / "model.pt2").is_file() and (tmp_path / "demo" / "gates.png").is_file()
+    assert (tmp_path / "demo" / "compact_model" / "state_dict.pt").is_file()
+
+
+def test_unknown_command_options_exit_2(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--epochs", "many"])
+    assert exc.value.code == 2 and "invalid int value" in capsys.readouterr().err

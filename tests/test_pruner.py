@@ -211,3 +211,23 @@ def test_model_without_prunable_structure_is_a_clear_error():
     gated = fxprune.prepare(model, (x,))
     with pytest.raises(ValueError, match="no prunable structure"):
         fxprune.Pruner(gated, torch.optim.SGD(gated.parameters(), lr=0.1))
+
+
+def test_switched_off_units_with_large_weights_get_their_moments_reset():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    config = fxprune.PruneConfig(structures="units", gamma=0.0, patience=1, w_tol=1e-6)
+    gated = fxprune.prepare(MLP(), (x,), config)
+    opt = torch.optim.Adam(gated.parameters(), lr=1e-2)
+    pruner = fxprune.Pruner(gated, opt)
+    train_steps(gated, opt, pruner, x, y, 3)
+    w = gated.get_submodule("layers.0").weight
+    gid = next(g for g in (int(k[1:]) for k in gated.get_submodule(UNITS)) if fxprune.channel_graph(gated).groups[g].num_units == 12)
+    before = {k: v.clone() for k, v in opt.state[w].items() if torch.is_tensor(v) and v.shape == w.shape}
+    switch_off(gated, gid, [2, 5])
+    assert pruner.check() is None  # weights far from zero: nothing is removed
+    for k, v in opt.state[w].items():
+        if k in before:
+            assert v[[2, 5]].abs().sum() == 0
+            torch.testing.assert_close(v[[0, 1, 3]], before[k][[0, 1, 3]])
+    assert w.shape[0] == 12
