@@ -87,6 +87,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from . import bench_digits
 
         return bench_digits.main([args.what, *args.rest])
+    if args.what == "latency":
+        from . import bench_latency
+
+        return bench_latency.main([args.what, *args.rest])
     from . import bench
 
     return bench.main([args.what, *args.rest])
@@ -109,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("rest", nargs=argparse.REMAINDER)
     z.set_defaults(func=cmd_zoo)
     b = sub.add_parser("bench", help="benchmarks: 'analyze' (trace+analyze against Torch-Pruning), "
-                       "'digits' (pruning while training against dense and magnitude pruning)")
-    b.add_argument("what", choices=["analyze", "digits"])
+                       "'digits' (pruning while training against dense and magnitude pruning), "
+                       "'latency' (dense vs compact latency against the FLOPs ratio)")
+    b.add_argument("what", choices=["analyze", "digits", "latency"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
     return p

@@ -48,3 +48,10 @@ def test_unknown_command_options_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["demo", "--epochs", "many"])
     assert exc.value.code == 2 and "invalid int value" in capsys.readouterr().err
+
+
+def test_bench_latency_prints_ratios(capsys):
+    assert main(["bench", "latency", "--model", "resnet18", "--batch", "2", "--size", "64", "--mode", "none",
+                 "--iters", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "latency / FLOPs ratio" in out and "| eager" in out and "keep 0.5" in out
