@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from . import models
 from .config import PruneConfig
+from .cost_report import cost_table, layer_costs, plot_costs
 from .data import digits
 from .export import save_compact
 from .files import writable
@@ -110,9 +111,12 @@ def run(args: argparse.Namespace) -> int:
     pruned = _train("pruning while training   ", args.epochs, config, args.seed)
 
     compact = pruned.model
-    paths = save_compact(compact, (digits()[2][:1],), out)
+    example = (digits()[2][:1],)
+    paths = save_compact(compact, example, out)
     picture = write_gate_graph(gate_graph(pruned.dense_graph, pruned.gated), out / "gates.png",
-                               f"digits ResNet after pruning while training (gamma={args.gamma:g}): kept units / units, layer-gate theta")
+                               f"digits ResNet, gamma={args.gamma:g}: kept / all units, layer gates")
+    before, after = layer_costs(dense.model, example), layer_costs(compact, example)
+    costs = plot_costs(before, after, out / "cost_per_layer.png", f"digits ResNet, gamma={args.gamma:g}: cost per layer")
     lat_rows, compile_s = _latency(dense.model, compact, args.batch, not args.no_compile)
 
     blocks = STAGES * BLOCKS
@@ -129,6 +133,9 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(tabulate(rows, headers=["", "dense", "pruned while training"], tablefmt="github"))
     print()
+    print("cost per layer (FLOPs per image; a layer with 0 was removed)")
+    print(cost_table(before, after))
+    print()
     print(f"latency, batch {args.batch}, ms (median of 20)")
     print(tabulate(lat_rows, headers=["", "dense", "compact", "dense / compact"], tablefmt="github"))
     print(f"FLOPs ratio dense / compact {dense.flops / pruned.flops:.1f}x"
@@ -136,5 +143,5 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(f"compact model: {paths['pt2']} (torch.export.load(path).module()) and {paths['package']}/ "
           f"(from compact_model import CompactModel)")
-    print(f"gate placement: {picture}")
+    print(f"gate placement: {picture}; cost per layer: {costs}")
     return 0

@@ -36,9 +36,10 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert main(["demo", "--epochs", "2", "--out", str(tmp_path / "demo"), "--no-compile", "--batch", "32"]) == 0
     out = capsys.readouterr().out
     for row in ("test accuracy %", "parameters", "FLOPs per image", "residual blocks", "stage 3 widths",
-                "training FLOPs", "eager"):
+                "training FLOPs", "eager", "cost per layer", "| total"):
         assert row in out
     assert (tmp_path / "demo" / "model.pt2").is_file() and (tmp_path / "demo" / "gates.png").is_file()
+    assert (tmp_path / "demo" / "cost_per_layer.png").is_file()
     assert (tmp_path / "demo" / "compact_model" / "state_dict.pt").is_file()
 
 
