@@ -87,6 +87,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from . import bench_digits
 
         return bench_digits.main([args.what, *args.rest])
+    if args.what == "tradeoff":
+        from . import bench_tradeoff
+
+        return bench_tradeoff.main([args.what, *args.rest])
     if args.what == "latency":
         from . import bench_latency
 
@@ -114,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     z.set_defaults(func=cmd_zoo)
     b = sub.add_parser("bench", help="benchmarks: 'analyze' (trace+analyze against Torch-Pruning), "
                        "'digits' (pruning while training against dense and magnitude pruning), "
-                       "'latency' (dense vs compact latency against the FLOPs ratio)")
-    b.add_argument("what", choices=["analyze", "digits", "latency"])
+                       "'latency' (dense vs compact latency against the FLOPs ratio), "
+                       "'tradeoff' (what gamma, beta and alpha do, and unit/layer/combined gates)")
+    b.add_argument("what", choices=["analyze", "digits", "latency", "tradeoff"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
     return p

@@ -21,7 +21,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import networkx as nx
-import numpy as np
 from torch import fx
 
 from .files import writable
