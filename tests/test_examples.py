@@ -1,0 +1,25 @@
+"""The example scripts run as a user would run them (short settings), from a scratch folder."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+RUNS = {
+    "prune_while_training.py": ["--epochs", "2"],
+    "layer_pruning_vgg.py": ["--epochs", "1"],
+    "inspect_model.py": [],
+}
+
+
+@pytest.mark.parametrize("script", list(RUNS))
+def test_example_runs(tmp_path, script):
+    done = subprocess.run([sys.executable, str(EXAMPLES / script), *RUNS[script]], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip()
+    if script == "inspect_model.py":
+        assert (tmp_path / "out" / "resnet50_gates.png").is_file()
