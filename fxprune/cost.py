@@ -32,7 +32,7 @@ from torch import Tensor, fx, nn
 from .passes.channel_graph import ChannelGraph
 from .passes.op_helpers import shape as _shape
 
-__all__ = ["ComplexityCost", "weight_flop_factors", "forward_flops"]
+__all__ = ["ComplexityCost", "weight_flop_factors", "forward_flops", "count_flops"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -68,20 +68,26 @@ def weight_flop_factors(gm: fx.GraphModule) -> dict[str, float]:
 
 
 @torch.no_grad()
-def forward_flops(gm: fx.GraphModule, example: tuple) -> int:
-    """Forward FLOPs of ``gm`` on ``example`` in eval mode, as ``FlopCounterMode`` counts them."""
+def count_flops(model: nn.Module, example: tuple):
+    """Run ``model`` on ``example`` (moved to its device) once in eval mode under
+    ``FlopCounterMode`` and return the counter (totals and per-module counts)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     example = tuple(t.to(device) if isinstance(t, Tensor) else t for t in example)
-    was_training = gm.training
-    gm.eval()
+    was_training = model.training
+    model.eval()
     try:
         with FlopCounterMode(display=False) as counter:
-            gm(*example)
+            model(*example)
     finally:
-        gm.train(was_training)
-    return counter.get_total_flops()
+        model.train(was_training)
+    return counter
+
+
+def forward_flops(gm: nn.Module, example: tuple) -> int:
+    """Forward FLOPs of ``gm`` on ``example`` in eval mode, as ``FlopCounterMode`` counts them."""
+    return count_flops(gm, example).get_total_flops()
 
 
 @dataclass

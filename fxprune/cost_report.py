@@ -12,30 +12,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 from tabulate import tabulate
 from torch import Tensor, nn
 
+from .cost import count_flops
 from .files import writable
 
 __all__ = ["layer_costs", "cost_table", "plot_costs"]
 
 
-@torch.no_grad()
 def layer_costs(model: nn.Module, example: tuple) -> dict[str, tuple[int, int]]:
     """``{module name: (forward FLOPs per example, own parameters)}`` for every module with
     parameters or FLOPs of its own, in module order (fxprune's gate modules excluded)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    example = tuple(t[:1].to(device) if isinstance(t, Tensor) else t for t in example)
-    was = model.training
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as counter:
-            model(*example)
-    finally:
-        model.train(was)
+    counter = count_flops(model, tuple(t[:1] if isinstance(t, Tensor) else t for t in example))
     per_module = {k.partition(".")[2]: sum(v.values()) for k, v in counter.get_flop_counts().items() if "." in k}
     out = {}
     for name, m in model.named_modules():
