@@ -30,7 +30,8 @@ def prepare(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, co
         example_inputs = (example_inputs,)
     gm = trace(model, example_inputs)
     cg = analyze(gm)
-    gated = InsertGates(cg, units=config.units, layers=config.layers, theta_init=config.theta_init)(gm).graph_module
+    gated = InsertGates(cg, units=config.units, layers=config.layers, theta_init=config.theta_init,
+                        estimator=config.estimator)(gm).graph_module
     gated.meta[CONFIG] = config
     gated.meta[EXAMPLE] = tuple(t[:1].detach().clone() if isinstance(t, torch.Tensor) else t for t in example_inputs)
     return gated

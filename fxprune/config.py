@@ -27,6 +27,14 @@ class PruneConfig:
         spike_ratio: ``lam0 / lam1``, the spike precision that pulls switched-off weights to 0.
         theta_lr: learning rate of the projected SGD on theta.
         theta_init: initial keep probability of every gate (1 = start from the full network).
+        estimator: the theta gradient: ``"straight_through"`` (the mask's derivative at the
+            sampled gate) or ``"balanced"`` (the derivatives with the gate on and off weighted
+            equally, so its mean is the same at every theta and theta does not settle between
+            0 and 1; method.md section 4).
+        warmup: steps over which the cost strength ramps linearly from 0 to ``gamma``. At
+            the start the weights are random and no unit is worth its cost yet; a full
+            ``gamma`` from step 0 can switch off whole layers before the network learns
+            what it needs.
         check_every: steps between pruning checks.
         theta_tol: theta at or below this counts as switched off.
         w_tol: a structure's weight RMS must be at most ``w_tol`` times the RMS of the kept
@@ -49,6 +57,8 @@ class PruneConfig:
     spike_ratio: float = 100.0
     theta_lr: float = 0.05
     theta_init: float = 1.0
+    estimator: Literal["straight_through", "balanced"] = "straight_through"
+    warmup: int = 0
     check_every: int = 50
     theta_tol: float = 0.01
     w_tol: float = 0.1
@@ -65,6 +75,10 @@ class PruneConfig:
         for name in ("gamma", "alpha", "lam1", "spike_ratio", "theta_lr", "w_tol"):
             if getattr(self, name) < 0:
                 raise ValueError(f"PruneConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.estimator not in ("straight_through", "balanced"):
+            raise ValueError(f"PruneConfig.estimator must be 'straight_through' or 'balanced', got {self.estimator!r}")
+        if self.warmup < 0:
+            raise ValueError(f"PruneConfig.warmup must be >= 0 steps, got {self.warmup}")
         if self.check_every < 1 or self.patience < 1:
             raise ValueError("PruneConfig.check_every and patience must be >= 1")
 

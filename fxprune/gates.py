@@ -4,6 +4,11 @@ A gate holds ``theta`` (one probability per structure). In training mode it samp
 ``xi ~ Bern(theta)`` per example and structure and returns the straight-through mask
 ``xi + theta - theta.detach()``; in eval mode it returns ``1[theta >= 0.5]``. While
 ``theta`` is exactly 0 or 1 (fixed masks), both modes give the same mask.
+
+The ``"balanced"`` estimator (method.md section 4) keeps the forward and weights each
+example's backward by ``xi / (2 theta) + (1 - xi) / (2 (1 - theta))``: the derivative with
+the structure on and with it off count equally, a trapezoid estimate of
+``loss(on) - loss(off)`` whose mean does not depend on the gate's own theta.
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BernoulliGate", "ChannelGateRead", "apply_layer_gate"]
+__all__ = ["BernoulliGate", "ChannelGateRead", "apply_layer_gate", "ESTIMATORS"]
+
+#: the theta gradient estimators a gate can use
+ESTIMATORS = ("straight_through", "balanced")
 
 
 class BernoulliGate(nn.Module):
@@ -23,8 +31,12 @@ class BernoulliGate(nn.Module):
     never by the user's optimizer, and it is saved in the state dict.
     """
 
-    def __init__(self, n: int, theta_init: float = 1.0, segments: list[np.ndarray] | None = None) -> None:
+    def __init__(self, n: int, theta_init: float = 1.0, segments: list[np.ndarray] | None = None,
+                 estimator: str = "straight_through") -> None:
         super().__init__()
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        self.estimator = estimator
         self.register_buffer("theta", torch.full((n,), float(theta_init)))
         self.set_segments([np.arange(n)] if segments is None else segments)
 
@@ -55,8 +67,12 @@ class BernoulliGate(nn.Module):
         theta = self.theta.to(ref.dtype)
         if not self.training:
             return self.deterministic().to(ref.dtype)
-        xi = torch.bernoulli(theta.detach().expand(ref.shape[0], -1))
-        return xi + theta - theta.detach()
+        t = theta.detach().expand(ref.shape[0], -1)
+        xi = torch.bernoulli(t)
+        if self.estimator == "straight_through":
+            return xi + theta - theta.detach()
+        weight = xi / (2 * t.clamp_min(1e-3)) + (1 - xi) / (2 * (1 - t).clamp_min(1e-3))
+        return xi + (theta - theta.detach()) * weight
 
     def slice_(self, keep: np.ndarray, segments: list[np.ndarray]) -> None:
         """Keep only the structures ``keep`` (bool), in place (live removal); ``segments``
@@ -76,7 +92,7 @@ class BernoulliGate(nn.Module):
             self.theta.copy_(torch.as_tensor(np.asarray(keep, dtype=np.float32)))
 
     def extra_repr(self) -> str:
-        return f"n={self.theta.numel()}"
+        return f"n={self.theta.numel()}, estimator={self.estimator}"
 
 
 class ChannelGateRead(nn.Module):

@@ -147,8 +147,10 @@ class Objective:
         flops, params = self.expected(alpha)
         return beta * flops / max(self.ref_flops, 1) + (1 - beta) * params / max(self.ref_params, 1)
 
-    def penalty(self) -> Tensor:
+    def penalty(self, gamma: float | None = None) -> Tensor:
+        """The regulariser; ``gamma`` overrides the config's (the pruner's warm-up ramp)."""
         c = self.config
+        gamma = c.gamma if gamma is None else gamma
         device = self.weights[0].device if self.weights else torch.device("cpu")
         slab = 0.5 * c.lam1 * sum((p.pow(2).sum() for p in self.weights), torch.zeros((), device=device))
         spike = torch.zeros((), device=device)
@@ -156,4 +158,4 @@ class Objective:
             spike = spike + ((1 - u.gate.theta) * self.unit_sq(u)).sum()
         for l in self.layers:
             spike = spike + (1 - l.gate.theta.sum()) * sum(p.pow(2).sum() for p in l.params)
-        return slab + 0.5 * (c.lam0 - c.lam1) * spike + c.gamma * self.cost(c.alpha)
+        return slab + 0.5 * (c.lam0 - c.lam1) * spike + gamma * self.cost(c.alpha)

@@ -77,7 +77,12 @@ class Pruner:
     # ----------------------------------------------------------------- training loop
     def penalty(self) -> Tensor:
         """GSM prior plus ``gamma * C(theta)``; add it to the task loss."""
-        return self.objective.penalty()
+        return self.objective.penalty(self.gamma())
+
+    def gamma(self) -> float:
+        """The cost strength at this step: ``gamma``, ramped linearly over ``warmup`` steps."""
+        c = self.config
+        return c.gamma * min(1.0, self.steps / c.warmup) if c.warmup else c.gamma
 
     def gates(self) -> dict[str, torch.nn.Module]:
         units, layers = gate_modules(self.gated, UNITS), gate_modules(self.gated, LAYERS)

@@ -36,9 +36,10 @@ def gate_modules(gm: fx.GraphModule, kind: str) -> dict[str, nn.Module]:
 class InsertGates(PassBase):
     """Insert unit gates (``units=True``) and layer gates (``layers=True``) into ``gm``, in place."""
 
-    def __init__(self, cg: ChannelGraph, units: bool = True, layers: bool = True, theta_init: float = 1.0) -> None:
+    def __init__(self, cg: ChannelGraph, units: bool = True, layers: bool = True, theta_init: float = 1.0,
+                 estimator: str = "straight_through") -> None:
         super().__init__()
-        self.cg, self.units, self.layers, self.theta_init = cg, units, layers, theta_init
+        self.cg, self.units, self.layers, self.theta_init, self.estimator = cg, units, layers, theta_init, estimator
 
     def requires(self, graph_module: fx.GraphModule) -> None:
         if any(n.op == "call_module" and str(n.target).startswith((UNITS, LAYERS)) for n in graph_module.graph.nodes):
@@ -53,8 +54,9 @@ class InsertGates(PassBase):
             raise ValueError("gates need a tensor input to take the batch size from")
         groups = cg.prunable_groups if self.units else []
         branches = cg.branches if self.layers else []
-        gm.add_submodule(UNITS, nn.ModuleDict({f"g{g.id}": BernoulliGate(g.num_units, self.theta_init, g.segments()) for g in groups}))
-        gm.add_submodule(LAYERS, nn.ModuleDict({f"b{b.id}": BernoulliGate(1, self.theta_init, segments=[]) for b in branches}))
+        gm.add_submodule(UNITS, nn.ModuleDict({f"g{g.id}": BernoulliGate(g.num_units, self.theta_init, g.segments(), self.estimator)
+                                                 for g in groups}))
+        gm.add_submodule(LAYERS, nn.ModuleDict({f"b{b.id}": BernoulliGate(1, self.theta_init, [], self.estimator) for b in branches}))
         gm.add_submodule(READS, nn.ModuleDict())
 
         masks: dict[str, fx.Node] = {}

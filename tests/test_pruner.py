@@ -1,5 +1,7 @@
 """The learning method's machinery: theta updates, estimator, live removal, optimizer surgery."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -179,6 +181,39 @@ def test_estimator_matches_exact_difference():
     torch.testing.assert_close(ste, exact, rtol=1e-4, atol=1e-6)
 
 
+def test_balanced_estimator_matches_exact_difference_of_a_quadratic_loss():
+    """With a squared loss the per-example loss is quadratic in each mask, where the
+    trapezoid rule is exact: the balanced estimator's mean over the gates' sampling is
+    E[loss | xi_g = 1] - E[loss | xi_g = 0], at any theta. The straight-through one's is not."""
+    torch.manual_seed(6)
+    x0, y0 = torch.randn(8, 3), torch.randn(8, 1)
+    x, y = x0.repeat(4000, 1), y0.repeat(4000, 1)
+    theta = torch.tensor([0.3, 0.5, 0.8, 0.6, 0.4])
+    grads = {}
+    for estimator in ("balanced", "straight_through"):
+        torch.manual_seed(7)
+        gated = fxprune.prepare(LinearReadout(), (x0,), fxprune.PruneConfig(structures="units", estimator=estimator))
+        gate = next(iter(gated.get_submodule(UNITS).values()))
+        with torch.no_grad():
+            gate.theta.copy_(theta)
+        gate.theta.requires_grad_(True)
+        gated.train()
+        F.mse_loss(gated(x), y).backward()
+        grads[estimator] = gate.theta.grad.clone()
+    exact = torch.zeros(5)
+    with torch.no_grad():  # theta at 0/1 fixes the masks (eval mode would keep one unit when all are off)
+        for mask in itertools.product([0, 1], repeat=5):
+            m = torch.tensor(mask, dtype=torch.float32)
+            gate.theta.copy_(m)
+            loss = F.mse_loss(gated(x0), y0)
+            prob = torch.where(m > 0, theta, 1 - theta)
+            for g in range(5):  # d/dtheta_g of E[loss] = sum over masks of loss * d prob / d theta_g
+                exact[g] += loss * prob.prod() / prob[g] * (1 if mask[g] else -1)
+    torch.testing.assert_close(grads["balanced"], exact, rtol=0.05, atol=2e-3)
+    st_error = (grads["straight_through"] - exact).abs()
+    assert (st_error > 0.5 * exact.abs()).any()  # its mean depends on theta itself
+
+
 def test_estimator_sign_on_a_nonlinear_loss():
     torch.manual_seed(5)
     x, y = torch.randn(128, 6), torch.randint(0, 3, (128,))
@@ -231,3 +266,27 @@ def test_switched_off_units_with_large_weights_get_their_moments_reset():
             assert v[[2, 5]].abs().sum() == 0
             torch.testing.assert_close(v[[0, 1, 3]], before[k][[0, 1, 3]])
     assert w.shape[0] == 12
+
+
+def test_warmup_ramps_the_cost_strength_from_zero():
+    x = torch.randn(16, 6)
+    config = fxprune.PruneConfig(structures="units", gamma=8.0, warmup=10)
+    gated = fxprune.prepare(MLP(), (x,), config)
+    pruner = fxprune.Pruner(gated, torch.optim.SGD(gated.parameters(), lr=0.01))
+    without_cost = pruner.objective.penalty(gamma=0.0)
+    torch.testing.assert_close(pruner.penalty(), without_cost)
+    seen = []
+    for _ in range(12):
+        seen.append(pruner.gamma())
+        pruner.step()
+    assert seen[:3] == [0.0, 0.8, 1.6] and seen[5] == pytest.approx(4.0) and seen[10:] == [8.0, 8.0]
+    assert pruner.penalty() > without_cost
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(estimator="reinforce"), "estimator must be"),
+    (dict(warmup=-1), "warmup must be >= 0"),
+])
+def test_config_rejects_bad_estimator_and_warmup(bad, match):
+    with pytest.raises(ValueError, match=match):
+        fxprune.PruneConfig(**bad)
