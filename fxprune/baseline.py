@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .cost import forward_flops
-from .training import Run, accuracy, make_optimizer, seeded_digits, train_epochs, widths
+from .training import Run, accuracy, make_optimizer, make_schedule, seeded_digits, train_epochs, widths
 
 __all__ = ["magnitude_prune", "magnitude_baseline"]
 
@@ -61,17 +61,24 @@ def magnitude_prune(model: nn.Module, example: torch.Tensor, target_flops: float
 
 
 def magnitude_baseline(model: nn.Module, epochs: int, target_flops: float, *, prune_at: float = 0.5, seed: int = 0,
-                       lr: float = 1e-3, optimizer: str = "adam", image: bool = True, lam1: float = 5e-4) -> Run:
+                       lr: float = 1e-3, optimizer: str = "adam", schedule: str = "constant", image: bool = True,
+                       lam1: float = 5e-4) -> Run:
     """Dense training for ``prune_at * epochs``, magnitude pruning to ``target_flops``, then
-    fine-tuning for the rest of the epochs (the same total as the pruning run)."""
+    fine-tuning for the rest of the epochs (the same total as the pruning run). Each phase
+    has its own optimizer and ``schedule`` over its own steps."""
     train, test, batch, dense_params, dense_flops = seeded_digits(model, seed, image=image)
     example = batch[:1]
     t0 = time.perf_counter()
     first = round(prune_at * epochs)
-    train_epochs(model, train, first, make_optimizer(model.parameters(), optimizer, lr), lam1)
+
+    def phase(net: nn.Module, n: int) -> None:
+        opt = make_optimizer(net.parameters(), optimizer, lr)
+        train_epochs(net, train, n, opt, lam1, schedule=make_schedule(opt, schedule, n * len(train)))
+
+    phase(model, first)
     small = magnitude_prune(model, example, target_flops)
     small_flops = forward_flops(small, (example,))
-    train_epochs(small, train, epochs - first, make_optimizer(small.parameters(), optimizer, lr), lam1)
+    phase(small, epochs - first)
     ratio = (first * dense_flops + (epochs - first) * small_flops) / (epochs * dense_flops)
     return Run(small.eval(), accuracy(small, test), sum(p.numel() for p in small.parameters()), small_flops,
                dense_params, dense_flops, widths(small), ratio, seconds=time.perf_counter() - t0)

@@ -22,6 +22,7 @@ from torch import nn
 from . import models
 from .config import PruneConfig
 from .cost import forward_flops
+from .data import steps_per_epoch
 from .passes import residualize
 from .training import Run, fit
 
@@ -36,6 +37,7 @@ class Experiment:
     epochs: int
     optimizer: str = "adam"
     lr: float = 1e-3
+    schedule: str = "cosine"
     baseline: bool = True
 
 
@@ -43,12 +45,20 @@ def _residual_vgg() -> nn.Module:
     return residualize(models.vgg(), (torch.zeros(2, 1, 8, 8),))
 
 
-#: gamma and the theta learning rate per model, everything else PruneConfig's defaults
+#: the per-model choices (gamma, theta learning rate, cost warm-up, optimizer); everything
+#: else is PruneConfig's defaults. All use the balanced estimator and a cosine learning rate.
+#: The LeNets' targets are parameters (beta=0 for LeNet-5, whose convolutions hold most
+#: FLOPs but few parameters); the CNNs use SGD with momentum, their usual recipe.
 EXPERIMENTS = [
-    Experiment("LeNet-300-100", models.lenet_300_100, PruneConfig("units", gamma=4.0, theta_lr=0.5), 100),
-    Experiment("LeNet-5", models.lenet5, PruneConfig("units", gamma=1.0, theta_lr=0.5), 60),
-    Experiment("VGG + residualize", _residual_vgg, PruneConfig("both", gamma=30.0, theta_lr=0.5), 20),
-    Experiment("ResNet 3x3 blocks", models.resnet, PruneConfig("both", gamma=30.0, theta_lr=0.5), 20),
+    Experiment("LeNet-300-100", models.lenet_300_100,
+               PruneConfig("units", gamma=16.0, theta_lr=2.0, warmup=30 * steps_per_epoch(), estimator="balanced"), 100),
+    Experiment("LeNet-5", models.lenet5,
+               PruneConfig("units", gamma=8.0, beta=0.0, theta_lr=1.0, warmup=20 * steps_per_epoch(),
+                           estimator="balanced"), 60, optimizer="sgd", lr=0.05),
+    Experiment("VGG + residualize", _residual_vgg,
+               PruneConfig("both", gamma=30.0, theta_lr=0.5, estimator="balanced"), 20, optimizer="sgd", lr=0.05),
+    Experiment("ResNet 3x3 blocks", models.resnet,
+               PruneConfig("both", gamma=30.0, theta_lr=0.5, estimator="balanced"), 20, optimizer="sgd", lr=0.05),
 ]
 
 
@@ -75,7 +85,7 @@ HEADERS = ["model", "method", "seed", "test acc %", "params", "params removed %"
 def compare(exp: Experiment, seed: int, epochs: int, baseline: bool) -> list[list]:
     """Dense, pruned while training and (with Torch-Pruning) magnitude-pruned, one seed."""
     rows = []
-    opt = {"optimizer": exp.optimizer, "lr": exp.lr}
+    opt = {"optimizer": exp.optimizer, "lr": exp.lr, "schedule": exp.schedule}
     dense = fit(_seeded(exp.build, seed), epochs, seed=seed, **opt)
     rows.append(_row(exp.name, "dense", seed, dense))
     pruned = fit(_seeded(exp.build, seed), epochs, exp.config, seed=seed, **opt)
@@ -88,13 +98,13 @@ def compare(exp: Experiment, seed: int, epochs: int, baseline: bool) -> list[lis
     return rows
 
 
-def robustness(widths: tuple[float, ...], seeds: int, epochs: int, config: PruneConfig) -> tuple[list[list], dict]:
+def robustness(widths: tuple[float, ...], seeds: int, epochs: int, config: PruneConfig, **opt) -> tuple[list[list], dict]:
     """LeNet-300-100 at each width multiplier and seed. The cost is normalised by the x1
     model for every width, so a unit is priced the same in all of them."""
     x1 = models.lenet_300_100(1)
     example = (torch.zeros(1, 1, 8, 8),)
     config = replace(config, cost_reference=(forward_flops(x1, example), sum(p.numel() for p in x1.parameters())))
-    runs = {w: [fit(_seeded(lambda: models.lenet_300_100(w), s), epochs, config, seed=s) for s in range(seeds)]
+    runs = {w: [fit(_seeded(lambda: models.lenet_300_100(w), s), epochs, config, seed=s, **opt) for s in range(seeds)]
             for w in widths}
     rows, summary = [], {}
     base = [statistics.mean(r.widths[i] for r in runs[widths[0]]) for i in range(2)]
@@ -136,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += compare(exp, args.seed, max(2, round(exp.epochs * scale)), baseline)
             print(tabulate(rows[-3:], headers=HEADERS), flush=True)
     if rows:
-        optims = ", ".join(sorted({f"{e.optimizer} lr {e.lr:g}" for e in EXPERIMENTS if wanted is None or e.name in wanted}))
+        optims = ", ".join(sorted({f"{e.optimizer} lr {e.lr:g} {e.schedule}" for e in EXPERIMENTS
+                                   if wanted is None or e.name in wanted}))
         print(f"\nDigits (sklearn, 1437 train / 360 test, split seed 0), {optims}, batch 64, seed {args.seed}; "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads")
         print(tabulate(rows, headers=HEADERS, tablefmt="github"))
@@ -145,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     if wanted is None or "robustness" in wanted:
         exp = EXPERIMENTS[0]
         epochs = max(2, round(exp.epochs * scale))
-        rrows, _ = robustness((1, 2, 4), seeds, epochs, exp.config)
+        rrows, _ = robustness((1, 2, 4), seeds, epochs, exp.config, optimizer=exp.optimizer, lr=exp.lr,
+                              schedule=exp.schedule)
         print(f"\nRobustness: LeNet-300-100 at widths x1, x2, x4, seeds 0-{seeds - 1}, {epochs} epochs, "
               f"gamma={exp.config.gamma:g}, cost normalised by the x1 model")
         print(tabulate(rrows, headers=ROBUST_HEADERS, tablefmt="github"))

@@ -9,7 +9,10 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["digits", "digits_loaders"]
+__all__ = ["digits", "digits_loaders", "TRAIN_SIZE", "steps_per_epoch"]
+
+#: training images of the fixed split
+TRAIN_SIZE = 1437
 
 
 def digits(seed: int = 0, image: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -25,6 +28,11 @@ def digits(seed: int = 0, image: bool = True) -> tuple[torch.Tensor, torch.Tenso
     if image:
         x_tr, x_te = x_tr.view(-1, 1, 8, 8), x_te.view(-1, 1, 8, 8)
     return x_tr, torch.tensor(y_tr), x_te, torch.tensor(y_te)
+
+
+def steps_per_epoch(batch_size: int = 64) -> int:
+    """Optimizer steps in one pass over the digits training set."""
+    return -(-TRAIN_SIZE // batch_size)
 
 
 def digits_loaders(batch_size: int = 64, seed: int = 0, image: bool = True) -> tuple[DataLoader, DataLoader]:

@@ -25,7 +25,8 @@ from .passes.insert_gates import CHANNEL_GRAPH, LAYERS, UNITS, gate_modules
 from .passes import ChannelGraph
 from .pruner import Pruner
 
-__all__ = ["Run", "fit", "seeded_digits", "make_optimizer", "train_epochs", "accuracy", "widths", "theta_undecided"]
+__all__ = ["Run", "fit", "seeded_digits", "make_optimizer", "make_schedule", "train_epochs", "accuracy", "widths", "theta_undecided",
+           "gate_count"]
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Run:
     dense_flops: int
     widths: list[int]
     train_flops_ratio: float = 1.0  # cumulative training FLOPs over dense training's
-    undecided: float = 0.0  # fraction of gates with theta in (0.01, 0.99) at the end
+    undecided: float = 0.0  # fraction of the prepared model's gates with theta in (0.01, 0.99) at the end
     layers_removed: int = 0
     layers_total: int = 0
     seconds: float = 0.0
@@ -70,13 +71,21 @@ def widths(model: nn.Module) -> list[int]:
             for m in mods if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
 
 
-def theta_undecided(gated: fx.GraphModule, low: float = 0.01, high: float = 0.99) -> float:
-    """Fraction of the remaining gates whose theta lies strictly in (low, high)."""
+def gate_count(gated: fx.GraphModule) -> int:
+    """Number of unit and layer gates ``gated`` has now."""
+    return sum(g.theta.numel() for kind in (UNITS, LAYERS) for g in gate_modules(gated, kind).values())
+
+
+def theta_undecided(gated: fx.GraphModule, low: float = 0.01, high: float = 0.99, total: int | None = None) -> float:
+    """Fraction of gates whose theta lies strictly in (low, high). ``total`` is the number
+    of gates the model was prepared with (default: the remaining ones); a gate removed
+    during training counts as decided, at 0, since its structure is gone."""
     thetas = [g.theta.detach().flatten() for kind in (UNITS, LAYERS) for g in gate_modules(gated, kind).values()]
-    if not thetas:
+    total = total or sum(t.numel() for t in thetas)
+    if not total:
         return 0.0
-    t = torch.cat(thetas)
-    return ((t > low) & (t < high)).float().mean().item()
+    t = torch.cat(thetas) if thetas else torch.zeros(0)
+    return ((t > low) & (t < high)).sum().item() / total
 
 
 def _l2(params, lam1: float) -> Tensor:
@@ -84,9 +93,11 @@ def _l2(params, lam1: float) -> Tensor:
 
 
 def train_epochs(model: nn.Module, loader, epochs: int, optimizer: torch.optim.Optimizer, lam1: float,
-                 after_step: Callable[[], object] | None = None, loss_extra: Callable[[], Tensor] | None = None) -> float:
+                 after_step: Callable[[], object] | None = None, loss_extra: Callable[[], Tensor] | None = None,
+                 schedule: torch.optim.lr_scheduler.LRScheduler | None = None) -> float:
     """``epochs`` passes of cross-entropy (+ ``loss_extra()``, default the L2 term) over
-    ``loader``; returns the mean loss of the last pass."""
+    ``loader``, stepping ``schedule`` after every optimizer step; returns the mean loss of
+    the last pass."""
     model.train()
     extra = loss_extra or (lambda: _l2([p for p in model.parameters() if p.requires_grad], lam1))
     total = count = 0
@@ -97,6 +108,8 @@ def train_epochs(model: nn.Module, loader, epochs: int, optimizer: torch.optim.O
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
             if after_step is not None:
                 after_step()
             total, count = total + loss.item(), count + 1
@@ -112,6 +125,16 @@ def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
     raise ValueError(f"optimizer must be 'adam' or 'sgd', got {name!r}")
 
 
+def make_schedule(optimizer: torch.optim.Optimizer, name: str, steps: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """``"constant"`` (None) or ``"cosine"``: the learning rate falls from its start to 0
+    over ``steps`` optimizer steps (``CosineAnnealingLR``)."""
+    if name == "constant":
+        return None
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+    raise ValueError(f"schedule must be 'constant' or 'cosine', got {name!r}")
+
+
 def seeded_digits(model: nn.Module, seed: int, batch_size: int = 64, image: bool = True):
     """Seed torch and numpy, and return the digits loaders, one training batch, and the
     dense parameter count and forward FLOPs per example of ``model``: the start of every run."""
@@ -123,18 +146,20 @@ def seeded_digits(model: nn.Module, seed: int, batch_size: int = 64, image: bool
 
 
 def fit(model: nn.Module, epochs: int, config: PruneConfig | None = None, *, seed: int = 0, lr: float = 1e-3,
-        optimizer: str = "adam", image: bool = True, batch_size: int = 64, lam1: float = 5e-4,
-        on_epoch: Callable[[dict], None] | None = None) -> Run:
+        optimizer: str = "adam", schedule: str = "constant", image: bool = True, batch_size: int = 64,
+        lam1: float = 5e-4, on_epoch: Callable[[dict], None] | None = None) -> Run:
     """Train ``model`` on digits for ``epochs``: dense when ``config`` is None, else pruning
-    while training with ``config`` (its ``lam1`` replaces ``lam1``). ``on_epoch`` gets, after
+    while training with ``config`` (its ``lam1`` replaces ``lam1``). ``schedule`` is the weights'
+    learning-rate schedule over the whole run (``"constant"`` or ``"cosine"``). ``on_epoch`` gets, after
     every epoch, the epoch's mean loss, the test accuracy and (pruned runs) the live model's
     parameter and FLOPs fractions."""
     train, test, batch, dense_params, dense_flops = seeded_digits(model, seed, batch_size, image)
     t0 = time.perf_counter()
     if config is None:
         opt = make_optimizer(model.parameters(), optimizer, lr)
+        sched = make_schedule(opt, schedule, epochs * len(train))
         for epoch in range(epochs):
-            loss = train_epochs(model, train, 1, opt, lam1)
+            loss = train_epochs(model, train, 1, opt, lam1, schedule=sched)
             if on_epoch is not None:
                 on_epoch({"epoch": epoch + 1, "loss": loss, "accuracy": accuracy(model, test), "params": 1.0, "flops": 1.0})
         return Run(model.eval(), accuracy(model, test), dense_params, dense_flops, dense_params, dense_flops,
@@ -144,14 +169,16 @@ def fit(model: nn.Module, epochs: int, config: PruneConfig | None = None, *, see
     dense_graph = gated.meta[CHANNEL_GRAPH]
     opt = make_optimizer(gated.parameters(), optimizer, lr)
     pruner = Pruner(gated, opt)
-    layers_total = len(gate_modules(gated, LAYERS))
+    sched = make_schedule(opt, schedule, epochs * len(train))
+    layers_total, gates_total = len(gate_modules(gated, LAYERS)), gate_count(gated)
     for epoch in range(epochs):
-        loss = train_epochs(gated, train, 1, opt, config.lam1, after_step=pruner.step, loss_extra=pruner.penalty)
+        loss = train_epochs(gated, train, 1, opt, config.lam1, after_step=pruner.step, loss_extra=pruner.penalty,
+                            schedule=sched)
         if on_epoch is not None:
             on_epoch({"epoch": epoch + 1, "loss": loss, "accuracy": accuracy(gated, test),
                       "params": sum(p.numel() for p in gated.parameters()) / dense_params,
                       "flops": pruner.flops_per_step[-1] / dense_flops})
-    undecided = theta_undecided(gated)
+    undecided = theta_undecided(gated, total=gates_total)
     compact = convert(gated.eval()).eval()
     layers_left = sum(bool(g.keep()[0]) for g in gate_modules(gated, LAYERS).values())
     return Run(
