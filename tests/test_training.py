@@ -5,10 +5,11 @@ import importlib.util
 import pytest
 import torch
 
-from fxprune import PruneConfig, models
+from fxprune import PruneConfig, models, prepare
 from fxprune.bench_digits import robustness
 from fxprune.cost import forward_flops
-from fxprune.training import fit
+from fxprune.passes.insert_gates import UNITS, gate_modules
+from fxprune.training import fit, gate_count, make_optimizer, make_schedule, theta_undecided
 
 
 def test_fit_prunes_while_training_and_reports_the_compact_model():
@@ -39,3 +40,27 @@ def test_robustness_table_has_a_row_per_width():
     rows, summary = robustness((1, 2), 2, 2, PruneConfig("units", gamma=4.0))
     assert [r[0] for r in rows] == ["x1", "x2"] and set(summary) == {1, 2}
     assert all(len(v["acc"]) == 2 and len(v["cv"]) == 2 for v in summary.values())
+
+
+def test_cosine_schedule_anneals_the_learning_rate_to_zero_and_bad_names_are_errors():
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(2))], "sgd", 0.1)
+    schedule = make_schedule(opt, "cosine", 10)
+    lrs = []
+    for _ in range(10):
+        opt.step()
+        schedule.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == sorted(lrs, reverse=True) and lrs[4] == pytest.approx(0.05) and lrs[-1] == pytest.approx(0.0)
+    assert make_schedule(opt, "constant", 10) is None
+    with pytest.raises(ValueError, match="schedule must be 'constant' or 'cosine'"):
+        make_schedule(opt, "linear", 10)
+
+
+def test_undecided_fraction_counts_removed_gates_as_decided():
+    gated = prepare(models.lenet_300_100(), (torch.zeros(2, 1, 8, 8),), PruneConfig("units"))
+    gates = list(gate_modules(gated, UNITS).values())
+    with torch.no_grad():
+        gates[0].theta[:4] = 0.5  # 4 of the 400 gates undecided
+    assert theta_undecided(gated) == pytest.approx(4 / 400)
+    assert theta_undecided(gated, total=800) == pytest.approx(4 / 800)
+    assert gate_count(gated) == 400
