@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fxprune import PruneConfig, models, prepare
-from fxprune.bench_digits import robustness
+from fxprune.bench_digits import EXPERIMENTS, compare, robustness
 from fxprune.cost import forward_flops
 from fxprune.passes.insert_gates import UNITS, gate_modules
 from fxprune.training import fit, gate_count, make_optimizer, make_schedule, theta_undecided
@@ -64,3 +64,15 @@ def test_undecided_fraction_counts_removed_gates_as_decided():
     assert theta_undecided(gated) == pytest.approx(4 / 400)
     assert theta_undecided(gated, total=800) == pytest.approx(4 / 800)
     assert gate_count(gated) == 400
+
+
+@pytest.mark.parametrize("index", range(len(EXPERIMENTS)), ids=[e.name for e in EXPERIMENTS])
+def test_bench_experiments_run_with_their_recipe(index):
+    """Each benchmark entry (optimizer, schedule, estimator, warm-up) runs end to end for two
+    epochs and reports the dense and pruned rows of its model."""
+    exp = EXPERIMENTS[index]
+    rows = compare(exp, 0, 2, baseline=False)
+    label = f"fxprune ({exp.config.structures}, gamma={exp.config.gamma:g})"
+    assert [r[:2] for r in rows] == [[exp.name, "dense"], [exp.name, label]]
+    dense_params, pruned_params = (int(r[4].replace(",", "")) for r in rows)
+    assert 0 < pruned_params <= dense_params
