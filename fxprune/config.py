@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from .gates import ESTIMATORS
+
 __all__ = ["PruneConfig"]
 
 
@@ -75,8 +77,8 @@ class PruneConfig:
         for name in ("gamma", "alpha", "lam1", "spike_ratio", "theta_lr", "w_tol"):
             if getattr(self, name) < 0:
                 raise ValueError(f"PruneConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.estimator not in ("straight_through", "balanced"):
-            raise ValueError(f"PruneConfig.estimator must be 'straight_through' or 'balanced', got {self.estimator!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"PruneConfig.estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if self.warmup < 0:
             raise ValueError(f"PruneConfig.warmup must be >= 0 steps, got {self.warmup}")
         if self.check_every < 1 or self.patience < 1:

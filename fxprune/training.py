@@ -71,20 +71,25 @@ def widths(model: nn.Module) -> list[int]:
             for m in mods if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
 
 
+def _thetas(gated: fx.GraphModule) -> Tensor:
+    """The thetas of every unit and layer gate ``gated`` has now, as one flat tensor."""
+    thetas = [g.theta.detach().flatten().cpu() for kind in (UNITS, LAYERS) for g in gate_modules(gated, kind).values()]
+    return torch.cat(thetas) if thetas else torch.zeros(0)
+
+
 def gate_count(gated: fx.GraphModule) -> int:
     """Number of unit and layer gates ``gated`` has now."""
-    return sum(g.theta.numel() for kind in (UNITS, LAYERS) for g in gate_modules(gated, kind).values())
+    return _thetas(gated).numel()
 
 
 def theta_undecided(gated: fx.GraphModule, low: float = 0.01, high: float = 0.99, total: int | None = None) -> float:
     """Fraction of gates whose theta lies strictly in (low, high). ``total`` is the number
     of gates the model was prepared with (default: the remaining ones); a gate removed
     during training counts as decided, at 0, since its structure is gone."""
-    thetas = [g.theta.detach().flatten() for kind in (UNITS, LAYERS) for g in gate_modules(gated, kind).values()]
-    total = total or sum(t.numel() for t in thetas)
+    t = _thetas(gated)
+    total = total or t.numel()
     if not total:
         return 0.0
-    t = torch.cat(thetas) if thetas else torch.zeros(0)
     return ((t > low) & (t < high)).sum().item() / total
 
 
