@@ -10,12 +10,12 @@
 
 from . import testing
 from .api import channel_graph, convert, prepare
-from .config import PruneConfig
+from .config import CostReference, PruneConfig
 from .passes import ChannelGraph, TraceError, analyze, residualize, trace
 from .pruner import Pruner
 
 __all__ = [
-    "trace", "analyze", "residualize", "prepare", "convert", "channel_graph", "PruneConfig", "Pruner", "ChannelGraph", "TraceError",
+    "trace", "analyze", "residualize", "prepare", "convert", "channel_graph", "PruneConfig", "CostReference", "Pruner", "ChannelGraph", "TraceError",
     "testing",
 ]
 __version__ = "0.1.0"

@@ -8,11 +8,22 @@ precision = ordinary weight decay) and ``spike_ratio`` (``lam0 = spike_ratio * l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from .gates import ESTIMATORS
 
-__all__ = ["PruneConfig"]
+__all__ = ["PruneConfig", "CostReference", "COSTS"]
+
+#: the cost measures ``PruneConfig.cost`` accepts
+COSTS = ("complexity", "structures")
+
+
+class CostReference(NamedTuple):
+    """What the cost is normalised by: FLOPs per example, parameters, and gates (structures)."""
+
+    flops: float
+    params: float
+    structures: float
 
 
 @dataclass
@@ -23,7 +34,13 @@ class PruneConfig:
         structures: which structures get gates: ``"units"`` (channel groups),
             ``"layers"`` (residual branches) or ``"both"``.
         gamma: strength of the complexity cost: task loss traded for removing the whole cost.
-        beta: in [0, 1], weight of FLOPs against parameters in the cost.
+        cost: what a structure costs (method.md sections 2 and 3). ``"complexity"``
+            (paper C): ``C = beta E[FLOPs]/FLOPs_ref + (1 - beta) E[Params]/Params_ref``, so
+            a structure's price is the FLOPs and parameters it removes, which depend on
+            the widths around it. ``"structures"`` (paper A's flat hyper-prior): ``C = E[kept
+            structures] / structures_ref``, the same price for every gate, whatever the
+            widths around it; the final widths then no longer depend on the starting width.
+        beta: in [0, 1], weight of FLOPs against parameters in the ``"complexity"`` cost.
         alpha: multiplies the cost gradient of layer gates (>1 favours removing layers).
         lam1: slab precision of the weight prior, i.e. the ordinary weight decay.
         spike_ratio: ``lam0 / lam1``, the spike precision that pulls switched-off weights to 0.
@@ -46,13 +63,15 @@ class PruneConfig:
             but its weights are not yet small, zero its optimizer moments, so that the spike
             prior alone drives them (adaptive optimizers otherwise damp that pull with
             second moments remembered from the structure's active past).
-        cost_reference: ``(FLOPs per example, parameters)`` the cost is normalised by;
-            ``None`` means the dense model's own. Give models of different widths the same
+        cost_reference: a :class:`CostReference` (FLOPs per example, parameters, gates)
+            the cost is normalised by; ``None`` means the dense model's own
+            (``Objective(gated).reference``). Give models of different widths the same
             reference and a unit costs the same in all of them.
     """
 
     structures: Literal["units", "layers", "both"] = "both"
     gamma: float = 1.0
+    cost: Literal["complexity", "structures"] = "complexity"
     beta: float = 0.5
     alpha: float = 1.0
     lam1: float = 5e-4
@@ -66,7 +85,7 @@ class PruneConfig:
     w_tol: float = 0.1
     patience: int = 2
     reset_moments: bool = True
-    cost_reference: tuple[float, float] | None = None
+    cost_reference: CostReference | None = None
 
     def __post_init__(self) -> None:
         if self.structures not in ("units", "layers", "both"):
@@ -79,6 +98,13 @@ class PruneConfig:
                 raise ValueError(f"PruneConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"PruneConfig.estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.cost not in COSTS:
+            raise ValueError(f"PruneConfig.cost must be one of {COSTS}, got {self.cost!r}")
+        if self.cost_reference is not None:
+            if len(self.cost_reference) != 3 or min(self.cost_reference) <= 0:
+                raise ValueError("PruneConfig.cost_reference must be a CostReference(flops, params, structures) of "
+                                 f"positive numbers, got {self.cost_reference!r}")
+            self.cost_reference = CostReference(*self.cost_reference)
         if self.warmup < 0:
             raise ValueError(f"PruneConfig.warmup must be >= 0 steps, got {self.warmup}")
         if self.check_every < 1 or self.patience < 1:

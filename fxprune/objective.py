@@ -9,8 +9,10 @@ For a structure that no other contains this is exactly method.md's
 keeps a weight inside both a unit and a gated branch from getting the slab twice. The
 plain ``lam1`` term covers ungated weights too: use the optimizer with ``weight_decay=0``.
 
-``C(theta)`` is the exact expected FLOPs/parameter fraction of :mod:`fxprune.cost`; in the
-penalty the layer gates' share of its gradient is multiplied by ``alpha``.
+``C(theta)`` is the exact expected FLOPs/parameter fraction of :mod:`fxprune.cost`
+(``PruneConfig.cost="complexity"``) or the expected fraction of kept structures
+(``"structures"``); in the penalty the layer gates' share of its gradient is multiplied
+by ``alpha``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from torch import Tensor, fx
 
 from .api import EXAMPLE, channel_graph, config_of
-from .config import PruneConfig
+from .config import CostReference, PruneConfig
 from .cost import ComplexityCost, forward_flops, weight_flop_factors
 from .gates import BernoulliGate
 from .passes.insert_gates import LAYERS, UNITS, gate_modules
@@ -72,8 +74,9 @@ class Objective:
             weight_flops, _ = self.complexity.expected(*(torch.ones_like(t, dtype=torch.float64) for t in self.thetas()))
         #: FLOPs of ops without weights (attention products, ...): constant
         self.other_flops = max(self.dense_flops - float(weight_flops), 0.0)
-        ref = self.config.cost_reference
-        self.ref_flops, self.ref_params = ref if ref is not None else (self.dense_flops, self.dense_params)
+        #: the dense model's FLOPs per example, parameters and gates
+        self.reference = CostReference(self.dense_flops, self.dense_params, sum(t.numel() for t in self.thetas()))
+        self.ref = self.config.cost_reference or self.reference
 
     def rebuild(self) -> None:
         gated, cg = self.gated, channel_graph(self.gated)
@@ -133,19 +136,27 @@ class Objective:
         layer = torch.cat([l.gate.theta for l in self.layers]) if self.layers else ref.new_zeros(0)
         return unit, layer
 
-    def expected(self, alpha: float = 1.0) -> tuple[Tensor, Tensor]:
-        """Expected FLOPs and parameters per example; ``alpha`` scales the layer gates' gradient."""
+    def _scaled_thetas(self, alpha: float) -> tuple[Tensor, Tensor]:
+        """The thetas, with the layer gates' gradient multiplied by ``alpha`` (values unchanged)."""
         unit, layer = self.thetas()
         if alpha != 1.0:
             layer = layer + (alpha - 1.0) * (layer - layer.detach())
-        flops, params = self.complexity.expected(unit, layer)
+        return unit, layer
+
+    def expected(self, alpha: float = 1.0) -> tuple[Tensor, Tensor]:
+        """Expected FLOPs and parameters per example; ``alpha`` scales the layer gates' gradient."""
+        flops, params = self.complexity.expected(*self._scaled_thetas(alpha))
         return flops + self.other_flops, params
 
     def cost(self, alpha: float = 1.0) -> Tensor:
-        """``C(theta) = beta E[FLOPs]/FLOPs_ref + (1 - beta) E[Params]/Params_ref``."""
+        """``"complexity"``: ``C(theta) = beta E[FLOPs]/FLOPs_ref + (1 - beta) E[Params]/Params_ref``;
+        ``"structures"``: ``C(theta) = sum_g theta_g / structures_ref`` (every gate the same price)."""
+        if self.config.cost == "structures":
+            unit, layer = self._scaled_thetas(alpha)
+            return (unit.sum() + layer.sum()) / max(self.ref.structures, 1)
         beta = self.config.beta
         flops, params = self.expected(alpha)
-        return beta * flops / max(self.ref_flops, 1) + (1 - beta) * params / max(self.ref_params, 1)
+        return beta * flops / max(self.ref.flops, 1) + (1 - beta) * params / max(self.ref.params, 1)
 
     def penalty(self, gamma: float | None = None) -> Tensor:
         """The regulariser; ``gamma`` overrides the config's (the pruner's warm-up ramp)."""

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from netgen import networks
 
 import fxprune
+from fxprune import models
 from fxprune.api import EXAMPLE
 from fxprune.cost import forward_flops
 from fxprune.objective import Objective
@@ -111,3 +112,65 @@ def test_cost_variance_term_for_same_group_in_and_out():
     # without the variance term the product of means would be off by more than the noise
     gated = fxprune.prepare(SameGroupInAndOut(), (torch.randn(2, 3, 6, 6),))
     assert Objective(gated).complexity.terms.var_rows.numel() > 0
+
+
+def _price(gated, config):
+    """``dC/dtheta`` of every unit gate (in ``Objective.units`` order) and every layer gate."""
+    objective = Objective(gated, config)
+    for s in [*objective.units, *objective.layers]:
+        s.gate.theta.requires_grad_(True)
+    unit, layer = objective.thetas()
+    cost = objective.cost(config.alpha)
+    grads = torch.autograd.grad(cost, [u.gate.theta for u in objective.units] + [l.gate.theta for l in objective.layers])
+    n = len(objective.units)
+    return objective, torch.cat(grads[:n]) if n else unit.new_zeros(0), torch.cat(grads[n:]) if grads[n:] else layer.new_zeros(0)
+
+
+def test_structures_cost_prices_every_gate_the_same():
+    """Paper A's flat prior: C is the expected fraction of kept gates, each unit costs
+    1/N and each layer alpha/N, whatever it computes."""
+    config = fxprune.PruneConfig("both", cost="structures", alpha=3.0)
+    gated = fxprune.prepare(models.resnet(), (torch.randn(2, 1, 8, 8),), config)
+    objective, unit, layer = _price(gated, config)
+    n = objective.reference.structures
+    assert n == unit.numel() + layer.numel() and layer.numel() == 9
+    torch.testing.assert_close(unit, torch.full_like(unit, 1 / n))
+    torch.testing.assert_close(layer, torch.full_like(layer, 3 / n))
+    assert float(objective.cost().detach()) == pytest.approx(1.0)
+    random_masks(gated, keep=0.5, seed=0)
+    kept = sum(int(g.keep().sum()) for kind in (UNITS, LAYERS) for g in gate_modules(gated, kind).values())
+    assert float(Objective(gated, config).cost().detach()) == pytest.approx(kept / n)
+
+
+@pytest.mark.parametrize("cost", ["structures", "complexity"])
+def test_shared_reference_and_the_price_of_a_unit_at_two_widths(cost):
+    """With the x1 model as reference, the flat prior prices a unit of the x2 model exactly
+    as one of x1; the complexity prior prices a second-layer unit by the first layer's
+    width, about twice as high at x2: what makes its final widths depend on the start."""
+    x = torch.zeros(2, 1, 8, 8)
+    config = fxprune.PruneConfig("units", cost=cost)
+    ref = Objective(fxprune.prepare(models.lenet_300_100(1), (x,), config)).reference
+    assert ref.structures == 400 and ref.params == sum(p.numel() for p in models.lenet_300_100(1).parameters())
+    config = fxprune.PruneConfig("units", cost=cost, cost_reference=ref)
+    prices = {}
+    for width in (1, 2):
+        objective, unit, _ = _price(fxprune.prepare(models.lenet_300_100(width), (x,), config), config)
+        sizes = [u.gate.theta.numel() for u in objective.units]
+        assert sorted(sizes) == [100 * width, 300 * width]
+        layer2 = next(i for i, u in enumerate(objective.units) if sizes[i] == 100 * width)
+        start = sum(sizes[:layer2])
+        prices[width] = unit[start:start + sizes[layer2]].mean().item()
+    if cost == "structures":
+        assert prices[1] == pytest.approx(1 / 400) and prices[2] == pytest.approx(1 / 400)
+    else:
+        assert prices[2] / prices[1] == pytest.approx(610 / 310, rel=0.02)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(cost="latency"), "cost must be one of"),
+    (dict(cost_reference=(1.0, 2.0)), "CostReference"),
+    (dict(cost_reference=(1.0, 0.0, 3.0)), "CostReference"),
+])
+def test_config_rejects_bad_cost(bad, match):
+    with pytest.raises(ValueError, match=match):
+        fxprune.PruneConfig(**bad)
