@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fxprune import PruneConfig, models, prepare
-from fxprune.bench_digits import EXPERIMENTS, compare, robustness
+from fxprune.bench_digits import EXPERIMENTS, ROBUSTNESS, compare, robustness
 from fxprune.cost import forward_flops
 from fxprune.passes.insert_gates import UNITS, gate_modules
 from fxprune.training import fit, gate_count, make_optimizer, make_schedule, theta_undecided
@@ -36,8 +36,9 @@ def test_magnitude_prune_reaches_the_flops_target():
     assert small(x).shape == (1, 10)
 
 
-def test_robustness_table_has_a_row_per_width():
-    rows, summary = robustness((1, 2), 2, 2, PruneConfig("units", gamma=4.0))
+@pytest.mark.parametrize("prior", sorted(ROBUSTNESS))
+def test_robustness_table_has_a_row_per_width(prior):
+    rows, summary = robustness((1, 2), 2, 2, ROBUSTNESS[prior])
     assert [r[0] for r in rows] == ["x1", "x2"] and set(summary) == {1, 2}
     assert all(len(v["acc"]) == 2 and len(v["cv"]) == 2 for v in summary.values())
 
