@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from dataclasses import replace
 
 import torch
 from tabulate import tabulate
@@ -19,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import models
+from .bench_digits import EXPERIMENTS
 from .config import PruneConfig
 from .cost_report import cost_table, layer_costs, plot_costs
 from .data import digits
@@ -31,6 +33,8 @@ from .training import Run, fit
 __all__ = ["main", "run", "add_arguments", "stage_widths"]
 
 STAGES, BLOCKS, FIRST_BLOCK = 3, 3, 3  # models.resnet(): stem = modules 0-2, then the blocks
+#: the digits benchmark's ResNet entry: its gate config, optimizer, learning rate, schedule and epochs
+RECIPE = next(e for e in EXPERIMENTS if e.build is models.resnet)
 
 
 def stage_widths(model: nn.Module, stages: int = STAGES, blocks: int = BLOCKS) -> list[str]:
@@ -66,7 +70,8 @@ def _train(desc: str, epochs: int, config: PruneConfig | None, seed: int) -> Run
     torch.manual_seed(seed)
     bar, update = _bar(desc, epochs)
     with bar:
-        return fit(models.resnet(), epochs, config, seed=seed, on_epoch=update)
+        return fit(models.resnet(), epochs, config, seed=seed, optimizer=RECIPE.optimizer, lr=RECIPE.lr,
+                   schedule=RECIPE.schedule, on_epoch=update)
 
 
 def _latency(dense: nn.Module, compact: nn.Module, batch: int, compile: bool) -> tuple[list[list], dict]:
@@ -83,8 +88,10 @@ def _latency(dense: nn.Module, compact: nn.Module, batch: int, compile: bool) ->
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=30, help="training epochs, dense and pruned (default 30)")
-    p.add_argument("--gamma", type=float, default=30.0, help="strength of the complexity cost (default 30)")
+    p.add_argument("--epochs", type=int, default=RECIPE.epochs,
+                   help=f"training epochs, dense and pruned (default {RECIPE.epochs})")
+    p.add_argument("--gamma", type=float, default=RECIPE.config.gamma,
+                   help=f"strength of the complexity cost (default {RECIPE.config.gamma:g})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/demo", help="folder for the compact model and the picture (default out/demo)")
     p.add_argument("--batch", type=int, default=256, help="batch size of the latency measurement (default 256)")
@@ -103,9 +110,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--epochs and --batch must be at least 1")
     out = writable(args.out, "the demo's outputs", folder=True)
 
-    config = PruneConfig("both", gamma=args.gamma, theta_lr=0.5)
+    config: PruneConfig = replace(RECIPE.config, gamma=args.gamma)
     print(f"fxprune demo: digits ResNet ({STAGES} stages x {BLOCKS} basic blocks), {args.epochs} epochs, "
-          f"unit + layer gates, gamma={args.gamma:g}, seed {args.seed}; torch {torch.__version__}, "
+          f"unit + layer gates, gamma={args.gamma:g}, {config.estimator} estimator, {RECIPE.optimizer} lr {RECIPE.lr:g} "
+          f"{RECIPE.schedule}, seed {args.seed}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads ({platform.processor() or platform.machine()})")
     dense = _train("dense training           ", args.epochs, None, args.seed)
     pruned = _train("pruning while training   ", args.epochs, config, args.seed)
