@@ -20,8 +20,8 @@ from tabulate import tabulate
 from torch import nn
 
 from . import models
-from .config import PruneConfig
 from .api import prepare
+from .config import PruneConfig
 from .data import steps_per_epoch
 from .objective import Objective
 from .passes import residualize
