@@ -3,7 +3,7 @@ continues with exactly the losses of the uninterrupted run."""
 
 import pytest
 import torch
-import torch.nn.functional as F
+from train_loop import train_steps
 
 import fxprune
 from fxprune.checkpoint import load_checkpoint, save_checkpoint
@@ -31,17 +31,8 @@ def batches(n):
 
 
 def steps(gated, opt, pruner, sched, data):
-    losses = []
     gated.train()
-    for x, y in data:
-        loss = F.cross_entropy(gated(x), y) + pruner.penalty()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        pruner.step()
-        losses.append(loss.item())
-    return losses
+    return train_steps(gated, opt, pruner, data, sched)
 
 
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))

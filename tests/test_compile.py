@@ -2,7 +2,7 @@
 compact model compiles with mode="max-autotune" and computes the same outputs."""
 
 import torch
-import torch.nn.functional as F
+from train_loop import train_steps
 
 import fxprune
 from fxprune.models import resnet
@@ -20,14 +20,7 @@ def test_gated_model_trains_under_compile_without_graph_breaks():
     opt = torch.optim.Adam(gated.parameters(), lr=1e-2)
     pruner = fxprune.Pruner(gated, opt)
     compiled = torch.compile(gated)
-    losses = []
-    for _ in range(4):
-        loss = F.cross_entropy(compiled(x), y) + pruner.penalty()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        pruner.step()
-        losses.append(loss.item())
+    losses = train_steps(compiled, opt, pruner, [(x, y)] * 4)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
     # the thetas were learnt through the compiled graph

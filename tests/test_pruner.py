@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from train_loop import train_steps
 
 import fxprune
 from fxprune.passes.insert_gates import LAYERS, UNITS
@@ -22,18 +23,6 @@ class MLP(nn.Module):
         for layer in self.layers[:-1]:
             x = F.relu(layer(x))
         return self.layers[-1](x)
-
-
-def train_steps(gated, opt, pruner, x, y, n):
-    losses = []
-    for _ in range(n):
-        loss = F.cross_entropy(gated(x), y) + pruner.penalty()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        pruner.step()
-        losses.append(loss.item())
-    return losses
 
 
 def switch_off(gated, gid, units):
@@ -55,7 +44,7 @@ def test_live_removal_slices_params_and_optimizer_state(make_opt):
     opt = make_opt(list(gated.parameters()))
     pruner = fxprune.Pruner(gated, opt)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
-    train_steps(gated, opt, pruner, x, y, 3)
+    train_steps(gated, opt, pruner, [(x, y)] * 3)
     sched.step()
     w = gated.get_submodule("layers.0").weight
     before = {k: v.clone() for k, v in opt.state[w].items() if torch.is_tensor(v) and v.shape == w.shape}
@@ -76,7 +65,7 @@ def test_live_removal_slices_params_and_optimizer_state(make_opt):
     for k, v in before.items():
         torch.testing.assert_close(opt.state[w][k], v[kept])  # kept entries unchanged, removed ones gone
     gated.train()
-    train_steps(gated, opt, pruner, x, y, 3)  # optimizer and scheduler keep working
+    train_steps(gated, opt, pruner, [(x, y)] * 3)  # optimizer and scheduler keep working
     sched.step()
     assert gated.get_submodule(UNITS)[f"g{gid}"].theta.numel() == 9
 
@@ -94,7 +83,7 @@ def test_removal_makes_steps_cheaper_and_convert_still_equivalent():
     switch_off(gated, gid, list(range(20)))
     pruner.remove({gid: drop}, set())
     assert pruner.forward_flops() < dense
-    train_steps(gated, opt, pruner, x, y, 2)
+    train_steps(gated, opt, pruner, [(x, y)] * 2)
     assert pruner.flops_per_step[-1] < dense
     compact = fxprune.convert(gated.eval())
     with torch.no_grad():
@@ -108,7 +97,7 @@ def test_layer_removal_during_training():
     gated = fxprune.prepare(model, (x,), fxprune.PruneConfig(structures="layers"))
     opt = torch.optim.SGD(gated.parameters(), lr=0.01, momentum=0.9)
     pruner = fxprune.Pruner(gated, opt)
-    train_steps(gated, opt, pruner, x, y, 1)
+    train_steps(gated, opt, pruner, [(x, y)] * 1)
     with torch.no_grad():
         gated.get_submodule(LAYERS)["b1"].theta.zero_()
     gated.eval()
@@ -122,7 +111,7 @@ def test_layer_removal_during_training():
     assert "layer1.1.conv1" not in dict(gated.named_modules())
     assert sum(len(g["params"]) for g in opt.param_groups) == n_params - 6  # conv, bn, conv, bn
     gated.train()
-    train_steps(gated, opt, pruner, x, y, 2)
+    train_steps(gated, opt, pruner, [(x, y)] * 2)
 
 
 def test_theta_stays_in_unit_interval():
@@ -131,7 +120,7 @@ def test_theta_stays_in_unit_interval():
     gated = fxprune.prepare(MLP(), (x,), fxprune.PruneConfig(theta_lr=50.0, gamma=5.0, check_every=10**6))
     opt = torch.optim.SGD(gated.parameters(), lr=0.01)
     pruner = fxprune.Pruner(gated, opt)
-    train_steps(gated, opt, pruner, x, y, 20)
+    train_steps(gated, opt, pruner, [(x, y)] * 20)
     for gate in pruner.gates().values():
         assert 0.0 <= gate.theta.min().item() and gate.theta.max().item() <= 1.0
     assert any(g.theta.min().item() == 0.0 for g in pruner.gates().values())  # the projection was active
@@ -255,7 +244,7 @@ def test_switched_off_units_with_large_weights_get_their_moments_reset():
     gated = fxprune.prepare(MLP(), (x,), config)
     opt = torch.optim.Adam(gated.parameters(), lr=1e-2)
     pruner = fxprune.Pruner(gated, opt)
-    train_steps(gated, opt, pruner, x, y, 3)
+    train_steps(gated, opt, pruner, [(x, y)] * 3)
     w = gated.get_submodule("layers.0").weight
     gid = next(g for g in (int(k[1:]) for k in gated.get_submodule(UNITS)) if fxprune.channel_graph(gated).groups[g].num_units == 12)
     before = {k: v.clone() for k, v in opt.state[w].items() if torch.is_tensor(v) and v.shape == w.shape}
