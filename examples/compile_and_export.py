@@ -11,8 +11,8 @@ import torchvision
 
 import fxprune
 from fxprune.export import save_compact
-from fxprune.latency import compile_model, latency_ms
-from fxprune.report import summary
+from fxprune.report.latency import compile_model, latency_ms
+from fxprune.report.tables import summary
 from fxprune.testing import random_masks
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -8,8 +8,8 @@ import torch
 import torchvision
 
 import fxprune
-from fxprune.gate_graph import gate_graph, write_gate_graph
-from fxprune.report import branches_table, groups_table, summary
+from fxprune.report.gate_graph import gate_graph, write_gate_graph
+from fxprune.report.tables import branches_table, groups_table, summary
 
 model = torchvision.models.resnet50().eval()
 cg = fxprune.analyze(fxprune.trace(model, (torch.randn(1, 3, 224, 224),)))

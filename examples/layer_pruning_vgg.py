@@ -9,8 +9,8 @@ import argparse
 import torch
 
 import fxprune
-from fxprune.models import vgg
-from fxprune.training import fit
+from fxprune.digits.models import vgg
+from fxprune.digits.training import fit
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--epochs", type=int, default=30)

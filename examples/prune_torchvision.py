@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fxprune
 from fxprune.checkpoint import load_checkpoint, save_checkpoint
-from fxprune.data import digits
+from fxprune.digits.data import digits
 from fxprune.export import save_compact
-from fxprune.training import accuracy
+from fxprune.digits.training import accuracy
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--model", default="resnet18")

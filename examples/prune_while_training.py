@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import fxprune
-from fxprune.data import digits_loaders
-from fxprune.models import lenet_300_100
-from fxprune.training import accuracy
+from fxprune.digits.data import digits_loaders
+from fxprune.digits.models import lenet_300_100
+from fxprune.digits.training import accuracy
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--epochs", type=int, default=100)

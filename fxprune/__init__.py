@@ -6,6 +6,10 @@
         loss = criterion(gated(x), y) + pruner.penalty()
         optimizer.zero_grad(); loss.backward(); optimizer.step(); pruner.step()
     compact = fxprune.convert(gated)
+
+The library is the core (this package's modules) over the graph passes
+(``fxprune.passes``); ``fxprune.digits``, ``fxprune.benchmarks``, ``fxprune.report`` and
+``fxprune.testing`` are applications and views built on it.
 """
 
 from . import testing
@@ -13,9 +17,10 @@ from .api import channel_graph, convert, prepare
 from .config import CostReference, PruneConfig
 from .passes import ChannelGraph, TraceError, analyze, residualize, trace
 from .pruner import Pruner
+from .state import LayerGate, PruneState, UnitGate, state_of
 
 __all__ = [
-    "trace", "analyze", "residualize", "prepare", "convert", "channel_graph", "PruneConfig", "CostReference", "Pruner", "ChannelGraph", "TraceError",
-    "testing",
+    "trace", "analyze", "residualize", "prepare", "convert", "channel_graph", "PruneConfig", "CostReference", "Pruner",
+    "ChannelGraph", "TraceError", "PruneState", "UnitGate", "LayerGate", "state_of", "testing",
 ]
 __version__ = "0.1.0"

@@ -1,76 +1,132 @@
-"""The verbs users meet: ``prepare`` (trace + analyze + gate) and ``convert`` (compact)."""
+"""The verbs users meet: ``prepare`` (trace + analyze + gate) and ``convert`` (compact).
+
+Example::
+
+    >>> gated = fxprune.prepare(model, (x,), fxprune.PruneConfig(gamma=10.0))
+    >>> ...                                   # train with fxprune.Pruner
+    >>> compact = fxprune.convert(gated.eval())
+"""
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import fx, nn
 
 from .config import PruneConfig
-from .passes import CHANNEL_GRAPH, ChannelGraph, Compact, InsertGates, StripGates, analyze, trace
-from .passes.insert_gates import LAYERS, UNITS, gate_modules
+from .gates import GateBank, GateRead, LayerGateApply, bank_structure, read_index
+from .passes import Compact, InsertGates, analyze, trace
+from .passes.channel_graph import ChannelGraph
+from .passes.insert_gates import strip_gate_nodes
+from .passes.surgery import replace_tensor, skeleton
+from .state import STATE, GateLayout, PruneState, decisions, gate_bank, run_example, state_of
 
-__all__ = ["prepare", "convert", "channel_graph", "gate_state", "config_of"]
-
-#: ``gm.meta`` keys: the config a gated model was prepared with, and its example inputs.
-CONFIG, EXAMPLE = "fxprune_config", "fxprune_example_inputs"
+__all__ = ["prepare", "convert", "channel_graph", "config_of", "decisions", "gate_bank", "run_example"]
 
 
-def prepare(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, config: PruneConfig | None = None) -> fx.GraphModule:
+def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
+    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+
+
+def _one_example(inputs: tuple[Any, ...], dims: list[int | None]) -> tuple[Any, ...]:
+    """The first example of every input that has a batch dim; other inputs as they are."""
+    return tuple(t.detach().narrow(d, 0, 1).clone() if isinstance(t, torch.Tensor) and d is not None else t
+                 for t, d in zip(inputs, dims))
+
+
+def _two_examples(inputs: tuple[Any, ...], dims: list[int | None]) -> tuple[Any, ...] | None:
+    """A batch of one example made two (the first one repeated), or None if it is larger:
+    with a batch of one, a batch dim of size 1 cannot be told from any other."""
+    sizes = {t.shape[d] for t, d in zip(inputs, dims) if isinstance(t, torch.Tensor) and d is not None}
+    if sizes != {1}:
+        return None
+    return tuple(torch.cat([t, t], d) if isinstance(t, torch.Tensor) and d is not None else t for t, d in zip(inputs, dims))
+
+
+def _input_dims(model: nn.Module, inputs: tuple[Any, ...], batch_dim: int | Sequence[int | None] | None) -> list[int | None]:
+    if batch_dim is None or isinstance(batch_dim, int):
+        return [batch_dim if isinstance(t, torch.Tensor) and batch_dim is not None and -t.dim() <= batch_dim < t.dim()
+                else None for t in inputs]
+    dims = list(batch_dim)
+    if len(dims) != len(inputs):
+        raise ValueError(f"batch_dim gives {len(dims)} dims for {len(inputs)} example inputs of "
+                         f"{type(model).__name__}; give one per input (None: no batch dim)")
+    return dims
+
+
+def prepare(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, config: PruneConfig | None = None, *,
+            batch_dim: int | Sequence[int | None] | None = 0) -> fx.GraphModule:
     """Trace ``model``, analyze its channel dependencies and insert gates.
 
+    ``batch_dim`` is the dim of the example inputs that indexes examples: one for all
+    inputs, or one per input (None for an input without one); e.g. ``batch_dim=1`` for
+    sequence-first ``[T, B, C]`` inputs. Gates sample one mask per example along it.
     Returns a gated ``GraphModule`` sharing ``model``'s parameters; its
-    ``meta["fxprune_channel_graph"]`` is the analysis it was built from.
+    :class:`~fxprune.state.PruneState` (``fxprune.state.state_of(gated)``) holds the
+    analysis it was built from.
     """
     config = config or PruneConfig()
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    gm = trace(model, example_inputs)
-    cg = analyze(gm)
-    gated = InsertGates(cg, units=config.units, layers=config.layers, theta_init=config.theta_init,
-                        estimator=config.estimator)(gm).graph_module
-    gated.meta[CONFIG] = config
-    gated.meta[EXAMPLE] = tuple(t[:1].detach().clone() if isinstance(t, torch.Tensor) else t for t in example_inputs)
-    return gated
+    inputs = _as_tuple(example_inputs)
+    dims = _input_dims(model, inputs, batch_dim)
+    gm = None
+    doubled = _two_examples(inputs, dims)
+    if doubled is not None:
+        try:
+            gm = trace(model, doubled)
+        except ValueError:  # the model only runs with one example: analyse it as it is
+            gm = None
+    gm = gm or trace(model, inputs)
+    cg = analyze(gm, dims)
+    groups = {g.id: g.num_units for g in cg.prunable_groups} if config.units else {}
+    branches = sorted(cg.branches) if config.layers else []
+    layout = GateLayout.build(groups, branches)
+    bank = GateBank(layout.size, config.theta_init, config.estimator, cg.inputs.get(cg.batch_input))
+    InsertGates(
+        cg, list(groups), branches, bank,
+        read=lambda r: GateRead(read_index(cg, layout.units, cg.spaces[r.space].group, r.space), r.dim, r.batch_dim,
+                                cg.spaces[r.space].group, r.space),
+        layer=lambda br: LayerGateApply(layout.layers[br.id], br.batch_dim, br.id),
+    )(gm)
+    bank.set_structure(*bank_structure(cg, layout.units, layout.size))
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    gm.meta[STATE] = PruneState(cg, config, layout, _one_example(inputs, dims), dict(zip(placeholders, dims)))
+    return gm
 
 
 def config_of(gated: fx.GraphModule) -> PruneConfig:
     """The config ``gated`` was prepared with."""
-    channel_graph(gated)
-    return gated.meta.get(CONFIG) or PruneConfig()
+    return state_of(gated).config
 
 
 def channel_graph(gated: fx.GraphModule) -> ChannelGraph:
-    """The analysis a gated model was built from."""
-    try:
-        return gated.meta[CHANNEL_GRAPH]
-    except (AttributeError, KeyError):
-        raise ValueError("not a gated model: build it with fxprune.prepare(model, example_inputs)") from None
-
-
-def gate_state(gated: fx.GraphModule) -> tuple[dict[int, np.ndarray], set[int]]:
-    """Deterministic gate decisions: kept units per group id, and dropped branch ids."""
-    units = gate_modules(gated, UNITS)
-    layers = gate_modules(gated, LAYERS)
-    unit_keep = {int(k[1:]): g.keep() for k, g in units.items()}
-    drop = {int(k[1:]) for k, g in layers.items() if not g.keep()[0]}
-    return unit_keep, drop
+    """The analysis of a gated model as it is now (after any live removal)."""
+    return state_of(gated).graph
 
 
 def convert(gated: fx.GraphModule) -> fx.GraphModule:
     """The compact model: a plain ``GraphModule`` equal to ``gated.eval()``, gates folded away.
 
     Channels whose gate is off (``theta < 0.5``) are sliced out of every parameter,
-    buffer and shape constant; branches whose layer gate is off are deleted.
+    buffer and shape constant; branches whose layer gate is off are deleted. The compact
+    model owns its tensors (nothing is shared with ``gated``), and ``gated`` is not
+    copied first: the extra memory is the compact model's own size. Its outputs are
+    checked against ``gated``'s on the stored example input.
     """
-    cg = channel_graph(gated)
-    unit_keep, drop = gate_state(gated)
-    gm = copy.deepcopy(gated, memo={id(cg): cg})
-    for key in (CHANNEL_GRAPH, CONFIG, EXAMPLE):
-        gm.meta.pop(key, None)
-    StripGates()(gm)
-    Compact(cg, unit_keep, drop)(gm)
-    return gm
+    state = state_of(gated)
+    unit_keep, drop = decisions(gated)
+    expected = run_example(gated, state.example)
+    graph = fx.Graph()
+    out = graph.graph_copy(gated.graph, {})
+    graph.output(out)
+    strip_gate_nodes(graph)
+    compact = fx.GraphModule(skeleton(gated), graph, type(gated).__name__)
+    Compact(state.graph, unit_keep, drop, check=(state.example, expected))(compact)
+    originals = {id(t) for t in [*gated.parameters(), *gated.buffers()]}
+    copies: dict[int, torch.Tensor] = {}
+    for name, t in [*compact.named_parameters(remove_duplicate=False), *compact.named_buffers(remove_duplicate=False)]:
+        if id(t) in originals:
+            new = copies.setdefault(id(t), t.detach().clone())
+            replace_tensor(compact, name, new)
+    return compact

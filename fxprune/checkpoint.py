@@ -29,7 +29,7 @@ from .pruner import Pruner
 
 __all__ = ["save_checkpoint", "load_checkpoint"]
 
-FORMAT = "fxprune-checkpoint-1"
+FORMAT = "fxprune-checkpoint-2"
 
 
 def _rng_state() -> dict:

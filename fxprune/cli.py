@@ -3,39 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 import torch
-from torch import nn
 
-__all__ = ["main", "load_model"]
+from .testing.models import load_model
 
-
-class CLIError(Exception):
-    """A user error: printed as one line, exit code 2."""
-
-
-def load_model(spec: str) -> nn.Module:
-    """A torchvision model name, or ``package.module:attr`` naming a module or a factory."""
-    if ":" in spec:
-        mod_name, _, attr = spec.partition(":")
-        try:
-            obj = getattr(importlib.import_module(mod_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise CLIError(f"cannot load '{spec}': {exc}") from None
-        model = obj if isinstance(obj, nn.Module) else obj()
-        if not isinstance(model, nn.Module):
-            raise CLIError(f"'{spec}' gave a {type(model).__name__}, not an nn.Module")
-        return model
-    import torchvision
-
-    names = torchvision.models.list_models()
-    if spec not in names:
-        close = [n for n in names if spec.lower() in n][:5]
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise CLIError(f"unknown model '{spec}'{hint}; give a torchvision model name or package.module:factory")
-    return torchvision.models.get_model(spec, weights=None)
+__all__ = ["main"]
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -49,9 +23,9 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .gate_graph import gate_graph, picture_path, write_gate_graph
     from .passes import analyze, trace
-    from .report import branches_table, groups_table, summary
+    from .report.gate_graph import gate_graph, picture_path, write_gate_graph
+    from .report.tables import branches_table, groups_table, summary
 
     if args.graph:
         picture_path(args.graph)  # fail before the work
@@ -71,32 +45,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from . import demo
+    from .digits import demo
 
     return demo.run(args)
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
-    from . import zoo
+    from .testing import zoo
 
     return zoo.main(args.rest)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.what == "digits":
-        from . import bench_digits
+    import importlib
 
-        return bench_digits.main([args.what, *args.rest])
-    if args.what == "tradeoff":
-        from . import bench_tradeoff
-
-        return bench_tradeoff.main([args.what, *args.rest])
-    if args.what == "latency":
-        from . import bench_latency
-
-        return bench_latency.main([args.what, *args.rest])
-    from . import bench
-
+    bench = importlib.import_module(f".benchmarks.{args.what}", __package__)
     return bench.main([args.what, *args.rest])
 
 
@@ -108,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--input-shape", type=_shape, default=(1, 3, 224, 224), help="example input shape (default 1,3,224,224)")
     i.add_argument("--graph", metavar="FILE", help="draw the gate placement to FILE (.png, .svg, .pdf or graphviz .dot)")
     i.set_defaults(func=cmd_inspect)
-    from .demo import add_arguments as demo_arguments
+    from .digits.demo import add_arguments as demo_arguments
 
     d = sub.add_parser("demo", help="train and prune a ResNet on the digits data: table, compact model, picture, latency")
     demo_arguments(d)
@@ -130,9 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except CLIError as exc:
-        print(f"fxprune: error: {exc}", file=sys.stderr)
-        return 2
     except (ValueError, OSError) as exc:  # bad input shapes, unwritable paths: reported with what to do
         print(f"fxprune: error: {exc}", file=sys.stderr)
         return 2

@@ -14,57 +14,24 @@ linear in the gates of its group (``n = sum_u m(u) xi_u``, ``m(u)`` the channels
 ``E[n_a n_b] = E[n_a] E[n_b] + [same group] sum_u m_a(u) m_b(u) theta_u (1 - theta_u)``.
 
 A term inside residual branches is multiplied by their layer gates' theta. The FLOPs of
-a convolution or linear weight are its kept size times twice the output positions per
-example (input positions for a transposed convolution), as ``FlopCounterMode`` counts
-them; FLOPs of ops without weights (attention products) are a constant. Everything is
-evaluated with ``index_add`` and gathers: no Python loop per step.
+a weight are its kept size times the FLOPs per entry the analysis recorded
+(:attr:`fxprune.passes.channel_graph.Param.flops`, as ``FlopCounterMode`` counts them);
+FLOPs of ops without weights (attention products) are a constant. Everything reads the
+ChannelGraph (parameters by identity: a tied weight is one term) and is evaluated with
+``index_add`` and gathers over the flat theta buffer: no Python loop per step.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
 from .passes.channel_graph import ChannelGraph
-from .passes.op_helpers import shape as _shape
 
-__all__ = ["ComplexityCost", "weight_flop_factors", "forward_flops", "count_flops"]
-
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_FUNCTIONAL = {torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d, torch.nn.functional.linear}
-
-
-def weight_flop_factors(gm: fx.GraphModule) -> dict[str, float]:
-    """FLOPs per example per weight entry, for every conv and linear weight of ``gm``
-    (from the shapes ShapeProp recorded at tracing)."""
-    batch = next((s[0] for n in gm.graph.nodes if n.op == "placeholder" and (s := _shape(n))), 1)
-    out: dict[str, float] = {}
-    for node in gm.graph.nodes:
-        src = node.args[0] if node.args else None
-        while isinstance(src, fx.Node) and _shape(src) is None and src.args:  # gate reads carry no shapes
-            src = src.args[0]
-        y, x = _shape(node), _shape(src)
-        if y is None or x is None:
-            continue
-        if node.op == "call_module":
-            m = gm.get_submodule(node.target)
-            if isinstance(m, _CONVT):
-                out[f"{node.target}.weight"] = 2.0 * math.prod(x[2:]) * x[0] / batch
-            elif isinstance(m, _CONV):
-                out[f"{node.target}.weight"] = 2.0 * math.prod(y[2:]) * y[0] / batch
-            elif isinstance(m, nn.Linear):
-                out[f"{node.target}.weight"] = 2.0 * math.prod(y[:-1]) / batch
-        elif node.op == "call_function" and node.target in _FUNCTIONAL and len(node.args) > 1:
-            w = node.args[1]
-            if isinstance(w, fx.Node) and w.op == "get_attr":
-                positions = math.prod(y[:-1]) if node.target is torch.nn.functional.linear else math.prod(y[2:]) * y[0]
-                out[w.target] = 2.0 * positions / batch
-    return out
+__all__ = ["ComplexityCost", "forward_flops", "count_flops"]
 
 
 @torch.no_grad()
@@ -85,9 +52,9 @@ def count_flops(model: nn.Module, example: tuple):
     return counter
 
 
-def forward_flops(gm: nn.Module, example: tuple) -> int:
-    """Forward FLOPs of ``gm`` on ``example`` in eval mode, as ``FlopCounterMode`` counts them."""
-    return count_flops(gm, example).get_total_flops()
+def forward_flops(model: nn.Module, example: tuple) -> int:
+    """Forward FLOPs of ``model`` on ``example`` in eval mode, as ``FlopCounterMode`` counts them."""
+    return count_flops(model, example).get_total_flops()
 
 
 @dataclass
@@ -98,7 +65,7 @@ class _Terms:
     flops: Tensor  # FLOPs per kept entry (0: no FLOPs)
     dim_a: Tensor  # index into the expected-count vector (last index = constant 1)
     dim_b: Tensor
-    branches: Tensor  # [terms, depth] indices into layer thetas (last index = constant 1)
+    branches: Tensor  # [terms, depth] flat indices of layer thetas (index n = constant 1)
     # expected counts: E[n_d] = sum over entries (row d, theta col, multiplicity)
     count_rows: Tensor
     count_cols: Tensor
@@ -111,39 +78,36 @@ class _Terms:
 
 
 class ComplexityCost:
-    """``C(theta)`` of a gated model: build with the model's parameters, gates and
-    channel graph; call with the concatenated unit thetas and layer thetas."""
+    """``E[FLOPs]`` and ``E[Params]`` of the compacted network as a polynomial in the
+    flat theta vector: one term per parameter in ``names`` (canonical names of ``cg``),
+    ``units`` (group id -> flat slice) and ``layers`` (branch id -> flat index) the gated
+    structures, ``size`` the length of the theta vector."""
 
-    def __init__(
-        self,
-        params: dict[str, Tensor],
-        cg: ChannelGraph,
-        unit_offsets: dict[int, int],
-        branch_slots: dict[int, int],
-        param_branches: dict[str, list[int]],
-        flop_factors: dict[str, float],
-    ) -> None:
+    def __init__(self, cg: ChannelGraph, names: list[str], units: dict[int, slice], layers: dict[int, int], size: int,
+                 device: torch.device | str = "cpu") -> None:
         rows_k, rows_f, dims_a, dims_b, rows_br = [], [], [], [], []
         c_rows, c_cols, c_vals, v_rows, v_cols, v_vals = [], [], [], [], [], []
-        bound: dict[str, dict[int, int]] = {}
+        bound: dict[str, dict[int, tuple[int, int | None]]] = {}
         for b in cg.bindings:
-            bound.setdefault(b.target, {})[b.dim] = b.space
+            bound.setdefault(b.param, {})[b.dim] = (b.space, b.period)
         n_dims = 0
-        for name, p in params.items():
-            k, gated_dims = float(p.numel()), []
-            for dim, sid in sorted(bound.get(name, {}).items()):
+        for name in names:
+            p = cg.params[name]
+            k, gated_dims = float(p.numel), []
+            for dim, (sid, period) in sorted(bound.get(name, {}).items()):
                 gid = cg.spaces[sid].group
-                if gid in unit_offsets:
+                if gid in units:
                     k /= p.shape[dim]
-                    units = cg.groups[gid].unit_index[sid][: p.shape[dim]]
-                    gated_dims.append((gid, np.bincount(units, minlength=cg.groups[gid].num_units)))
+                    unit_of = cg.groups[gid].unit_index[sid]
+                    unit_of = unit_of[: period] if period else unit_of
+                    gated_dims.append((gid, np.bincount(unit_of, minlength=cg.groups[gid].num_units)))
             if len(gated_dims) > 2:
                 raise NotImplementedError(f"parameter '{name}' has more than two pruned dimensions")
             slots = []
             for gid, m in gated_dims:
                 cols = np.flatnonzero(m)
                 c_rows.append(np.full(len(cols), n_dims))
-                c_cols.append(unit_offsets[gid] + cols)
+                c_cols.append(units[gid].start + cols)
                 c_vals.append(m[cols])
                 slots.append(n_dims)
                 n_dims += 1
@@ -151,43 +115,44 @@ class ComplexityCost:
                 gid, ma, mb = gated_dims[0][0], gated_dims[0][1], gated_dims[1][1]
                 cols = np.flatnonzero(ma * mb)
                 v_rows.append(np.full(len(cols), len(rows_k)))
-                v_cols.append(unit_offsets[gid] + cols)
+                v_cols.append(units[gid].start + cols)
                 v_vals.append((ma * mb)[cols])
             slots += [-1] * (2 - len(slots))
             rows_k.append(k)
-            rows_f.append(flop_factors.get(name, 0.0))
+            rows_f.append(p.flops)
             dims_a.append(slots[0])
             dims_b.append(slots[1])
-            rows_br.append([branch_slots[i] for i in param_branches.get(name, []) if i in branch_slots])
+            rows_br.append([layers[i] for i in p.branches if i in layers])
         depth = max((len(r) for r in rows_br), default=0)
-        dev = next(iter(params.values())).device if params else torch.device("cpu")
-        cat = lambda xs, dt: torch.as_tensor(np.concatenate(xs) if xs else np.zeros(0), dtype=dt, device=dev)  # noqa: E731
-        one = len(branch_slots)  # the constant-1 slot after the layer thetas
+        cat = lambda xs, dt: torch.as_tensor(np.concatenate(xs) if xs else np.zeros(0), dtype=dt, device=device)  # noqa: E731
+        self.size = size
         self.terms = _Terms(
-            k=torch.tensor(rows_k, dtype=torch.float64, device=dev),
-            flops=torch.tensor(rows_f, dtype=torch.float64, device=dev),
-            dim_a=torch.tensor([d if d >= 0 else n_dims for d in dims_a], dtype=torch.long, device=dev),
-            dim_b=torch.tensor([d if d >= 0 else n_dims for d in dims_b], dtype=torch.long, device=dev),
-            branches=torch.tensor([r + [one] * (depth - len(r)) for r in rows_br], dtype=torch.long,
-                                  device=dev).reshape(len(rows_br), depth),
+            k=torch.tensor(rows_k, dtype=torch.float64, device=device),
+            flops=torch.tensor(rows_f, dtype=torch.float64, device=device),
+            dim_a=torch.tensor([d if d >= 0 else n_dims for d in dims_a], dtype=torch.long, device=device),
+            dim_b=torch.tensor([d if d >= 0 else n_dims for d in dims_b], dtype=torch.long, device=device),
+            branches=torch.tensor([r + [size] * (depth - len(r)) for r in rows_br], dtype=torch.long,
+                                  device=device).reshape(len(rows_br), depth),
             count_rows=cat(c_rows, torch.long), count_cols=cat(c_cols, torch.long), count_vals=cat(c_vals, torch.float64),
             var_rows=cat(v_rows, torch.long), var_cols=cat(v_cols, torch.long), var_vals=cat(v_vals, torch.float64),
             num_dims=n_dims,
         )
 
-    def expected(self, unit_theta: Tensor, layer_theta: Tensor) -> tuple[Tensor, Tensor]:
-        """``(E[FLOPs from weights], E[Params])`` per example, differentiable in both thetas."""
+    def expected(self, theta: Tensor) -> tuple[Tensor, Tensor]:
+        """``(E[FLOPs from weights], E[Params])`` per example, differentiable in ``theta``
+        (the flat vector; layer entries multiply the terms inside their branches)."""
         t = self.terms
-        dtype = unit_theta.dtype if unit_theta.numel() else layer_theta.dtype
-        base = unit_theta.new_zeros(t.num_dims + 1, dtype=dtype)
+        dtype = torch.float64
+        theta = theta.to(dtype)
+        base = theta.new_zeros(t.num_dims + 1)
         base[-1] = 1.0  # the constant slot of parameters with fewer than two pruned dimensions
-        counts = base.index_add(0, t.count_rows, unit_theta[t.count_cols] * t.count_vals.to(dtype))
+        counts = base.index_add(0, t.count_rows, theta[t.count_cols] * t.count_vals)
         size = counts[t.dim_a] * counts[t.dim_b]
         if t.var_rows.numel():
-            q = unit_theta * (1 - unit_theta)
-            size = size.index_add(0, t.var_rows, q[t.var_cols] * t.var_vals.to(dtype))
+            q = theta * (1 - theta)
+            size = size.index_add(0, t.var_rows, q[t.var_cols] * t.var_vals)
         if t.branches.shape[1]:
-            lt = torch.cat([layer_theta, layer_theta.new_ones(1)])
+            lt = torch.cat([theta, theta.new_ones(1)])
             size = size * lt[t.branches].prod(1)
-        size = size * t.k.to(dtype)
-        return (size * t.flops.to(dtype)).sum(), size.sum()
+        size = size * t.k
+        return (size * t.flops).sum(), size.sum()

@@ -9,6 +9,11 @@ For a structure that no other contains this is exactly method.md's
 keeps a weight inside both a unit and a gated branch from getting the slab twice. The
 plain ``lam1`` term covers ungated weights too: use the optimizer with ``weight_decay=0``.
 
+The weights are the ChannelGraph's parameters by identity (a tied weight counts once;
+a projection shortcut that ``residualize`` added is a weight like any other). Every
+term is computed from index tensors built once per removal: one squared-sum per weight
+tensor, then ``index_add`` into the flat theta layout; no Python loop over units.
+
 ``C(theta)`` is the exact expected FLOPs/parameter fraction of :mod:`fxprune.cost`
 (``PruneConfig.cost="complexity"``) or the expected fraction of kept structures
 (``"structures"``); in the penalty the layer gates' share of its gradient is multiplied
@@ -17,143 +22,124 @@ by ``alpha``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import numpy as np
 import torch
 from torch import Tensor, fx
 
-from .api import EXAMPLE, channel_graph, config_of
 from .config import CostReference, PruneConfig
-from .cost import ComplexityCost, forward_flops, weight_flop_factors
-from .gates import BernoulliGate
-from .passes.insert_gates import LAYERS, UNITS, gate_modules
+from .cost import ComplexityCost, forward_flops
+from .state import gate_bank, state_of
 
-__all__ = ["Objective", "UnitStructure", "LayerStructure", "gated_weights"]
-
-
-@dataclass
-class UnitStructure:
-    """One unit gate vector with its weights: ``slices`` are (param, dim, unit of each index)."""
-
-    group: int
-    gate: BernoulliGate
-    slices: list[tuple[Tensor, int, Tensor]]
-    elems: Tensor  # weight entries per unit in ``slices`` (for RMS)
-
-
-@dataclass
-class LayerStructure:
-    branch: int
-    gate: BernoulliGate
-    params: list[Tensor]
-    names: list[str]
-
-    @property
-    def numel(self) -> int:
-        return sum(p.numel() for p in self.params)
-
-
-def gated_weights(gated: fx.GraphModule) -> list[tuple[str, Tensor]]:
-    """The model's own parameters (gates excluded)."""
-    return [(n, p) for n, p in gated.named_parameters() if not n.startswith("fxprune_")]
+__all__ = ["Objective"]
 
 
 class Objective:
-    """Builds the structures of a gated model and evaluates the penalty; ``rebuild()``
-    after live removal."""
+    """The penalty of a gated model; ``rebuild()`` after live removal."""
 
     def __init__(self, gated: fx.GraphModule, config: PruneConfig | None = None) -> None:
         self.gated = gated
-        self.config = config or config_of(gated)
-        self.flop_factors = weight_flop_factors(gated)
-        self.dense_params = sum(p.numel() for _, p in gated_weights(gated))
-        example = gated.meta.get(EXAMPLE)
-        self.dense_flops = forward_flops(gated, example) if example is not None else 0
+        state = state_of(gated)
+        self.config = config or state.config
+        self.dense_flops = forward_flops(gated, state.example)
         self.rebuild()
         with torch.no_grad():
-            weight_flops, _ = self.complexity.expected(*(torch.ones_like(t, dtype=torch.float64) for t in self.thetas()))
+            weight_flops, params = self.complexity.expected(torch.ones(self.size, dtype=torch.float64))
         #: FLOPs of ops without weights (attention products, ...): constant
         self.other_flops = max(self.dense_flops - float(weight_flops), 0.0)
+        self.dense_params = int(round(float(params)))
         #: the dense model's FLOPs per example, parameters and gates
-        self.reference = CostReference(self.dense_flops, self.dense_params, sum(t.numel() for t in self.thetas()))
+        self.reference = CostReference(self.dense_flops, self.dense_params, self.size)
         self.ref = self.config.cost_reference or self.reference
 
+    # ------------------------------------------------------------------ index tensors
     def rebuild(self) -> None:
-        gated, cg = self.gated, channel_graph(self.gated)
-        #: the model's own parameters; changes only when structures are removed
-        self.weights = [p for _, p in gated_weights(gated)]
-        params = dict(gated.named_parameters())
-        self.units: list[UnitStructure] = []
-        for key, gate in gate_modules(gated, UNITS).items():
-            g = cg.groups[int(key[1:])]
-            slices, elems = [], torch.zeros(g.num_units)
-            for b in cg.bindings_of(g):
-                if b.target not in params or b.role not in ("producer", "carrier"):
-                    continue
-                p = params[b.target]
-                idx = g.unit_index[b.space]
-                t = torch.as_tensor(idx, dtype=torch.long, device=p.device)
-                slices.append((p, b.dim, t))
-                elems.index_add_(0, t.cpu(), torch.full((len(idx),), p.numel() / len(idx)))
-            self.units.append(UnitStructure(g.id, gate, slices, elems))
-        self.layers: list[LayerStructure] = []
-        nodes = {n.name: n for n in gated.graph.nodes}
-        for key, gate in gate_modules(gated, LAYERS).items():
-            br = cg.branches[int(key[1:])]
-            names: list[str] = []
-            for name in br.nodes:
-                n = nodes.get(name)
-                if n is not None and n.op == "call_module":
-                    names += [f"{n.target}.{k}" for k, _ in gated.get_submodule(n.target).named_parameters()]
-                elif n is not None and n.op == "get_attr" and n.target in params:
-                    names.append(n.target)
-            names = [k for k in dict.fromkeys(names) if k in params]
-            self.layers.append(LayerStructure(br.id, gate, [params[k] for k in names], names))
-        offsets, start = {}, 0
-        for u in self.units:
-            offsets[u.group], start = start, start + u.gate.theta.numel()
-        in_branches: dict[str, list[int]] = {}
-        for l in self.layers:
-            for k in l.names:
-                in_branches.setdefault(k, []).append(l.branch)
-        self.complexity = ComplexityCost(
-            dict(gated_weights(gated)), cg, offsets, {l.branch: i for i, l in enumerate(self.layers)}, in_branches,
-            self.flop_factors)
+        """Re-read the weights, the layout and the ChannelGraph (after a removal)."""
+        state = state_of(self.gated)
+        cg, layout = state.graph, state.layout
+        named = dict(self.gated.named_parameters(remove_duplicate=False))
+        self.names = [c for c, p in cg.params.items()
+                      if p.used and not p.buffer and any(n in named for n in p.names)]
+        #: the model's own parameters (by identity, gates excluded)
+        self.weights: list[Tensor] = [next(named[n] for n in cg.params[c].names if n in named) for c in self.names]
+        position = {c: i for i, c in enumerate(self.names)}
+        self.size = layout.size
+        device = gate_bank(self.gated).theta.device
+        # one row vector per weight: squared sums along its unit dim (or its total)
+        self._row_dims: list[tuple[int, ...] | None] = [None] * len(self.weights)
+        row_slots: list[np.ndarray] = [np.array([self.size])] * len(self.weights)
+        elems = np.zeros(self.size + 1)
+        self._unit_channels: list[tuple[Tensor, int, np.ndarray]] = []
+        for b in cg.bindings:
+            gid = cg.spaces[b.space].group
+            if b.role == "consumer" or gid not in layout.units or b.param not in position:
+                continue
+            i = position[b.param]
+            w = self.weights[i]
+            self._row_dims[i] = tuple(d for d in range(w.dim()) if d != b.dim)
+            slots = layout.unit_slots(gid, cg.groups[gid].unit_index[b.space])
+            row_slots[i] = slots
+            self._unit_channels.append((w, b.dim, slots))
+            np.add.at(elems, slots, w.numel() / w.shape[b.dim])
+        owner = np.concatenate([np.full(len(s), i) for i, s in enumerate(row_slots)]) if row_slots else np.zeros(0)
+        self._row_slot = torch.as_tensor(np.concatenate(row_slots) if row_slots else np.zeros(0), dtype=torch.long,
+                                         device=device)
+        self._row_owner = torch.as_tensor(owner, dtype=torch.long, device=device)
+        pairs = [(position[c], slot) for b, slot in layout.layers.items() for c in cg.branches[b].params if c in position]
+        self._layer_w = torch.as_tensor([w for w, _ in pairs], dtype=torch.long, device=device)
+        self._layer_s = torch.as_tensor([s for _, s in pairs], dtype=torch.long, device=device)
+        self._branch_weights: dict[int, list[Tensor]] = {}
+        for b, slot in layout.layers.items():
+            self._branch_weights[b] = [self.weights[position[c]] for c in cg.branches[b].params if c in position]
+        for w, s in pairs:
+            elems[s] += self.weights[w].numel()
+        #: weight entries of every structure (units: in its producers and carriers; layers: in its branch)
+        self.elems = torch.as_tensor(elems[: self.size], dtype=torch.float32, device=device)
+        self.is_layer = torch.as_tensor(layout.is_layer(), device=device)
+        self.complexity = ComplexityCost(cg, self.names, layout.units, layout.layers, self.size, device)
 
-    @staticmethod
-    def unit_sq(u: UnitStructure) -> Tensor:
-        """Squared weight norm of each unit (differentiable)."""
-        out = u.gate.theta.new_zeros(u.gate.theta.shape)
-        for p, dim, idx in u.slices:
-            per = p.pow(2).sum(dim=[d for d in range(p.dim()) if d != dim]) if p.dim() > 1 else p.pow(2)
-            out = out.index_add(0, idx, per.to(out.dtype))
-        return out
+    def unit_channels(self) -> list[tuple[Tensor, int, np.ndarray]]:
+        """``(weight, dim, flat unit slot of every index of that dim)`` for every producer
+        and carrier slice of a gated group: a unit's own weights ``W_g``."""
+        return self._unit_channels
 
-    def thetas(self) -> tuple[Tensor, Tensor]:
-        """All unit thetas concatenated (in ``self.units`` order) and all layer thetas."""
-        ref = next((p for p in self.weights), torch.zeros(()))
-        unit = torch.cat([u.gate.theta for u in self.units]) if self.units else ref.new_zeros(0)
-        layer = torch.cat([l.gate.theta for l in self.layers]) if self.layers else ref.new_zeros(0)
-        return unit, layer
+    def branch_weights(self, branch: int) -> list[Tensor]:
+        """The weights inside gated ``branch`` (removed with it)."""
+        return self._branch_weights[branch]
 
-    def _scaled_thetas(self, alpha: float) -> tuple[Tensor, Tensor]:
+    # ------------------------------------------------------------------ terms
+    def theta(self) -> Tensor:
+        """The flat theta buffer (units of every gated group, then layer gates)."""
+        return gate_bank(self.gated).theta
+
+    def squared_norms(self) -> tuple[Tensor, Tensor]:
+        """``(||W||^2 per weight tensor, ||W_g||^2 per structure)``, differentiable."""
+        squares = torch._foreach_mul(self.weights, self.weights) if self.weights else []
+        rows = [s.sum().reshape(1) if dims is None else s.sum(dims) if dims else s
+                for s, dims in zip(squares, self._row_dims)]
+        dtype = self.theta().dtype
+        rows = torch.cat(rows).to(dtype) if rows else torch.zeros(0, dtype=dtype)
+        per_weight = rows.new_zeros(len(self.weights)).index_add(0, self._row_owner, rows)
+        per_structure = rows.new_zeros(self.size + 1).index_add(0, self._row_slot, rows)[: self.size]
+        per_structure = per_structure.index_add(0, self._layer_s, per_weight[self._layer_w])
+        return per_weight, per_structure
+
+    def scaled_theta(self, alpha: float = 1.0) -> Tensor:
         """The thetas, with the layer gates' gradient multiplied by ``alpha`` (values unchanged)."""
-        unit, layer = self.thetas()
+        theta = self.theta()
         if alpha != 1.0:
-            layer = layer + (alpha - 1.0) * (layer - layer.detach())
-        return unit, layer
+            theta = theta + (alpha - 1.0) * (theta - theta.detach()) * self.is_layer
+        return theta
 
     def expected(self, alpha: float = 1.0) -> tuple[Tensor, Tensor]:
         """Expected FLOPs and parameters per example; ``alpha`` scales the layer gates' gradient."""
-        flops, params = self.complexity.expected(*self._scaled_thetas(alpha))
+        flops, params = self.complexity.expected(self.scaled_theta(alpha))
         return flops + self.other_flops, params
 
     def cost(self, alpha: float = 1.0) -> Tensor:
         """``"complexity"``: ``C(theta) = beta E[FLOPs]/FLOPs_ref + (1 - beta) E[Params]/Params_ref``;
         ``"structures"``: ``C(theta) = sum_g theta_g / structures_ref`` (every gate the same price)."""
         if self.config.cost == "structures":
-            unit, layer = self._scaled_thetas(alpha)
-            return (unit.sum() + layer.sum()) / max(self.ref.structures, 1)
+            return self.scaled_theta(alpha).sum() / max(self.ref.structures, 1)
         beta = self.config.beta
         flops, params = self.expected(alpha)
         return beta * flops / max(self.ref.flops, 1) + (1 - beta) * params / max(self.ref.params, 1)
@@ -162,11 +148,7 @@ class Objective:
         """The regulariser; ``gamma`` overrides the config's (the pruner's warm-up ramp)."""
         c = self.config
         gamma = c.gamma if gamma is None else gamma
-        device = self.weights[0].device if self.weights else torch.device("cpu")
-        slab = 0.5 * c.lam1 * sum((p.pow(2).sum() for p in self.weights), torch.zeros((), device=device))
-        spike = torch.zeros((), device=device)
-        for u in self.units:
-            spike = spike + ((1 - u.gate.theta) * self.unit_sq(u)).sum()
-        for l in self.layers:
-            spike = spike + (1 - l.gate.theta.sum()) * sum(p.pow(2).sum() for p in l.params)
-        return slab + 0.5 * (c.lam0 - c.lam1) * spike + gamma * self.cost(c.alpha)
+        theta = self.theta()
+        per_weight, per_structure = self.squared_norms()
+        spike = ((1 - theta) * per_structure).sum()
+        return 0.5 * c.lam1 * per_weight.sum() + 0.5 * (c.lam0 - c.lam1) * spike + gamma * self.cost(c.alpha).to(theta.dtype)

@@ -5,11 +5,13 @@
         loss = criterion(gated(x), y) + pruner.penalty()
         optimizer.zero_grad(); loss.backward(); optimizer.step(); pruner.step()
 
-A structure is removed at a check (every ``check_every`` steps) once its theta has been
-at or below ``theta_tol`` for ``patience`` checks and its weights are in the domain of
-attraction of zero (RMS at most ``w_tol`` times that of the kept weights). Removal
-compacts the live model: the same ``Parameter`` objects are sliced, and so is the
-optimizer state (momentum, Adam moments); removed branches leave the optimizer.
+``step()`` updates every theta at once (one flat buffer) and makes no host
+synchronisation; every ``check_every`` steps a check reads the thetas once and removes a
+structure whose theta has been at or below ``theta_tol`` for ``patience`` checks and
+whose weights are in the domain of attraction of zero (RMS at most ``w_tol`` times that
+of the kept weights). Removal compacts the live model as one transaction
+(:mod:`fxprune.live_compaction`): parameters, gradients and optimizer state are sliced,
+removed branches leave the optimizer.
 """
 
 from __future__ import annotations
@@ -18,33 +20,13 @@ import numpy as np
 import torch
 from torch import Tensor, fx
 
-from .api import EXAMPLE, channel_graph, config_of
+from . import live_compaction, optim_state
 from .config import PruneConfig
 from .cost import forward_flops
 from .objective import Objective
-from .passes import CHANNEL_GRAPH, Compact
-from .passes.insert_gates import LAYERS, READS, UNITS, gate_modules
+from .state import gate_bank, state_of
 
-__all__ = ["Pruner", "slice_optimizer_state"]
-
-
-def slice_optimizer_state(optimizer: torch.optim.Optimizer, param: Tensor, dim: int, idx: np.ndarray, old_shape: torch.Size) -> None:
-    """Slice every per-element state tensor of ``param`` (momentum, Adam moments) like the parameter."""
-    state = optimizer.state.get(param)
-    if not state:
-        return
-    index = torch.as_tensor(idx, dtype=torch.long)
-    for key, value in state.items():
-        if isinstance(value, Tensor) and value.shape == old_shape:
-            state[key] = value.index_select(dim, index.to(value.device)).contiguous()
-
-
-def _drop_from_optimizer(optimizer: torch.optim.Optimizer, live: set[int]) -> None:
-    for group in optimizer.param_groups:
-        gone = [p for p in group["params"] if id(p) not in live]
-        for p in gone:
-            optimizer.state.pop(p, None)
-        group["params"] = [p for p in group["params"] if id(p) in live]
+__all__ = ["Pruner"]
 
 
 class Pruner:
@@ -52,29 +34,37 @@ class Pruner:
     structures during training. ``config`` defaults to the one given to ``prepare``."""
 
     def __init__(self, gated: fx.GraphModule, optimizer: torch.optim.Optimizer, config: PruneConfig | None = None) -> None:
+        state = state_of(gated)
         self.gated, self.optimizer = gated, optimizer
-        self.config = config or config_of(gated)
-        cg = channel_graph(gated)
-        units, layers = gate_modules(gated, UNITS), gate_modules(gated, LAYERS)
-        if not len(units) and not len(layers):
-            reasons = sorted({g.frozen[0] for g in cg.groups if g.frozen})[:5]
+        self.config = config or state.config
+        if not state.layout.size:
+            cg = state.graph
+            reasons = sorted({g.frozen[0] for g in cg.groups.values() if g.frozen})[:5]
             raise ValueError(
                 "the model has no prunable structure: every channel group is frozen and there is no residual "
-                f"branch (reasons: {'; '.join(reasons)})"
-            )
-        for gate in [*units.values(), *layers.values()]:
-            gate.theta.requires_grad_(True)
+                f"branch (reasons: {'; '.join(reasons)})")
+        optim_state.check_optimizer(optimizer)
+        gate_bank(gated).theta.requires_grad_(True)
         self.objective = Objective(gated, self.config)
         self.steps = 0
-        self.below: dict[str, np.ndarray] = {}
+        #: consecutive checks each flat theta entry has been switched off
+        self.below = np.zeros(state.layout.size, dtype=np.int64)
         #: forward FLOPs per example of the live model, one entry per step
         self.flops_per_step: list[int] = []
-        #: one dict per removal: step, units removed per group, branches removed
-        self.removals: list[dict] = []
+        #: every live removal so far (:class:`fxprune.live_compaction.Removal`)
+        self.removals: list[live_compaction.Removal] = []
         self.dense_flops = self.objective.dense_flops
         self._flops = self.dense_flops
+        device = self.theta.device
+        self._step_t = torch.zeros((), dtype=torch.long, device=device)
+        self._first_nonfinite = torch.full((), -1, dtype=torch.long, device=device)
 
     # ----------------------------------------------------------------- training loop
+    @property
+    def theta(self) -> Tensor:
+        """Every theta, in one flat buffer (``fxprune.state.state_of(gated).layout`` says where)."""
+        return gate_bank(self.gated).theta
+
     def penalty(self) -> Tensor:
         """GSM prior plus ``gamma * C(theta)``; add it to the task loss."""
         return self.objective.penalty(self.gamma())
@@ -84,135 +74,94 @@ class Pruner:
         c = self.config
         return c.gamma * min(1.0, self.steps / c.warmup) if c.warmup else c.gamma
 
-    def gates(self) -> dict[str, torch.nn.Module]:
-        units, layers = gate_modules(self.gated, UNITS), gate_modules(self.gated, LAYERS)
-        return {**{f"{UNITS}.{k}": g for k, g in units.items()}, **{f"{LAYERS}.{k}": g for k, g in layers.items()}}
-
     @torch.no_grad()
-    def step(self) -> dict | None:
+    def step(self) -> live_compaction.Removal | None:
         """Projected SGD on theta; every ``check_every`` steps, the pruning check.
         Returns what was removed at this step, if anything."""
-        lr = self.config.theta_lr
-        for name, gate in self.gates().items():
-            if gate.theta.grad is not None:
-                if not torch.isfinite(gate.theta.grad).all():
-                    raise FloatingPointError(
-                        f"the theta gradient of '{name}' is not finite at step {self.steps}: the loss diverged; "
-                        "lower the weight learning rate or gamma")
-                gate.theta.sub_(lr * gate.theta.grad).clamp_(0.0, 1.0)
-                gate.theta.grad = None
+        theta = self.theta
+        grad = theta.grad
+        if grad is not None:
+            finite = torch.isfinite(grad)
+            first = (self._first_nonfinite < 0) & ~finite.all()
+            self._first_nonfinite.copy_(torch.where(first, self._step_t, self._first_nonfinite))
+            theta.sub_(self.config.theta_lr * torch.where(finite, grad, 0.0)).clamp_(0.0, 1.0)
+            theta.grad = None
+        self._step_t.add_(1)
         self.steps += 1
         self.flops_per_step.append(self._flops)
         return self.check() if self.steps % self.config.check_every == 0 else None
 
     # ----------------------------------------------------------------- pruning conditions
-    def _patience(self, key: str, off: np.ndarray) -> np.ndarray:
-        count = np.where(off, self.below.get(key, np.zeros(len(off), dtype=int)) + 1, 0)
-        self.below[key] = count
-        return count >= self.config.patience
-
     @torch.no_grad()
-    def check(self) -> dict | None:
-        """Apply the pruning conditions and remove what meets them."""
-        c = self.config
-        unit_drop: dict[int, np.ndarray] = {}
-        for u in self.objective.units:
-            theta = u.gate.theta.detach().cpu().numpy()
-            ripe = self._patience(f"{UNITS}.g{u.group}", theta <= c.theta_tol)
-            if not ripe.any():
-                continue
-            sq, elems = self.objective.unit_sq(u).cpu().numpy(), u.elems.numpy()
-            kept = theta > c.theta_tol
-            ref = np.sqrt(sq[kept].sum() / max(elems[kept].sum(), 1)) if kept.any() else np.sqrt(sq.sum() / max(elems.sum(), 1))
-            drop = ripe & (np.sqrt(sq / np.maximum(elems, 1)) <= c.w_tol * ref)
-            if drop.any():
-                unit_drop[u.group] = drop
-            if c.reset_moments and (ripe & ~drop).any():
-                self._reset_moments([(p, dim, torch.as_tensor(ripe & ~drop, device=p.device)[idx]) for p, dim, idx in u.slices])
-        layer_drop: set[int] = set()
-        # the reference: the weights outside every switched-off branch
-        off = {id(p) for l in self.objective.layers if l.gate.theta.item() <= c.theta_tol for p in l.params}
-        weights = [p for p in self.objective.weights if id(p) not in off] or self.objective.weights
-        ref = torch.sqrt(sum(p.pow(2).sum() for p in weights) / max(sum(p.numel() for p in weights), 1)).item()
-        for l in self.objective.layers:
-            ripe = self._patience(f"{LAYERS}.b{l.branch}", l.gate.theta.detach().cpu().numpy() <= c.theta_tol)
-            rms = torch.sqrt(sum(p.pow(2).sum() for p in l.params) / max(l.numel, 1)).item() if l.params else 0.0
-            if ripe[0] and rms <= c.w_tol * ref:
-                layer_drop.add(l.branch)
-            elif ripe[0] and c.reset_moments:
-                self._reset_moments([(p, 0, torch.ones(p.shape[0], dtype=torch.bool, device=p.device)) for p in l.params if p.dim()])
-        if not unit_drop and not layer_drop:
+    def check(self) -> live_compaction.Removal | None:
+        """Apply the pruning conditions and remove what meets them (reads the thetas and
+        weight norms once: the only host synchronisation of training)."""
+        first = int(self._first_nonfinite)
+        if first >= 0:
+            raise FloatingPointError(
+                f"the theta gradient was not finite at step {first}: the loss diverged; "
+                "lower the weight learning rate or gamma")
+        c, obj = self.config, self.objective
+        state = state_of(self.gated)
+        per_weight, per_structure = obj.squared_norms()
+        theta = self.theta.detach().cpu().numpy()
+        sq, elems = per_structure.cpu().numpy(), obj.elems.cpu().numpy()
+        off = theta <= c.theta_tol
+        self.below = np.where(off, self.below + 1, 0)
+        ripe = self.below >= c.patience
+        if not ripe.any():
             return None
-        return self.remove(unit_drop, layer_drop)
+        rms = np.sqrt(sq / np.maximum(elems, 1))
+        ref = np.zeros_like(rms)
+        for sl in state.layout.units.values():  # units: against the kept units of their group
+            kept = ~off[sl] if (~off[sl]).any() else np.ones(sl.stop - sl.start, dtype=bool)
+            ref[sl] = np.sqrt(sq[sl][kept].sum() / max(elems[sl][kept].sum(), 1))
+        if state.layout.layers:  # layers: against the weights outside every switched-off branch
+            w_sq = per_weight.cpu().numpy()
+            sizes = np.array([w.numel() for w in obj.weights], dtype=float)
+            inside = np.zeros(len(sizes), dtype=bool)
+            layer_w, layer_s = obj._layer_w.cpu().numpy(), obj._layer_s.cpu().numpy()
+            inside[layer_w[off[layer_s]]] = True
+            outside = ~inside if (~inside).any() else np.ones_like(inside)
+            ref[list(state.layout.layers.values())] = np.sqrt(w_sq[outside].sum() / max(sizes[outside].sum(), 1))
+        drop = ripe & (rms <= c.w_tol * ref)
+        if c.reset_moments:
+            self._reset_moments(ripe & ~drop)
+        if not drop.any():
+            return None
+        units = {g: drop[sl] for g, sl in state.layout.units.items() if drop[sl].any()}
+        layers = {b for b, i in state.layout.layers.items() if drop[i]}
+        return self.remove(units, layers)
 
-    def _reset_moments(self, entries: list[tuple[Tensor, int, Tensor]]) -> None:
-        """Zero the optimizer state (momentum, Adam moments) of the switched-off entries:
-        ``(param, dim, mask over that dim)``. A switched-off structure gets no data gradient
-        any more, only the spike prior's pull to zero; moments remembered from its active
-        past would damp that pull for thousands of steps under Adam (second moments decay
-        with 1 - beta2 = 1e-3), and the structure would never reach the weight condition."""
-        for p, dim, mask in entries:
-            state = self.optimizer.state.get(p)
-            if not state:
-                continue
-            index = mask.nonzero().flatten()
-            for key, value in state.items():
-                if isinstance(value, Tensor) and value.shape == p.shape:
-                    value.index_fill_(dim, index.to(value.device), 0.0)
+    def _reset_moments(self, reset: np.ndarray) -> None:
+        """Zero the optimizer state (momentum, Adam moments) of the switched-off entries.
+        A switched-off structure gets no data gradient any more, only the spike prior's
+        pull to zero; moments remembered from its active past would damp that pull for
+        thousands of steps under Adam (second moments decay with 1 - beta2 = 1e-3), and the
+        structure would never reach the weight condition."""
+        if not reset.any():
+            return
+        for w, dim, slots in self.objective.unit_channels():
+            hit = np.flatnonzero(reset[slots])
+            if len(hit):
+                optim_state.zero_entries(self.optimizer, w, dim, torch.as_tensor(hit))
+        state = state_of(self.gated)
+        for b, i in state.layout.layers.items():
+            if reset[i]:
+                for w in self.objective.branch_weights(b):
+                    if w.dim():
+                        optim_state.zero_entries(self.optimizer, w, 0, torch.arange(w.shape[0]))
 
     # ----------------------------------------------------------------- live removal
-    def _never_empty(self, unit_drop: dict[int, np.ndarray], dead: set[str]) -> dict[int, np.ndarray]:
-        """Keep, in every channel space still in the graph, at least its best unit."""
-        cg = channel_graph(self.gated)
-        live_nodes = {n.name for n in self.gated.graph.nodes} - dead
-        units = gate_modules(self.gated, UNITS)
-        keep = {}
-        for gid, drop in unit_drop.items():
-            k = ~drop
-            theta = units[f"g{gid}"].theta.detach().cpu().numpy()
-            for s in cg.groups[gid].spaces:
-                idx = cg.groups[gid].unit_index[s]
-                if cg.spaces[s].node in live_nodes and len(idx) and not k[idx].any():
-                    k[idx[np.argmax(theta[idx])]] = True
-            if not k.all():
-                keep[gid] = k
-        return keep
-
-    def remove(self, unit_drop: dict[int, np.ndarray], layer_drop: set[int]) -> dict:
-        """Remove units (``unit_drop[group]`` True = remove) and branches from the live model."""
-        gated, cg = self.gated, channel_graph(self.gated)
-        dead = set().union(*(cg.branches[i].nodes for i in layer_drop)) if layer_drop else set()
-        unit_keep = self._never_empty(unit_drop, dead)
-        compact = Compact(cg, unit_keep, set(layer_drop))
-        compact(gated)
-        params = dict(gated.named_parameters())
-        for name, dim, idx, old_shape in compact.sliced:
-            if name in params:
-                slice_optimizer_state(self.optimizer, params[name], dim, idx, old_shape)
-        _drop_from_optimizer(self.optimizer, {id(p) for p in gated.parameters()})
-
-        new_cg = cg.restrict(unit_keep)
-        gated.meta[CHANNEL_GRAPH] = new_cg
-        units = gate_modules(gated, UNITS)
-        for gid, keep in unit_keep.items():
-            key = f"g{gid}"
-            if key in units:
-                units[key].slice_(keep, new_cg.groups[gid].segments())
-                if f"{UNITS}.{key}" in self.below:
-                    self.below[f"{UNITS}.{key}"] = self.below[f"{UNITS}.{key}"][keep]
-        for read in gate_modules(gated, READS).values():
-            if read.group in unit_keep:
-                g = new_cg.groups[read.group]
-                read.set_index(g.unit_index[read.space], g.num_units)
+    def remove(self, unit_drop: dict[int, np.ndarray], layer_drop: set[int],
+               verify: bool = True) -> live_compaction.Removal:
+        """Remove units (``unit_drop[group]``: True = remove) and branches from the live
+        model and its optimizer (:func:`fxprune.live_compaction.remove`)."""
+        record = live_compaction.remove(self.gated, unit_drop, layer_drop, self.optimizer, verify=verify)
+        record.step = self.steps
+        self.below = self.below[record.extra.pop("kept")]
         self.objective.rebuild()
-        self._flops = self.forward_flops()
-        record = {
-            "step": self.steps,
-            "units": {gid: int((~k).sum()) for gid, k in unit_keep.items()},
-            "layers": sorted(layer_drop),
-            "flops": self._flops,
-            "keep": {gid: k.tolist() for gid, k in unit_keep.items()},
-        }
+        self._flops = record.flops
         self.removals.append(record)
         return record
 
@@ -222,9 +171,10 @@ class Pruner:
         with the model's and optimizer's state dicts, enough to resume exactly."""
         return {
             "steps": self.steps,
-            "below": {k: v.tolist() for k, v in self.below.items()},
+            "below": self.below.tolist(),
             "flops_per_step": list(self.flops_per_step),
-            "removals": [dict(r) for r in self.removals],
+            "removals": [{"step": r.step, "units": dict(r.units), "layers": list(r.layers), "flops": r.flops,
+                          "keep": {g: list(k) for g, k in r.keep.items()}} for r in self.removals],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -235,19 +185,19 @@ class Pruner:
             raise RuntimeError(
                 "Pruner.load_state_dict needs a fresh pruner: build the gated model, optimizer and Pruner "
                 "again as at the start of training, then load the checkpoint")
-        for record in state["removals"]:
-            keep = {int(g): np.asarray(k, dtype=bool) for g, k in record["keep"].items()}
-            self.remove({g: ~k for g, k in keep.items()}, set(record["layers"]))
+        for saved in state["removals"]:
+            keep = {int(g): np.asarray(k, dtype=bool) for g, k in saved["keep"].items()}
+            record = self.remove({g: ~k for g, k in keep.items()}, set(saved["layers"]), verify=False)
+            record.step = int(saved["step"])
         self.steps = int(state["steps"])
-        self.below = {k: np.asarray(v, dtype=int) for k, v in state["below"].items()}
+        self._step_t.fill_(self.steps)
+        self.below = np.asarray(state["below"], dtype=np.int64)
         self.flops_per_step = list(state["flops_per_step"])
-        self.removals = [dict(r) for r in state["removals"]]
 
     # ----------------------------------------------------------------- accounting
     def forward_flops(self) -> int:
         """Forward FLOPs per example of the live (partly compacted) model, gates as in eval."""
-        example = self.gated.meta.get(EXAMPLE)
-        return forward_flops(self.gated, example) if example is not None else 0
+        return forward_flops(self.gated, state_of(self.gated).example)
 
     def training_flops_ratio(self) -> float:
         """Cumulative forward FLOPs of the steps so far over dense training's."""

@@ -1,16 +1,20 @@
 """The graph passes of fxprune: trace, analyze, residualize, insert gates, compact.
 
-Each module holds one pass with one public entry point and no training logic.
+Each module holds one pass or one shared piece (the op-class table, the ChannelGraph
+contract, the size arguments of shape ops, module surgery); none knows the learning
+method, and nothing here imports the ``fxprune`` core.
 """
 
-from .analyze import analyze
-from .channel_graph import Binding, Branch, ChannelGraph, Group, Read, Rewrite, Space
-from .compact import Compact, StripGates
-from .insert_gates import CHANNEL_GRAPH, InsertGates
+from .analysis import analyze
+from .channel_graph import Binding, Branch, ChannelGraph, Group, Param, Read, Rewrite, Space
+from .compact import Compact, CompactionError, plan_slices, rewrite_graph
+from .insert_gates import InsertGates, StripGates
 from .residualize import Residualize, residualize
+from .shape_prop import AdaptiveShapeProp, propagate_shapes
 from .trace import TraceError, trace
 
 __all__ = [
-    "trace", "TraceError", "analyze", "InsertGates", "Residualize", "residualize", "StripGates", "Compact", "CHANNEL_GRAPH",
-    "ChannelGraph", "Space", "Group", "Branch", "Binding", "Read", "Rewrite",
+    "trace", "TraceError", "propagate_shapes", "AdaptiveShapeProp", "analyze", "InsertGates", "StripGates",
+    "Residualize", "residualize", "Compact", "CompactionError", "plan_slices", "rewrite_graph",
+    "ChannelGraph", "Space", "Group", "Branch", "Binding", "Read", "Rewrite", "Param",
 ]

@@ -1,4 +1,5 @@
-"""The one object the passes share: channel spaces, their groups, and residual branches.
+"""The one contract the passes and the method share: channel spaces, their groups,
+parameters by identity, residual branches, reads and shape constants.
 
 A *channel space* is one tensor dimension of one fx node's output that carries channels
 (``conv`` output dim 1, ``linear`` output last dim, ...). The analysis links spaces whose
@@ -8,8 +9,17 @@ links form a networkx multigraph; a *group* is one connected component, and its 
 are the classes of channel indices tied together inside it: one unit is what one gate
 entry removes.
 
-Everything downstream (gate insertion, compaction, reports) reads this object and never
-re-derives channel relations from the fx graph.
+Everything downstream (gate insertion, the complexity cost, compaction, live removal,
+tables and pictures) reads this object and never re-derives channel relations from the
+fx graph. After live removal, :meth:`ChannelGraph.restrict` gives the analysis of the
+smaller model, with no stale space, edge, read, rewrite, branch or parameter.
+
+Example::
+
+    >>> cg = analyze(trace(model, (x,)))
+    >>> g = cg.prunable_groups[0]
+    >>> [cg.params[b.param].names for b in cg.bindings_of(g)]
+    [('conv1.weight',), ('bn1.weight',), ...]
 """
 
 from __future__ import annotations
@@ -19,15 +29,17 @@ from typing import Literal
 
 import networkx as nx
 import numpy as np
+import torch
 
-__all__ = ["Space", "Binding", "Read", "Rewrite", "Group", "Branch", "ChannelGraph"]
+__all__ = ["Space", "Param", "Binding", "Read", "Rewrite", "Group", "Branch", "ChannelGraph", "floor_keep", "segment_matrix"]
 
 Role = Literal["producer", "consumer", "carrier"]
 
 
 @dataclass
 class Space:
-    """One channel-carrying dimension of one node's output."""
+    """One channel-carrying dimension of one node's output (``batch``: the batch dimension,
+    followed by the same rules and always frozen)."""
 
     id: int
     node: str
@@ -35,17 +47,41 @@ class Space:
     size: int
     frozen: str | None = None
     group: int = -1
+    batch: bool = False
+
+
+@dataclass(frozen=True)
+class Param:
+    """A parameter or buffer, by identity: a tensor reached under several names (tied
+    weights, a shared module) is one ``Param`` with all its ``names``; ``name`` is the
+    first of them in module order.
+
+    ``flops`` is the forward FLOPs per example each entry costs (two per multiply-add
+    of a convolution or linear weight, summed over every call; 0 for biases and norm
+    affines); ``branches`` are the residual branches whose removal deletes the tensor
+    (every node that reaches it lies inside them); ``used`` is False for a tensor no node
+    the output depends on reaches (compaction deletes it)."""
+
+    name: str
+    names: tuple[str, ...]
+    shape: tuple[int, ...]
+    buffer: bool
+    flops: float = 0.0
+    branches: tuple[int, ...] = ()
+    used: bool = True
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
 
 
 @dataclass(frozen=True)
 class Binding:
-    """A parameter or buffer dimension indexed by a channel space.
+    """A parameter dimension indexed by a channel space. ``param`` is a canonical name
+    (:attr:`Param.name`). ``period`` is set for the input dimension of a grouped
+    convolution, whose weight is indexed by ``channel % period``."""
 
-    ``period`` is set for the input dimension of a grouped convolution, whose weight is
-    indexed by ``channel % period``.
-    """
-
-    target: str
+    param: str
     dim: int
     space: int
     role: Role
@@ -56,38 +92,44 @@ class Binding:
 @dataclass(frozen=True)
 class Read:
     """A consumer that mixes the channels of ``space``: ``node.args[arg]`` reads them on
-    dimension ``dim``. Unit gates are applied here, so a gate at 0 means exactly
-    "channel absent"."""
+    dimension ``dim``; ``batch_dim`` is that tensor's batch dimension (``None`` where
+    the analysis lost track of it, e.g. after a reshape merging batch and sequence).
+    Unit gates are applied here, so a gate at 0 means exactly "channel absent"."""
 
     node: str
     arg: int
     space: int
     dim: int
+    batch_dim: int | None = 0
 
 
 @dataclass(frozen=True)
 class Rewrite:
     """A constant in ``node``'s arguments that must follow the kept size of spaces.
 
-    kinds: ``view`` (``args`` position ``pos`` is the size of ``spaces[0]``), ``slice``
-    (getitem bounds on dim ``pos`` of input space ``spaces[0]``), ``split`` (split/chunk
-    along dim ``pos`` into ``spaces``, the outputs' spaces)."""
+    kinds: ``sizes`` (entry ``pos`` of the sizes a view/reshape/expand/unflatten is
+    given is the size of ``spaces[0]``), ``slice`` (getitem bounds at index position
+    ``pos`` of input space ``spaces[0]``), ``split`` (split/chunk along dim ``pos`` into
+    ``spaces``, the outputs' spaces)."""
 
     node: str
-    kind: Literal["view", "slice", "split"]
+    kind: Literal["sizes", "slice", "split"]
     pos: int
     spaces: tuple[int, ...]
 
 
 @dataclass
 class Group:
-    """A connected component of tied spaces: one unit gate vector of length ``num_units``."""
+    """A connected component of tied spaces: one unit gate vector of length ``num_units``.
+    ``per_example`` is False when some read of the group has no batch dimension: its
+    gate then samples one mask per batch instead of one per example."""
 
     id: int
     spaces: list[int]
     num_units: int
     unit_index: dict[int, np.ndarray]
     frozen: list[str] = field(default_factory=list)
+    per_example: bool = True
 
     @property
     def prunable(self) -> bool:
@@ -99,39 +141,87 @@ class Group:
         return [np.asarray(s, dtype=np.int64) for s in sorted(seen)]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Branch:
     """A residual branch ``add(stream, out)`` where ``out = F(x)`` and ``stream`` is ``x``
-    or a shortcut of it; removing the ``nodes`` of F turns the add into ``stream``."""
+    or a shortcut of it; removing the ``nodes`` of F turns the add into ``stream``.
+    ``params`` are the tensors only F reaches (canonical names), ``batch_dim`` the batch
+    dimension of ``out``."""
 
     id: int
     add: str
     stream: str
     out: str
     nodes: frozenset[str]
+    params: tuple[str, ...] = ()
+    batch_dim: int | None = 0
+
+
+def segment_matrix(segments: list[np.ndarray], offset: int = 0) -> torch.Tensor:
+    """Unit sets as one ``[segments, width]`` index matrix (``offset`` added), padded with -1."""
+    width = max((len(s) for s in segments), default=0)
+    pad = np.full((len(segments), width), -1, dtype=np.int64)
+    for i, seg in enumerate(segments):
+        pad[i, : len(seg)] = np.asarray(seg) + offset
+    return torch.as_tensor(pad)
+
+
+def floor_keep(keep: torch.Tensor, score: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """``keep`` (bool) with, in every segment (a row of :func:`segment_matrix`) that
+    would be empty, its unit of highest ``score`` kept: a channel dimension never becomes
+    empty. Tensor ops only, so it runs on the gates' device without a host sync."""
+    if not segments.numel():
+        return keep
+    valid = segments >= 0
+    units = segments.clamp_min(0)
+    scores = torch.where(valid, score[units].to(torch.float32), torch.tensor(-1.0, device=score.device))
+    best = units.gather(1, scores.argmax(1, keepdim=True)).squeeze(1)
+    empty = ~(keep[units] & valid).any(1)
+    return keep.to(torch.uint8).scatter_reduce(0, best, empty.to(torch.uint8), reduce="amax").bool()
 
 
 @dataclass
 class ChannelGraph:
-    """Result of :func:`fxprune.passes.analyze.analyze`."""
+    """Result of :func:`fxprune.passes.analysis.analyze`.
+
+    ``spaces``, ``groups`` and ``branches`` are keyed by id; ids stay the same through
+    :meth:`restrict`. ``params`` is keyed by canonical name and ``aliases`` maps every
+    name a tensor is reached under to it. ``batch_size`` is the number of examples of
+    the input the model was analysed with, ``inputs`` the batch dim of every input
+    (placeholder name -> dim, or None), ``all_channels`` the output channels of every
+    convolution and linear layer of the model, understood or not (inside leaves, with
+    computed weights)."""
+
+    @property
+    def batch_input(self) -> str | None:
+        """The first input with a batch dim (the gates take the batch size from it)."""
+        return next((name for name, d in self.inputs.items() if d is not None), None)
 
     graph: nx.MultiGraph
-    spaces: list[Space]
-    groups: list[Group]
-    branches: list[Branch]
+    spaces: dict[int, Space]
+    groups: dict[int, Group]
+    branches: dict[int, Branch]
+    params: dict[str, Param]
     bindings: list[Binding]
     reads: list[Read]
     rewrites: list[Rewrite]
     node_dims: dict[str, object]
+    batch_size: int = 1
+    inputs: dict[str, int | None] = field(default_factory=dict)
+    all_channels: int = 0
     leaves: dict[str, str] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ queries
+    @property
+    def aliases(self) -> dict[str, str]:
+        return {n: p.name for p in self.params.values() for n in p.names}
+
     def group_of(self, space: int) -> Group:
         return self.groups[self.spaces[space].group]
 
     @property
     def prunable_groups(self) -> list[Group]:
-        return [g for g in self.groups if g.prunable]
+        return [g for g in self.groups.values() if g.prunable]
 
     def bindings_of(self, group: Group) -> list[Binding]:
         members = set(group.spaces)
@@ -146,28 +236,139 @@ class ChannelGraph:
             return np.arange(s.size)
         return np.flatnonzero(keep[self.groups[s.group].unit_index[space]])
 
-    def restrict(self, unit_keep: dict[int, np.ndarray]) -> "ChannelGraph":
-        """The analysis of the model after the units not in ``unit_keep`` were sliced out:
-        spaces shrink, kept units are renumbered, grouped-conv periods follow. (The
-        networkx graph keeps its original edges; only groups and spaces are updated.)"""
-        spaces = [replace(s, size=len(self.keep_indices(s.id, unit_keep))) for s in self.spaces]
-        groups = []
-        for g in self.groups:
+    def kept_size(self, b: Binding, unit_keep: dict[int, np.ndarray]) -> int:
+        """The size of ``b``'s parameter dimension once ``unit_keep`` is applied."""
+        idx = self.keep_indices(b.space, unit_keep)
+        return int((idx < b.period).sum()) if b.period else len(idx)
+
+    def dead_nodes(self, drop: set[int]) -> set[str]:
+        """The nodes of the branches ``drop`` (what removing them deletes)."""
+        return set().union(*(self.branches[i].nodes for i in drop)) if drop else set()
+
+    def effective_keep(self, unit_keep: dict[int, np.ndarray], drop: set[int]) -> dict[int, np.ndarray]:
+        """``unit_keep`` for the groups that survive dropping the branches ``drop``, with
+        the units that have channels only inside dropped branches removed as well."""
+        dead = self.dead_nodes(drop)
+        out: dict[int, np.ndarray] = {}
+        for g in self.groups.values():
+            live = [s for s in g.spaces if self.spaces[s].node not in dead]
+            if not live:
+                continue
+            keep = unit_keep.get(g.id, np.ones(g.num_units, dtype=bool)).copy()
+            alive = np.zeros(g.num_units, dtype=bool)
+            for s in live:
+                alive[g.unit_index[s]] = True
+            keep &= alive
+            if not keep.all():
+                out[g.id] = keep
+        return out
+
+    def restrict(self, unit_keep: dict[int, np.ndarray], drop: set[int] = frozenset(),
+                 replaced: dict[str, str] | None = None, gone: set[str] = frozenset()) -> "ChannelGraph":
+        """The analysis of the model after compaction: the units not in ``unit_keep`` (an
+        :meth:`effective_keep`) sliced out, the branches ``drop`` removed (``replaced``
+        maps each erased add to the node that took its place), and the tensor names
+        ``gone`` deleted. Spaces shrink, kept units are renumbered, edges are re-indexed,
+        grouped-conv periods follow, and everything inside dropped branches is gone."""
+        replaced = replaced or {}
+        dead = self.dead_nodes(drop) | set(replaced)
+        new_pos = {}
+        spaces: dict[int, Space] = {}
+        for s in self.spaces.values():
+            if s.node in dead:
+                continue
+            kept = self.keep_indices(s.id, unit_keep)
+            pos = np.full(s.size, -1, dtype=np.int64)
+            pos[kept] = np.arange(len(kept))
+            new_pos[s.id] = pos
+            spaces[s.id] = replace(s, size=len(kept))
+        graph = nx.MultiGraph()
+        graph.add_nodes_from(spaces)
+        for u, v, d in self.graph.edges(data=True):
+            if u not in spaces or v not in spaces:
+                continue
+            pairs = d["pairs"]
+            if pairs is not None:
+                a, b = (u, v) if d["src"] == u else (v, u)
+                ia, ib = new_pos[a][pairs[0]], new_pos[b][pairs[1]]
+                ok = (ia >= 0) & (ib >= 0)
+                pairs = (ia[ok], ib[ok])
+            graph.add_edge(u, v, pairs=pairs, src=d["src"])
+
+        groups: dict[int, Group] = {}
+        for g in self.groups.values():
+            members = [s for s in g.spaces if s in spaces]
+            if not members:
+                continue
             keep = unit_keep.get(g.id)
             if keep is None:
-                groups.append(g)
+                groups[g.id] = replace(g, spaces=members, unit_index={s: g.unit_index[s] for s in members})
                 continue
             renumber = np.cumsum(keep) - 1
-            index = {s: renumber[u[keep[u]]] for s, u in g.unit_index.items()}
-            groups.append(replace(g, num_units=int(keep.sum()), unit_index=index))
-        bindings = [
-            replace(b, period=int((self.keep_indices(b.space, unit_keep) < b.period).sum())) if b.period else b
-            for b in self.bindings
-        ]
-        return replace(self, spaces=spaces, groups=groups, bindings=bindings)
+            index = {s: renumber[g.unit_index[s][keep[g.unit_index[s]]]] for s in members}
+            groups[g.id] = replace(g, spaces=members, num_units=int(keep.sum()), unit_index=index)
 
+        params: dict[str, Param] = {}
+        for p in self.params.values():
+            names = tuple(n for n in p.names if n not in gone)
+            if not names:
+                continue
+            shape = list(p.shape)
+            for b in self.bindings:
+                if b.param == p.name and b.space in spaces:
+                    shape[b.dim] = self.kept_size(b, unit_keep)
+            params[p.name] = replace(p, name=names[0], names=names, shape=tuple(shape),
+                                     branches=tuple(i for i in p.branches if i not in drop))
+        rename = {old: p.name for old, p in params.items()}
+        bindings = [
+            replace(b, param=rename[b.param],
+                    period=int((self.keep_indices(b.space, unit_keep) < b.period).sum()) if b.period else None)
+            for b in self.bindings if b.param in rename and b.space in spaces
+        ]
+        branches: dict[int, Branch] = {}
+        for br in self.branches.values():
+            if br.id in drop or br.add in dead:
+                continue
+            branches[br.id] = replace(
+                br, out=replaced.get(br.out, br.out), stream=replaced.get(br.stream, br.stream),
+                nodes=frozenset(n for n in br.nodes if n not in dead),
+                params=tuple(rename[q] for q in br.params if q in rename))
+        params = {p.name: p for p in params.values()}
+        return replace(
+            self, graph=graph, spaces=spaces, groups=groups, branches=branches, params=params, bindings=bindings,
+            reads=[r for r in self.reads if r.node not in dead and r.space in spaces],
+            rewrites=[r for r in self.rewrites if r.node not in dead and all(s in spaces for s in r.spaces)],
+            node_dims={n: d for n, d in self.node_dims.items() if n not in dead},
+        )
+
+    def check(self) -> None:
+        """Raise ``AssertionError`` naming the first inconsistency: a space outside its
+        group, a unit index of the wrong size, an edge to a missing space, a binding whose
+        parameter dimension differs from its space, a read or branch of a missing node."""
+        for s in self.spaces.values():
+            g = self.groups.get(s.group)
+            assert g is not None and s.id in g.spaces, f"space {s.id} ('{s.node}' dim {s.dim}) is not in its group {s.group}"
+            idx = g.unit_index[s.id]
+            assert len(idx) == s.size, f"space {s.id}: {len(idx)} unit indices for {s.size} channels"
+            assert not len(idx) or idx.max() < g.num_units, f"space {s.id}: unit index past group {g.id}'s {g.num_units} units"
+        for g in self.groups.values():
+            assert all(self.spaces[s].group == g.id for s in g.spaces), f"group {g.id} lists a space of another group"
+        for u, v in self.graph.edges():
+            assert u in self.spaces and v in self.spaces, f"edge ({u}, {v}) to a space that is gone"
+        for b in self.bindings:
+            p = self.params.get(b.param)
+            assert p is not None, f"binding of '{b.param}', a tensor that is gone"
+            want = self.spaces[b.space].size if b.period is None else b.period
+            if b.period is None:
+                assert p.shape[b.dim] == want, f"'{p.name}' dim {b.dim} has {p.shape[b.dim]} entries, its space {want}"
+        for r in self.reads:
+            assert r.node in self.node_dims, f"read by '{r.node}', a node that is gone"
+        for br in self.branches.values():
+            assert br.add in self.node_dims and br.out in self.node_dims, f"branch {br.id} refers to a node that is gone"
+
+    # ------------------------------------------------------------------ summaries
     def producer_channels(self) -> tuple[int, int]:
-        """(prunable, total) output channels of the layers that produce channels."""
+        """(prunable, total) output channels of the layers the analysis understood."""
         seen: set[tuple[str, int]] = set()
         prunable = total = 0
         for b in self.bindings:
@@ -178,6 +379,10 @@ class ChannelGraph:
             total += size
             prunable += size if self.group_of(b.space).prunable else 0
         return prunable, total
+
+    def prunable_share(self) -> tuple[int, int]:
+        """(prunable output channels, output channels of every conv/linear layer)."""
+        return self.producer_channels()[0], max(self.all_channels, self.producer_channels()[1])
 
     def frozen_reasons(self) -> dict[str, int]:
         """Distinct reasons for frozen producer channels, with how many channels each freezes."""

@@ -1,213 +1,188 @@
-"""Compaction rewrite: remove gates, slice what they switched off, delete dropped branches.
+"""Compaction: slice what the gates switched off, rewrite shape constants, delete dropped
+branches.
 
-Two passes over a *copy* of the gated model:
+The work is split so that ``convert`` and live removal share it:
 
-* :class:`StripGates` removes every gate node and module, leaving the original graph;
-* :class:`Compact` slices every parameter and buffer bound to a group with the kept
-  indices, updates module attributes (``in_channels``, ``groups``, ``num_features``, ...),
-  rewrites shape constants (view sizes, slice bounds, split sizes; ``chunk`` becomes
-  ``split``), and replaces each dropped branch's add by its stream.
+* :func:`plan_slices`: which tensor (by canonical name) keeps which indices of which dim;
+* :func:`rewrite_graph`: shape constants (view/reshape/expand/unflatten sizes, slice
+  bounds, split sizes; ``chunk`` becomes ``split``) and dropped branches (their add
+  becomes the stream), on any graph with the analysed node names, for instance a copy;
+* :class:`Compact`: the pass ``convert`` runs on a model it owns: new sliced tensors,
+  layer sizes re-derived, the graph rewritten, unreferenced tensors deleted. Its
+  postcondition re-runs the example input and compares with the gated model's output.
 
-The result is a plain ``GraphModule``: no hooks, no masks, no fxprune modules, so
-``torch.compile`` and ``torch.export`` see an ordinary network.
+Example::
+
+    >>> Compact(cg, unit_keep, drop, check=(example, expected))(compact_gm)
 """
 
 from __future__ import annotations
-
-import operator
 
 import numpy as np
 import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..gates import apply_layer_gate
-from .channel_graph import ChannelGraph
-from .insert_gates import LAYERS, READS, UNITS
+from .channel_graph import ChannelGraph, Rewrite
+from .sizes import set_sizes, sizes_of
+from .surgery import delete_unreferenced, index_tensor, is_impure, out_of_place, refresh_module, replace_tensor
 
-__all__ = ["StripGates", "Compact", "slice_tensor", "refresh_module", "reached_tensors"]
-
-
-class StripGates(PassBase):
-    """Remove gate nodes and gate modules (in place); the model computes as if all gates were 1."""
-
-    def call(self, gm: fx.GraphModule) -> PassResult:
-        graph = gm.graph
-        for n in list(graph.nodes):
-            if (n.op == "call_module" and str(n.target).startswith(READS + ".")) or (
-                n.op == "call_function" and n.target is apply_layer_gate
-            ):
-                n.replace_all_uses_with(n.args[0])
-                graph.erase_node(n)
-        for n in list(graph.nodes):
-            if n.op == "call_module" and str(n.target).startswith((UNITS + ".", LAYERS + ".")):
-                graph.erase_node(n)
-        for name in (UNITS, LAYERS, READS):
-            if hasattr(gm, name):
-                delattr(gm, name)
-        graph.lint()
-        gm.recompile()
-        return PassResult(gm, True)
+__all__ = ["Compact", "plan_slices", "rewrite_graph", "check_nonempty", "CompactionError", "max_relative_error"]
 
 
-def slice_tensor(t: torch.Tensor, dim: int, idx: np.ndarray) -> None:
-    """Keep ``idx`` along ``dim`` of ``t`` in place (``t`` stays the same object, so an
-    optimizer holding it keeps working)."""
-    new = t.data.index_select(dim, torch.as_tensor(idx, dtype=torch.long, device=t.device)).contiguous()
-    if t.requires_grad:
-        # Autograd caches a parameter's gradient accumulator with its old shape, and a
-        # graph still alive (the last step's loss) keeps that cache; assigning data of
-        # another dtype first is the supported way to make autograd drop it.
-        t.data = torch.empty(0, dtype=torch.float64 if t.dtype != torch.float64 else torch.float32, device=t.device)
-    t.data = new
+class CompactionError(AssertionError):
+    """The compacted model does not compute what the gated model computed."""
 
 
-def refresh_module(m: nn.Module) -> None:
-    """Re-derive a layer's size attributes from its (sliced) parameters."""
-    if isinstance(m, nn.modules.conv._ConvNd):
-        w = m.weight
-        if m.transposed:
-            m.in_channels, m.out_channels = w.shape[0], w.shape[1] * m.groups
-        else:
-            if m.groups > 1 and m.groups == m.in_channels:  # depthwise: one group per input channel
-                mult = m.out_channels // m.groups
-                m.groups = w.shape[0] // mult
-                m.in_channels = m.groups
-            else:
-                m.in_channels = w.shape[1] * m.groups
-            m.out_channels = w.shape[0]
-    elif isinstance(m, nn.Linear):
-        m.out_features, m.in_features = m.weight.shape
-    elif isinstance(m, (nn.modules.batchnorm._NormBase)):
-        t = m.weight if m.weight is not None else m.running_mean
-        if t is not None:
-            m.num_features = t.shape[0]
+def check_nonempty(cg: ChannelGraph, unit_keep: dict[int, np.ndarray], drop: set[int]) -> None:
+    """Raise ``ValueError`` if ``unit_keep`` empties a channel dimension left in the model."""
+    dead = cg.dead_nodes(drop)
+    for gid, keep in unit_keep.items():
+        for s in cg.groups[gid].spaces:
+            space = cg.spaces[s]
+            if space.node not in dead and not cg.keep_indices(s, unit_keep).size:
+                raise ValueError(
+                    f"the gates of group {gid} remove every channel of '{space.node}' (dim {space.dim}); "
+                    "a channel dimension cannot become empty: keep at least one of its units")
 
 
-_INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
-                      operator.itruediv: operator.truediv}
+def plan_slices(cg: ChannelGraph, unit_keep: dict[int, np.ndarray]) -> dict[str, list[tuple[int, np.ndarray]]]:
+    """``{canonical tensor name: [(dim, kept indices), ...]}`` for every tensor whose size
+    changes when the groups keep ``unit_keep``."""
+    out: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for b in cg.bindings:
+        if cg.spaces[b.space].group not in unit_keep:
+            continue
+        idx = cg.keep_indices(b.space, unit_keep)
+        if b.period is not None:
+            idx = idx[idx < b.period]
+        if len(idx) != cg.params[b.param].shape[b.dim]:
+            out.setdefault(b.param, []).append((b.dim, idx))
+    return out
 
 
-def _out_of_place(gm: fx.GraphModule, node: fx.Node, stream: fx.Node) -> None:
-    """``node`` now reads ``stream`` where it read a fresh add result: an in-place op there
-    would overwrite a tensor others (and autograd) still hold, so make it out-of-place."""
-    if node.op == "call_module":
-        m = gm.get_submodule(node.target)
-        if getattr(m, "inplace", False):
-            m.inplace = False
-    elif node.op == "call_function":
-        if node.target in _INPLACE_OPERATORS and node.args and node.args[0] is stream:
-            node.target = _INPLACE_OPERATORS[node.target]
-        elif node.kwargs.get("inplace"):
-            node.kwargs = {**node.kwargs, "inplace": False}
-    elif node.op == "call_method" and node.target.endswith("_") and hasattr(torch.Tensor, node.target[:-1]):
-        node.target = node.target[:-1]
+def _rewrite(node: fx.Node, rw: Rewrite, cg: ChannelGraph, keep: dict[int, np.ndarray],
+             modules: dict[str, nn.Module]) -> None:
+    if rw.kind == "sizes":
+        sizes = sizes_of(node, modules)
+        values = list(sizes.values)
+        values[rw.pos] = len(cg.keep_indices(rw.spaces[0], keep))
+        set_sizes(node, modules, values)
+    elif rw.kind == "slice":
+        idx = node.args[1]
+        items = list(idx) if isinstance(idx, tuple) else [idx]
+        start, stop, _ = items[rw.pos].indices(cg.spaces[rw.spaces[0]].size)
+        kept = cg.keep_indices(rw.spaces[0], keep)
+        items[rw.pos] = slice(int(np.searchsorted(kept, start)), int(np.searchsorted(kept, stop)))
+        node.args = (node.args[0], tuple(items) if isinstance(idx, tuple) else items[0])
+    elif rw.kind == "split":
+        x = node.args[0] if node.args else node.kwargs["input"]
+        node.op, node.target = "call_function", torch.split
+        node.args, node.kwargs = (x, [len(cg.keep_indices(s, keep)) for s in rw.spaces]), {"dim": rw.pos}
+    else:  # pragma: no cover - the analysis records no other kind
+        raise ValueError(f"unknown rewrite kind {rw.kind!r}")
 
 
-def reached_tensors(gm: fx.GraphModule, nodes: list[fx.Node] | None = None) -> set[str]:
-    """Names of the parameters and buffers that the ``call_module`` and ``get_attr`` nodes
-    among ``nodes`` (default: the whole graph) reach."""
-    nodes = list(gm.graph.nodes) if nodes is None else nodes
-    called = {n.target for n in nodes if n.op == "call_module"}
-    fetched = {n.target for n in nodes if n.op == "get_attr"}
-    return {
-        name for name, _ in [*gm.named_parameters(), *gm.named_buffers()]
-        if name in fetched or any((owner := name.rpartition(".")[0]) == c or owner.startswith(c + ".") for c in called)
-    }
-
-
-def _delete_unreferenced_tensors(gm: fx.GraphModule) -> None:
-    """Delete parameters and buffers that no ``call_module`` or ``get_attr`` node reaches."""
-    reached = reached_tensors(gm)
-    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
-        if name not in reached:
-            owner, _, attr = name.rpartition(".")
-            delattr(gm.get_submodule(owner) if owner else gm, attr)
+def rewrite_graph(graph: fx.Graph, modules: dict[str, nn.Module], cg: ChannelGraph, unit_keep: dict[int, np.ndarray],
+                  drop: set[int]) -> tuple[dict[str, str], list[nn.Module]]:
+    """Rewrite ``graph`` (in place) for the compacted model: shape constants follow the
+    kept sizes, each dropped branch's add is replaced by its stream, and what no longer
+    feeds the output is removed. Returns ``{erased add: node that took its place}`` and
+    the modules whose ``inplace`` flag was cleared."""
+    nodes = {n.name: n for n in graph.nodes}
+    dead = cg.dead_nodes(drop)
+    for rw in cg.rewrites:
+        if rw.node in nodes and rw.node not in dead:
+            _rewrite(nodes[rw.node], rw, cg, unit_keep, modules)
+    replaced: dict[str, str] = {}
+    touched: list[nn.Module] = []
+    for i in sorted(drop):  # branches are numbered in graph order
+        br = cg.branches[i]
+        stream = nodes[replaced.get(br.stream, br.stream)]
+        add = nodes[br.add]
+        users = list(add.users)
+        add.replace_all_uses_with(stream)
+        graph.erase_node(add)
+        replaced[br.add] = stream.name
+        for user in users:
+            m = out_of_place(modules, user, stream)
+            if m is not None:
+                touched.append(m)
+    graph.eliminate_dead_code(is_impure_node=is_impure(modules))
+    graph.lint()
+    return replaced, touched
 
 
 class Compact(PassBase):
-    """Slice ``gm`` (in place) to the units ``unit_keep[group]`` and drop ``drop`` branches."""
+    """Slice ``gm`` to the units ``unit_keep[group]`` and drop the branches ``drop``, in
+    place, putting *new* sliced tensors in the modules (the tensors ``gm`` held before
+    are left untouched, so ``gm`` may share them with another model). With ``check =
+    (example inputs, expected output)``, the result is run on the example and compared."""
 
-    def __init__(self, cg: ChannelGraph, unit_keep: dict[int, np.ndarray], drop: set[int]) -> None:
+    def __init__(self, cg: ChannelGraph, unit_keep: dict[int, np.ndarray], drop: set[int],
+                 check: tuple[tuple, torch.Tensor] | None = None, rtol: float = 1e-4) -> None:
         super().__init__()
-        self.cg, self.unit_keep, self.drop = cg, unit_keep, drop
-        #: ``(tensor name, dim, kept indices, shape before)`` of every tensor sliced.
-        self.sliced: list[tuple[str, int, np.ndarray, torch.Size]] = []
-        self.dead = set().union(*(cg.branches[i].nodes for i in drop)) if drop else set()
+        self.cg, self.unit_keep, self.drop, self.check, self.rtol = cg, unit_keep, set(drop), check, rtol
+        #: ``{canonical tensor name: [(dim, kept indices)]}`` of every tensor sliced
+        self.sliced: dict[str, list[tuple[int, np.ndarray]]] = {}
 
     def requires(self, gm: fx.GraphModule) -> None:
-        for gid, keep in self.unit_keep.items():
-            for s in self.cg.groups[gid].spaces:
-                space = self.cg.spaces[s]
-                if space.node not in self.dead and not self.cg.keep_indices(s, self.unit_keep).size:
-                    raise ValueError(
-                        f"the gates of group {gid} remove every channel of '{space.node}' (dim {space.dim}); "
-                        "a channel dimension cannot become empty: keep at least one of its units"
-                    )
-
-    def _keep(self, space: int) -> np.ndarray:
-        return self.cg.keep_indices(space, self.unit_keep)
+        check_nonempty(self.cg, self.unit_keep, self.drop)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         cg = self.cg
-        tensors = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
+        self.sliced = plan_slices(cg, self.unit_keep)
+        tensors = dict([*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)])
         owners = set()
-        for b in cg.bindings:
-            if cg.spaces[b.space].group not in self.unit_keep or b.target not in tensors:
+        for canon, slices in self.sliced.items():
+            names = [n for n in cg.params[canon].names if n in tensors]
+            if not names:
                 continue
-            idx = self._keep(b.space)
-            if b.period is not None:
-                idx = idx[idx < b.period]
-            if len(idx) != tensors[b.target].shape[b.dim]:
-                self.sliced.append((b.target, b.dim, idx, tensors[b.target].shape))
-                slice_tensor(tensors[b.target], b.dim, idx)
-                owners.add(b.target.rpartition(".")[0])
+            new = index_tensor(tensors[names[0]], slices)
+            if isinstance(tensors[names[0]], nn.Parameter):
+                new = nn.Parameter(new, requires_grad=tensors[names[0]].requires_grad)
+            for name in names:
+                replace_tensor(gm, name, new)
+                owners.add(name.rpartition(".")[0])
+        modules = dict(gm.named_modules())
         for name in owners:
-            refresh_module(gm.get_submodule(name))
-
-        nodes = {n.name: n for n in gm.graph.nodes}
-        for rw in cg.rewrites:
-            if rw.node in nodes and rw.node not in self.dead:
-                getattr(self, f"_rewrite_{rw.kind}")(nodes[rw.node], rw)
-
-        replaced: dict[str, fx.Node] = {}
-        for i in sorted(self.drop):  # branches are numbered in graph order
-            br = cg.branches[i]
-            stream = replaced.get(br.stream, nodes[br.stream])
-            users = list(nodes[br.add].users)
-            nodes[br.add].replace_all_uses_with(stream)
-            gm.graph.erase_node(nodes[br.add])
-            replaced[br.add] = stream
-            for user in users:
-                _out_of_place(gm, user, stream)
-        gm.graph.eliminate_dead_code()
-        _delete_unreferenced_tensors(gm)
-        gm.delete_all_unused_submodules()
-        gm.graph.lint()
+            refresh_module(modules[name])
+        rewrite_graph(gm.graph, modules, cg, self.unit_keep, self.drop)
+        delete_unreferenced(gm)
         gm.recompile()
         return PassResult(gm, True)
 
-    # -- shape constants
-    def _rewrite_view(self, node: fx.Node, rw) -> None:
-        new = len(self._keep(rw.spaces[0]))
-        sizes_in_tuple = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
-        sizes = list(node.args[1] if sizes_in_tuple else node.args[1:])
-        if isinstance(sizes[rw.pos], int) and sizes[rw.pos] != -1:
-            sizes[rw.pos] = new
-        node.args = (node.args[0], type(node.args[1])(sizes)) if sizes_in_tuple else (node.args[0], *sizes)
+    def ensures(self, gm: fx.GraphModule) -> None:
+        if self.check is None:
+            return
+        example, expected = self.check
+        was = gm.training
+        gm.eval()
+        try:
+            with torch.no_grad():
+                out = gm(*example)
+        finally:
+            gm.train(was)
+        err = max_relative_error(out, expected)
+        if not err <= self.rtol:
+            raise CompactionError(
+                f"the compacted model's output differs from the gated model's on the example input (max relative "
+                f"error {err:.2e} > {self.rtol:g}); this is a bug in fxprune's analysis of this model: please report it")
 
-    def _rewrite_slice(self, node: fx.Node, rw) -> None:
-        idx = node.args[1]
-        items = list(idx) if isinstance(idx, tuple) else [idx]
-        sl, size = items[rw.pos], self.cg.spaces[rw.spaces[0]].size
-        start, stop, _ = sl.indices(size)
-        kept = self._keep(rw.spaces[0])
-        a = int(np.searchsorted(kept, start))
-        items[rw.pos] = slice(a, int(np.searchsorted(kept, stop)))
-        node.args = (node.args[0], tuple(items) if isinstance(idx, tuple) else items[0])
 
-    def _rewrite_split(self, node: fx.Node, rw) -> None:
-        sizes = [len(self._keep(s)) for s in rw.spaces]
-        x = node.args[0] if node.args else node.kwargs["input"]
-        node.op, node.target = "call_function", torch.split
-        node.args, node.kwargs = (x, sizes), {"dim": rw.pos}
+def max_relative_error(out, expected) -> float:
+    """Largest ``max|a - b| / max|b|`` over the tensors of two outputs (same structure)."""
+    from torch.utils._pytree import tree_leaves
+
+    a, b = tree_leaves(out), tree_leaves(expected)
+    if len(a) != len(b):
+        return float("inf")
+    worst = 0.0
+    for x, y in zip(a, b):
+        if isinstance(y, torch.Tensor):
+            if not isinstance(x, torch.Tensor) or x.shape != y.shape:
+                return float("inf")
+            if y.numel():
+                scale = y.detach().abs().max().clamp_min(1e-12)
+                worst = max(worst, ((x.detach().float() - y.detach().float()).abs().max() / scale).item())
+    return worst

@@ -1,99 +1,120 @@
-"""Gate insertion pass: put unit gates where consumers read a group, layer gates on branches.
+"""Gate insertion pass: one mask source, gated reads of channel groups, gated branches.
 
-For every prunable group one :class:`~fxprune.gates.BernoulliGate` computes the group's
-mask once per forward (``fxprune_units.g<id>``); every consumer read of the group goes
-through a :class:`~fxprune.gates.ChannelGateRead` that expands the mask to the read
-space's channels. Every residual branch output is scaled by its layer gate
-(``fxprune_layers.b<id>``) before the add. Reads of the same tensor share one gated value.
+The pass knows where gates go, not what a gate computes: the caller hands it the module
+that computes every mask once per forward (``bank``, called with the input that carries
+the batch dimension) and constructors for the module that applies a group's mask where a
+consumer reads it (``read``) and the one that scales a residual branch (``layer``), as FX
+quantization's ``prepare`` is handed observer constructors. Every node it inserts is
+tagged in ``node.meta[GATE_META]`` (``"bank"``, ``"read"`` or ``"layer"``); reads of the
+same tensor share one gated value.
 
 Example::
 
-    >>> gm = trace(model, (x,)); cg = analyze(gm)
-    >>> gated = InsertGates(cg)(gm).graph_module
+    >>> cg = analyze(gm)
+    >>> InsertGates(cg, [g.id for g in cg.prunable_groups], list(cg.branches), bank, make_read, make_layer)(gm)
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..gates import BernoulliGate, ChannelGateRead, apply_layer_gate
-from .channel_graph import ChannelGraph
+from .channel_graph import Branch, ChannelGraph, Read
 
-__all__ = ["InsertGates", "gate_modules", "UNITS", "LAYERS", "READS", "CHANNEL_GRAPH"]
+__all__ = ["InsertGates", "StripGates", "strip_gate_nodes", "GATE_META", "BANK", "READS", "LAYERS", "gate_nodes"]
 
-UNITS, LAYERS, READS = "fxprune_units", "fxprune_layers", "fxprune_reads"
-#: ``gm.meta`` key of the ChannelGraph a gated model was built from.
-CHANNEL_GRAPH = "fxprune_channel_graph"
+#: ``node.meta`` key tagging the nodes gate insertion adds: ``"bank"``, ``"read"`` or ``"layer"``
+GATE_META = "fxprune_gate"
+#: where the gate modules live in the gated model
+BANK, READS, LAYERS = "fxprune_gates", "fxprune_reads", "fxprune_layers"
 
 
-def gate_modules(gm: fx.GraphModule, kind: str) -> dict[str, nn.Module]:
-    """The gate modules of one kind (``UNITS``, ``LAYERS`` or ``READS``) by key; empty if
-    there are none (compaction deletes a gate dict no node uses any more)."""
-    return dict(gm.get_submodule(kind).items()) if hasattr(gm, kind) else {}
+def gate_nodes(graph: fx.Graph, role: str | None = None) -> list[fx.Node]:
+    """The nodes gate insertion added (of one ``role``, or all)."""
+    return [n for n in graph.nodes if GATE_META in n.meta and (role is None or n.meta[GATE_META] == role)]
 
 
 class InsertGates(PassBase):
-    """Insert unit gates (``units=True``) and layer gates (``layers=True``) into ``gm``, in place."""
+    """Gate the reads of ``groups`` and the outputs of ``branches`` of ``gm``, in place."""
 
-    def __init__(self, cg: ChannelGraph, units: bool = True, layers: bool = True, theta_init: float = 1.0,
-                 estimator: str = "straight_through") -> None:
+    def __init__(self, cg: ChannelGraph, groups: Sequence[int], branches: Sequence[int], bank: nn.Module,
+                 read: Callable[[Read], nn.Module], layer: Callable[[Branch], nn.Module]) -> None:
         super().__init__()
-        self.cg, self.units, self.layers, self.theta_init, self.estimator = cg, units, layers, theta_init, estimator
+        self.cg, self.groups, self.branches = cg, set(groups), list(branches)
+        self.bank, self.make_read, self.make_layer = bank, read, layer
 
     def requires(self, graph_module: fx.GraphModule) -> None:
-        if any(n.op == "call_module" and str(n.target).startswith((UNITS, LAYERS)) for n in graph_module.graph.nodes):
+        if gate_nodes(graph_module.graph):
             raise ValueError("the model already has fxprune gates")
+        bad = self.groups - {g.id for g in self.cg.prunable_groups}
+        if bad:
+            raise ValueError(f"groups {sorted(bad)} are frozen or unknown: they cannot be gated")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         graph, cg = gm.graph, self.cg
         nodes = {n.name: n for n in graph.nodes}
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-        ref = next((p for p in placeholders if "tensor_meta" in p.meta and hasattr(p.meta["tensor_meta"], "shape")), None)
+        ref = next((p for p in placeholders if p.name == cg.batch_input), None) or next(
+            (p for p in placeholders if "tensor_meta" in p.meta), None)
         if ref is None:
             raise ValueError("gates need a tensor input to take the batch size from")
-        groups = cg.prunable_groups if self.units else []
-        branches = cg.branches if self.layers else []
-        gm.add_submodule(UNITS, nn.ModuleDict({f"g{g.id}": BernoulliGate(g.num_units, self.theta_init, g.segments(), self.estimator)
-                                                 for g in groups}))
-        gm.add_submodule(LAYERS, nn.ModuleDict({f"b{b.id}": BernoulliGate(1, self.theta_init, [], self.estimator) for b in branches}))
+        gm.add_submodule(BANK, self.bank)
         gm.add_submodule(READS, nn.ModuleDict())
-
-        masks: dict[str, fx.Node] = {}
+        gm.add_submodule(LAYERS, nn.ModuleDict())
         with graph.inserting_after(placeholders[-1]):
-            for key in [f"{LAYERS}.b{b.id}" for b in reversed(branches)] + [f"{UNITS}.g{g.id}" for g in reversed(groups)]:
-                masks[key] = graph.call_module(key, (ref,))
+            mask = graph.call_module(BANK, (ref,))
+        mask.meta[GATE_META] = "bank"
 
-        prunable = {g.id for g in groups}
         order = {n.name: i for i, n in enumerate(graph.nodes)}
         gated: dict[tuple[str, int], fx.Node] = {}
+        reads = gm.get_submodule(READS)
         for r in sorted(cg.reads, key=lambda r: order[r.node]):
-            gid = cg.spaces[r.space].group
-            if gid not in prunable:
+            if cg.spaces[r.space].group not in self.groups:
                 continue
             consumer = nodes[r.node]
             src = consumer.args[r.arg]
             key = (src.name, r.space)
             if key not in gated:
-                name = f"r{len(gm.get_submodule(READS))}"
-                gm.get_submodule(READS)[name] = ChannelGateRead(
-                    cg.groups[gid].unit_index[r.space], r.dim, cg.groups[gid].num_units, gid, r.space)
+                name = f"r{len(reads)}"
+                reads[name] = self.make_read(r)
                 with graph.inserting_before(consumer):
-                    gated[key] = graph.call_module(f"{READS}.{name}", (src, masks[f"{UNITS}.g{gid}"]))
+                    gated[key] = graph.call_module(f"{READS}.{name}", (src, mask))
+                gated[key].meta[GATE_META] = "read"
             consumer.update_arg(r.arg, gated[key])
 
-        for b in branches:
-            add, out = nodes[b.add], nodes[b.out]
+        layers = gm.get_submodule(LAYERS)
+        for i in self.branches:
+            br = cg.branches[i]
+            add, out = nodes[br.add], nodes[br.out]
+            layers[f"b{i}"] = self.make_layer(br)
             with graph.inserting_before(add):
-                g = graph.call_function(apply_layer_gate, (out, masks[f"{LAYERS}.b{b.id}"]))
+                g = graph.call_module(f"{LAYERS}.b{i}", (out, mask))
+            g.meta[GATE_META] = "layer"
             add.replace_input_with(out, g)
-
         graph.lint()
         gm.recompile()
-        gm.meta[CHANNEL_GRAPH] = cg
         return PassResult(gm, True)
 
-    def ensures(self, graph_module: fx.GraphModule) -> None:
-        n_units = len(graph_module.get_submodule(UNITS))
-        if self.units and n_units != len(self.cg.prunable_groups):
-            raise AssertionError("gate insertion lost a group")
+
+def strip_gate_nodes(graph: fx.Graph) -> None:
+    """Remove every node gate insertion added from ``graph`` (reads and layer gates
+    are replaced by their input): the graph computes as if all gates were 1."""
+    for n in reversed(gate_nodes(graph)):
+        if n.meta[GATE_META] != "bank":
+            n.replace_all_uses_with(n.args[0])
+        graph.erase_node(n)
+
+
+class StripGates(PassBase):
+    """Remove every node gate insertion added, and the gate modules (in place)."""
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        strip_gate_nodes(gm.graph)
+        for name in (BANK, READS, LAYERS):
+            if hasattr(gm, name):
+                delattr(gm, name)
+        gm.graph.lint()
+        gm.recompile()
+        return PassResult(gm, True)

@@ -26,22 +26,19 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .op_helpers import shape
+from .analysis.generic import shape
+from .op_classes import BATCH_NORM, CONV, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS, ELEMENTWISE_MODULES, LINEAR
 from .trace import trace
 
-__all__ = ["Residualize", "residualize", "Section"]
+__all__ = ["Residualize", "residualize", "Section", "RESIDUALIZE_META"]
 
-_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_PER_ELEMENT_MODULES = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU,
-    nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity,
-)
-_PER_ELEMENT_FUNCTIONS = {
-    torch.relu, torch.sigmoid, torch.tanh, nn.functional.relu, nn.functional.relu6, nn.functional.gelu,
-    nn.functional.silu, nn.functional.leaky_relu, nn.functional.hardswish, nn.functional.dropout,
-}
-_PER_ELEMENT_METHODS = {"relu", "sigmoid", "tanh"}
+_WEIGHTED = CONV + LINEAR
+#: what follows a conv or linear layer inside one section: normalisation, activation, dropout
+_PER_ELEMENT_MODULES = BATCH_NORM + ELEMENTWISE_MODULES
+
 _CONV_BY_RANK = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}
+#: ``gm.meta`` key of the :class:`Residualize` pass that wrapped a model (its sections)
+RESIDUALIZE_META = "fxprune_residualize"
 
 
 @dataclass(frozen=True)
@@ -76,8 +73,8 @@ class Residualize(PassBase):
         if node.op == "call_module":
             return isinstance(self._module(gm, node), _PER_ELEMENT_MODULES)
         if node.op == "call_function":
-            return node.target in _PER_ELEMENT_FUNCTIONS
-        return node.op == "call_method" and node.target in _PER_ELEMENT_METHODS
+            return node.target in ELEMENTWISE_FUNCTIONS
+        return node.op == "call_method" and node.target in ELEMENTWISE_METHODS
 
     def _layer(self, gm: fx.GraphModule, w: fx.Node) -> list[fx.Node]:
         """``w`` and the per-element ops that follow it alone."""
@@ -144,7 +141,7 @@ class Residualize(PassBase):
             users = list(y.users)
             with graph.inserting_after(y):
                 if isinstance(shortcut, nn.Module):
-                    key = f"fxprune_shortcut_{len(self.sections)}"
+                    key = _free_name(gm, f"shortcut{len(self.sections)}")
                     gm.add_submodule(key, shortcut.to(next(gm.get_submodule(name).parameters()).device))
                     s = graph.call_module(key, (x,))
                     label = key
@@ -160,6 +157,15 @@ class Residualize(PassBase):
         return PassResult(gm, bool(self.sections))
 
 
+def _free_name(gm: fx.GraphModule, name: str) -> str:
+    """``name``, or ``name_1``, ``name_2``, ... if the model already has an attribute of that name."""
+    candidate, k = name, 0
+    while hasattr(gm, candidate):
+        k += 1
+        candidate = f"{name}_{k}"
+    return candidate
+
+
 def residualize(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, size: int = 1,
                 exclude: tuple[str, ...] = ()) -> fx.GraphModule:
     """Trace ``model`` and wrap its sections of ``size`` layers in shortcuts (see the module
@@ -172,5 +178,5 @@ def residualize(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor
     if not p.sections:
         why = "; ".join(f"'{n}': {r}" for n, r in p.skipped) or "it has no conv or linear layer"
         raise ValueError(f"residualize found no section to wrap ({why})")
-    gm.meta["fxprune_residualize"] = p
+    gm.meta[RESIDUALIZE_META] = p
     return gm

@@ -24,8 +24,8 @@ def test_resnet_residual_stream_is_one_group_and_blocks_are_branches():
     assert stream.prunable and stream.num_units == 64
     assert group_of_producer(cg, "layer2.0.conv2") is group_of_producer(cg, "layer2.0.downsample.0")
     assert len(cg.branches) == 8  # every block: removing F leaves the identity or the projection shortcut
-    assert not any("downsample" in n for br in cg.branches for n in br.nodes)
-    assert all(len(b.nodes) == 5 for b in cg.branches)  # conv, bn, relu, conv, bn
+    assert not any("downsample" in n for br in cg.branches.values() for n in br.nodes)
+    assert all(len(b.nodes) == 5 for b in cg.branches.values())  # conv, bn, relu, conv, bn
     assert not group_of_producer(cg, "fc").prunable
 
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from fxprune.passes import Compact
 
 import fxprune
-from fxprune.passes import Compact
-from fxprune.passes.insert_gates import UNITS
+from fxprune.state import UnitGate, decisions, set_decisions, state_of, theta_of
 from fxprune.testing import implied_param_count, random_masks
 
 
@@ -30,12 +30,12 @@ def test_random_masks_keep_fraction_and_never_empty_a_space(resnet):
     model, x = resnet
     gated = random_masks(fxprune.prepare(model, (x,)), keep=0.0, seed=3)
     cg = fxprune.channel_graph(gated)
-    unit_keep, _ = fxprune.api.gate_state(gated)
+    unit_keep, _ = decisions(gated)
     for gid, keep in unit_keep.items():
         for s in cg.groups[gid].spaces:
             assert cg.keep_indices(s, unit_keep).size >= 1
     random_masks(gated, keep=0.5, seed=3)
-    unit_keep, _ = fxprune.api.gate_state(gated)
+    unit_keep, _ = decisions(gated)
     assert all(abs(k.mean() - 0.5) < 0.05 for k in unit_keep.values())
 
 
@@ -53,10 +53,12 @@ def test_convert_is_plain_and_equivalent(resnet):
 def test_a_group_switched_off_keeps_its_best_unit(resnet):
     model, x = resnet
     gated = fxprune.prepare(model, (x,)).eval()
-    key, gate = next(iter(gated.get_submodule(UNITS).items()))
+    gid = next(iter(state_of(gated).layout.units))
+    theta = theta_of(gated, UnitGate(gid))
     with torch.no_grad():
-        gate.theta.copy_(torch.linspace(0.0, 0.4, gate.theta.numel()))  # all below 0.5
-    assert gate.keep().sum() == 1 and gate.keep()[-1]
+        theta.copy_(torch.linspace(0.0, 0.4, theta.numel()))  # all below 0.5
+    keep = decisions(gated)[0][gid]
+    assert keep.sum() == 1 and keep[-1]
     compact = fxprune.convert(gated).eval()
     with torch.no_grad():
         torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)
@@ -81,8 +83,7 @@ def test_convert_needs_a_gated_model(resnet):
 def test_layer_gates_off_delete_the_branch(resnet):
     model, x = resnet
     gated = fxprune.prepare(model, (x,), fxprune.PruneConfig(structures="layers")).eval()
-    for g in gated.fxprune_layers.values():
-        g.set_keep(np.array([False]))
+    set_decisions(gated, {}, {b: False for b in state_of(gated).layout.layers})
     compact = fxprune.convert(gated).eval()
     names = {n for n, _ in compact.named_modules()}
     assert "layer1.0.conv1" not in names and "layer2.0.conv1" not in names

@@ -7,7 +7,7 @@ from train_loop import train_steps
 
 import fxprune
 from fxprune.checkpoint import load_checkpoint, save_checkpoint
-from fxprune.models import resnet
+from fxprune.digits.models import resnet
 
 # Aggressive enough that units and blocks are removed within the first steps.
 CONFIG = fxprune.PruneConfig("both", gamma=200.0, theta_lr=2.0, check_every=2, patience=1, w_tol=1e3)

@@ -10,18 +10,17 @@ from hypothesis import strategies as st
 from netgen import networks
 
 import fxprune
-from fxprune import models
-from fxprune.api import EXAMPLE
 from fxprune.cost import forward_flops
+from fxprune.digits import models
 from fxprune.objective import Objective
-from fxprune.passes.insert_gates import LAYERS, UNITS, gate_modules
+from fxprune.state import UnitGate, decisions, gate_bank, state_of
 from fxprune.testing import random_masks
 
 
 def counted(gated):
     """FLOPs per example and parameters of ``convert(gated)``, measured."""
     compact = fxprune.convert(gated)
-    return forward_flops(compact, gated.meta[EXAMPLE]), sum(p.numel() for p in compact.parameters())
+    return forward_flops(compact, state_of(gated).example), sum(p.numel() for p in compact.parameters())
 
 
 def check_vertices(model, x, seeds=(0, 1, 2)):
@@ -58,17 +57,16 @@ def monte_carlo(model, x, theta_of, samples=200, seed=0):
     """Expected FLOPs and params from C against the sample mean of counted masks."""
     gated = fxprune.prepare(model, (x,))
     objective = Objective(gated)
-    gates = {**gate_modules(gated, UNITS), **gate_modules(gated, LAYERS)}
+    theta = gate_bank(gated).theta
     rng = np.random.default_rng(seed)
-    thetas = {k: theta_of(rng, g.theta.numel()) for k, g in gates.items()}
-    for k, g in gates.items():
-        g.theta.copy_(torch.as_tensor(thetas[k], dtype=torch.float32))
+    thetas = theta_of(rng, theta.numel())
     with torch.no_grad():
+        theta.copy_(torch.as_tensor(thetas, dtype=torch.float32))
         want = [float(v) for v in objective.expected()]
     draws = []
     for _ in range(samples):
-        for k, g in gates.items():
-            g.set_keep(rng.random(len(thetas[k])) < thetas[k])
+        with torch.no_grad():
+            theta.copy_(torch.as_tensor(rng.random(len(thetas)) < thetas, dtype=torch.float32))
         draws.append(counted(gated))
     draws = np.array(draws, dtype=float)
     return want, draws.mean(0), draws.std(0, ddof=1) / np.sqrt(samples)
@@ -115,15 +113,12 @@ def test_cost_variance_term_for_same_group_in_and_out():
 
 
 def _price(gated, config):
-    """``dC/dtheta`` of every unit gate (in ``Objective.units`` order) and every layer gate."""
+    """``dC/dtheta`` of every unit gate (in flat order) and every layer gate."""
     objective = Objective(gated, config)
-    for s in [*objective.units, *objective.layers]:
-        s.gate.theta.requires_grad_(True)
-    unit, layer = objective.thetas()
-    cost = objective.cost(config.alpha)
-    grads = torch.autograd.grad(cost, [u.gate.theta for u in objective.units] + [l.gate.theta for l in objective.layers])
-    n = len(objective.units)
-    return objective, torch.cat(grads[:n]) if n else unit.new_zeros(0), torch.cat(grads[n:]) if grads[n:] else layer.new_zeros(0)
+    theta = gate_bank(gated).theta.requires_grad_(True)
+    (grad,) = torch.autograd.grad(objective.cost(config.alpha), [theta])
+    is_layer = objective.is_layer
+    return objective, grad[~is_layer], grad[is_layer]
 
 
 def test_structures_cost_prices_every_gate_the_same():
@@ -138,7 +133,8 @@ def test_structures_cost_prices_every_gate_the_same():
     torch.testing.assert_close(layer, torch.full_like(layer, 3 / n))
     assert float(objective.cost().detach()) == pytest.approx(1.0)
     random_masks(gated, keep=0.5, seed=0)
-    kept = sum(int(g.keep().sum()) for kind in (UNITS, LAYERS) for g in gate_modules(gated, kind).values())
+    keep, drop = decisions(gated)
+    kept = sum(int(k.sum()) for k in keep.values()) + len(state_of(gated).layout.layers) - len(drop)
     assert float(Objective(gated, config).cost().detach()) == pytest.approx(kept / n)
 
 
@@ -154,12 +150,13 @@ def test_shared_reference_and_the_price_of_a_unit_at_two_widths(cost):
     config = fxprune.PruneConfig("units", cost=cost, cost_reference=ref)
     prices = {}
     for width in (1, 2):
-        objective, unit, _ = _price(fxprune.prepare(models.lenet_300_100(width), (x,), config), config)
-        sizes = [u.gate.theta.numel() for u in objective.units]
-        assert sorted(sizes) == [100 * width, 300 * width]
-        layer2 = next(i for i, u in enumerate(objective.units) if sizes[i] == 100 * width)
-        start = sum(sizes[:layer2])
-        prices[width] = unit[start:start + sizes[layer2]].mean().item()
+        gated = fxprune.prepare(models.lenet_300_100(width), (x,), config)
+        objective, unit, _ = _price(gated, config)
+        layout = state_of(gated).layout
+        sizes = {g: sl.stop - sl.start for g, sl in layout.units.items()}
+        assert sorted(sizes.values()) == [100 * width, 300 * width]
+        layer2 = next(g for g, n in sizes.items() if n == 100 * width)
+        prices[width] = unit[layout.slot(UnitGate(layer2))].mean().item()
     if cost == "structures":
         assert prices[1] == pytest.approx(1 / 400) and prices[2] == pytest.approx(1 / 400)
     else:

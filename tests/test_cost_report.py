@@ -5,9 +5,9 @@ import torch
 
 import fxprune
 from fxprune.cost import forward_flops
-from fxprune.cost_report import cost_table, layer_costs, plot_costs
-from fxprune.models import resnet
-from fxprune.passes.insert_gates import LAYERS, gate_modules
+from fxprune.digits.models import resnet
+from fxprune.report.costs import cost_table, layer_costs, plot_costs
+from fxprune.state import decisions
 from fxprune.testing import random_masks
 
 
@@ -25,7 +25,7 @@ def test_layer_costs_add_up_to_the_model_and_follow_pruning(tmp_path):
     now = layer_costs(compact, (x,))
     assert sum(f for f, _ in now.values()) == forward_flops(compact, (x[:1],))
     assert all(now[k][0] <= dense[k][0] and now[k][1] <= dense[k][1] for k in now)
-    dropped = [int(k[1:]) for k, g in gate_modules(gated, LAYERS).items() if not g.keep()[0]]
+    dropped = decisions(gated)[1]
     assert dropped and len(now) < len(dense)  # removed branches have no layers left
 
     table = cost_table(dense, now)

@@ -10,8 +10,8 @@ import torch
 import torchvision
 
 import fxprune
+from fxprune.digits.models import resnet, vgg
 from fxprune.export import save_compact
-from fxprune.models import resnet, vgg
 from fxprune.testing import random_masks
 
 MODELS = {

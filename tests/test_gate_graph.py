@@ -7,9 +7,9 @@ import torchvision
 
 import fxprune
 from fxprune.cli import main
-from fxprune.gate_graph import gate_graph, write_gate_graph
-from fxprune.models import resnet
-from fxprune.passes.insert_gates import UNITS
+from fxprune.digits.models import resnet
+from fxprune.report.gate_graph import gate_graph, write_gate_graph
+from fxprune.state import decisions, state_of
 from fxprune.testing import random_masks
 
 
@@ -47,11 +47,13 @@ def test_trained_gates_colour_the_groups():
     cg = fxprune.channel_graph(gated)
     random_masks(gated, keep=0.5, seed=3)
     G = gate_graph(cg, gated, collapse=False)
-    for key, gate in gated.get_submodule(UNITS).items():
-        d = G.nodes[key]
-        assert d["kept"] == int(gate.keep().sum()) and d["units"] == gate.theta.numel()
+    keep, drop = decisions(gated)
+    for gid, k in keep.items():
+        d = G.nodes[f"g{gid}"]
+        assert d["kept"] == int(k.sum()) and d["units"] == len(k)
     dropped = [n for n, d in G.nodes(data=True) if d["kind"] == "layer" and d["theta"] < 0.5]
-    assert dropped == [f"L{k[1:]}" for k, g in gated.get_submodule("fxprune_layers").items() if not g.keep()[0]]
+    assert drop and dropped == [f"L{b}" for b in sorted(drop)]
+    assert len(state_of(gated).layout.layers) == 9
 
 
 @pytest.mark.parametrize("suffix", [".png", ".svg", ".dot"])

@@ -1,13 +1,13 @@
 """residualize: shortcuts around plain sections, found as branches, removable exactly."""
 
-import numpy as np
 import pytest
 import torch
+from fxprune.passes import residualize
 from torch import nn
 
 import fxprune
-from fxprune.models import lenet_300_100, lenet5, vgg
-from fxprune.passes import residualize
+from fxprune.digits.models import lenet5, lenet_300_100, vgg
+from fxprune.state import set_decisions, state_of
 from fxprune.testing import random_masks
 
 
@@ -23,7 +23,7 @@ def test_vgg_sections_become_branches_with_identity_or_projection():
     cg = fxprune.channel_graph(fxprune.prepare(gm, (x,)))
     assert len(cg.branches) == 8
     # the branch is the section, never the shortcut
-    assert not any(n.startswith("fxprune_shortcut") for br in cg.branches for n in br.nodes)
+    assert not any(n.startswith("shortcut") for br in cg.branches.values() for n in br.nodes)
 
 
 def test_mlp_sections_get_linear_projections():
@@ -38,8 +38,7 @@ def test_removed_sections_leave_the_shortcut_exactly(build):
     x = torch.randn(4, 1, 8, 8)
     gated = fxprune.prepare(residualize(build(), (x,)), (x,)).eval()
     random_masks(gated, keep=0.5, seed=3)
-    layers = list(gated.fxprune_layers.values())
-    layers[1].set_keep(np.array([False]))  # at least one section goes
+    set_decisions(gated, {}, {sorted(state_of(gated).layout.layers)[1]: False})  # at least one section goes
 
     compact = fxprune.convert(gated).eval()
     with torch.no_grad():

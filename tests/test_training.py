@@ -5,11 +5,13 @@ import importlib.util
 import pytest
 import torch
 
-from fxprune import PruneConfig, models, prepare
-from fxprune.bench_digits import EXPERIMENTS, ROBUSTNESS, compare, robustness
+from fxprune import PruneConfig, prepare
+from fxprune.benchmarks.digits import compare, robustness
 from fxprune.cost import forward_flops
-from fxprune.passes.insert_gates import UNITS, gate_modules
-from fxprune.training import fit, gate_count, make_optimizer, make_schedule, theta_undecided
+from fxprune.digits import models
+from fxprune.digits.recipes import EXPERIMENTS, ROBUSTNESS
+from fxprune.digits.training import fit, gate_count, make_optimizer, make_schedule, theta_undecided
+from fxprune.state import gate_bank
 
 
 def test_fit_prunes_while_training_and_reports_the_compact_model():
@@ -27,7 +29,7 @@ def test_fit_dense_is_the_reference():
 
 @pytest.mark.skipif(importlib.util.find_spec("torch_pruning") is None, reason="the bench extra (Torch-Pruning) is not installed")
 def test_magnitude_prune_reaches_the_flops_target():
-    from fxprune.baseline import magnitude_prune
+    from fxprune.benchmarks.baseline import magnitude_prune
 
     model, x = models.resnet(), torch.randn(1, 1, 8, 8)
     dense = forward_flops(model, (x,))
@@ -59,9 +61,8 @@ def test_cosine_schedule_anneals_the_learning_rate_to_zero_and_bad_names_are_err
 
 def test_undecided_fraction_counts_removed_gates_as_decided():
     gated = prepare(models.lenet_300_100(), (torch.zeros(2, 1, 8, 8),), PruneConfig("units"))
-    gates = list(gate_modules(gated, UNITS).values())
     with torch.no_grad():
-        gates[0].theta[:4] = 0.5  # 4 of the 400 gates undecided
+        gate_bank(gated).theta[:4] = 0.5  # 4 of the 400 gates undecided
     assert theta_undecided(gated) == pytest.approx(4 / 400)
     assert theta_undecided(gated, total=800) == pytest.approx(4 / 800)
     assert gate_count(gated) == 400

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fxprune.zoo import check_model, classification_models
+from fxprune.testing.zoo import check_model, classification_models
 
 MODELS = classification_models()
 

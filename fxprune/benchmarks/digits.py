@@ -12,63 +12,21 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Callable
 
 import torch
 from tabulate import tabulate
 from torch import nn
 
-from . import models
-from .api import prepare
-from .config import PruneConfig
-from .data import steps_per_epoch
-from .objective import Objective
-from .passes import residualize
-from .training import Run, fit
+from ..api import prepare
+from ..config import PruneConfig
+from ..digits import models
+from ..digits.recipes import EXPERIMENTS, ROBUSTNESS, Experiment
+from ..digits.training import Run, fit
+from ..objective import Objective
 
 __all__ = ["main", "Experiment", "EXPERIMENTS", "ROBUSTNESS", "robustness"]
-
-
-@dataclass
-class Experiment:
-    name: str
-    build: Callable[[], nn.Module]
-    config: PruneConfig
-    epochs: int
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    schedule: str = "cosine"
-    baseline: bool = True
-
-
-def _residual_vgg() -> nn.Module:
-    return residualize(models.vgg(), (torch.zeros(2, 1, 8, 8),))
-
-
-#: the per-model choices (gamma, theta learning rate, cost warm-up, optimizer); everything
-#: else is PruneConfig's defaults. All use the balanced estimator and a cosine learning rate.
-#: The LeNets' targets are parameters (beta=0 for LeNet-5, whose convolutions hold most
-#: FLOPs but few parameters); the CNNs use SGD with momentum, their usual recipe.
-EXPERIMENTS = [
-    Experiment("LeNet-300-100", models.lenet_300_100,
-               PruneConfig("units", gamma=16.0, theta_lr=2.0, warmup=30 * steps_per_epoch(), estimator="balanced"), 100),
-    Experiment("LeNet-5", models.lenet5,
-               PruneConfig("units", gamma=8.0, beta=0.0, theta_lr=1.0, warmup=20 * steps_per_epoch(),
-                           estimator="balanced"), 60, optimizer="sgd", lr=0.05),
-    Experiment("VGG + residualize", _residual_vgg,
-               PruneConfig("both", gamma=30.0, theta_lr=0.5, estimator="balanced"), 20, optimizer="sgd", lr=0.05),
-    Experiment("ResNet 3x3 blocks", models.resnet,
-               PruneConfig("both", gamma=30.0, theta_lr=0.5, estimator="balanced"), 20, optimizer="sgd", lr=0.05),
-]
-
-
-#: the robustness table's priors, on LeNet-300-100 with its recipe: paper A's flat prior
-#: (every unit the same price) and paper C's complexity prior (the comparison table's).
-ROBUSTNESS = {
-    "structures": replace(EXPERIMENTS[0].config, cost="structures", gamma=8.0),
-    "complexity": EXPERIMENTS[0].config,
-}
 
 
 def _seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["lenet_300_100", "lenet5", "vgg", "resnet", "BasicBlock"]
+__all__ = ["lenet_300_100", "lenet5", "vgg", "resnet", "BasicBlock", "stage_widths", "STAGES", "BLOCKS", "FIRST_BLOCK"]
+
+STAGES, BLOCKS, FIRST_BLOCK = 3, 3, 3  # resnet(): stem = modules 0-2, then the blocks
 
 
 def lenet_300_100(width: float = 1) -> nn.Sequential:
@@ -65,3 +67,21 @@ def resnet(width: float = 1, blocks: int = 3, widths: tuple[int, ...] = (16, 32,
             layers.append(BasicBlock(c, w, 2 if i and not j else 1))
             c = w
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
+
+
+def stage_widths(model: nn.Module, stages: int = STAGES, blocks: int = BLOCKS) -> list[str]:
+    """Per stage: the stream width and each block's inner width ('-' for a removed block)."""
+    mods = dict(model.named_modules())
+    out = []
+    for s in range(stages):
+        stream, inner = "?", []
+        for b in range(FIRST_BLOCK + s * blocks, FIRST_BLOCK + (s + 1) * blocks):
+            conv1, conv2, proj = mods.get(f"{b}.conv1"), mods.get(f"{b}.conv2"), mods.get(f"{b}.shortcut.0")
+            inner.append(str(conv1.out_channels) if conv1 is not None else "-")
+            for m in (conv2, proj):
+                if m is not None:
+                    stream = str(m.out_channels)
+        if stream == "?" and s == 0:
+            stream = str(mods["0"].out_channels)
+        out.append(f"stream {stream}, blocks {' '.join(inner)}")
+    return out

@@ -5,19 +5,17 @@ where unit gates read) and carried (per-channel parameters and statistics)."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from torch import fx, nn
+from torch import fx
 
-from .op_helpers import Dims, arg, freeze_trailing, shape, tensor_args, unknown
+from ..op_classes import CONV_TRANSPOSE
+from .generic import Dims, arg, freeze_trailing, shape, tensor_args, unknown
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .analyze import Builder
-
-
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    from .builder import Builder
 
 
 def conv_like(b: "Builder", node: fx.Node, x: fx.Node, w: str, bias: str | None, groups: int, transposed: bool) -> Dims:
@@ -27,6 +25,10 @@ def conv_like(b: "Builder", node: fx.Node, x: fx.Node, w: str, bias: str | None,
     out = b.new(node, cd, cout_n)
     dims = {d: s for d, s in b.dims_of(x).items() if d < cd}
     owner = node.target if node.op == "call_module" else node.name
+    # FLOPs per weight entry and example, as FlopCounterMode counts them: two per
+    # multiply-add, at every output position (input position when transposed)
+    positions = math.prod(shape(x)) // cin_n if transposed else math.prod(shape(node)) // cout_n
+    b.add_flops(w, 2.0 * positions / b.batch_size)
     if transposed:
         if groups != 1:
             b.freeze(cin, f"grouped ConvTranspose '{owner}' is not pruned")
@@ -59,7 +61,7 @@ def conv_like(b: "Builder", node: fx.Node, x: fx.Node, w: str, bias: str | None,
 def conv_module(b: "Builder", node: fx.Node) -> Dims:
     m = b.modules[node.target]
     bias = f"{node.target}.bias" if m.bias is not None else None
-    return conv_like(b, node, node.args[0], f"{node.target}.weight", bias, m.groups, isinstance(m, _CONVT))
+    return conv_like(b, node, node.args[0], f"{node.target}.weight", bias, m.groups, isinstance(m, CONV_TRANSPOSE))
 
 
 def _attr(x: Any) -> str | None:
@@ -78,6 +80,7 @@ def linear_like(b: "Builder", node: fx.Node, x: fx.Node, w: str, bias: str | Non
     owner = node.target if node.op == "call_module" else node.name
     cin = b.space(x, nd - 1)
     out = b.new(node, nd - 1, shape(node)[-1])
+    b.add_flops(w, 2.0 * math.prod(shape(node)[:-1]) / b.batch_size)
     b.bind(w, 1, cin, "consumer", owner)
     b.bind(w, 0, out, "producer", owner)
     if bias is not None:

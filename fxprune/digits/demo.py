@@ -19,40 +19,22 @@ from tabulate import tabulate
 from torch import nn
 from tqdm import tqdm
 
+from ..config import PruneConfig
+from ..export import save_compact
+from ..files import writable
+from ..report.costs import cost_table, layer_costs, plot_costs
+from ..report.gate_graph import gate_graph, write_gate_graph
+from ..report.latency import compile_model, latency_ms
 from . import models
-from .bench_digits import EXPERIMENTS
-from .config import PruneConfig
-from .cost_report import cost_table, layer_costs, plot_costs
 from .data import digits
-from .export import save_compact
-from .files import writable
-from .gate_graph import gate_graph, write_gate_graph
-from .latency import compile_model, latency_ms
+from .models import BLOCKS, STAGES, stage_widths
+from .recipes import EXPERIMENTS
 from .training import Run, fit
 
-__all__ = ["main", "run", "add_arguments", "stage_widths"]
+__all__ = ["main", "run", "add_arguments"]
 
-STAGES, BLOCKS, FIRST_BLOCK = 3, 3, 3  # models.resnet(): stem = modules 0-2, then the blocks
 #: the digits benchmark's ResNet entry: its gate config, optimizer, learning rate, schedule and epochs
 RECIPE = next(e for e in EXPERIMENTS if e.build is models.resnet)
-
-
-def stage_widths(model: nn.Module, stages: int = STAGES, blocks: int = BLOCKS) -> list[str]:
-    """Per stage: the stream width and each block's inner width ('-' for a removed block)."""
-    mods = dict(model.named_modules())
-    out = []
-    for s in range(stages):
-        stream, inner = "?", []
-        for b in range(FIRST_BLOCK + s * blocks, FIRST_BLOCK + (s + 1) * blocks):
-            conv1, conv2, proj = mods.get(f"{b}.conv1"), mods.get(f"{b}.conv2"), mods.get(f"{b}.shortcut.0")
-            inner.append(str(conv1.out_channels) if conv1 is not None else "-")
-            for m in (conv2, proj):
-                if m is not None:
-                    stream = str(m.out_channels)
-        if stream == "?" and s == 0:
-            stream = str(mods["0"].out_channels)
-        out.append(f"stream {stream}, blocks {' '.join(inner)}")
-    return out
 
 
 def _bar(desc: str, epochs: int):

@@ -23,9 +23,9 @@ from pathlib import Path
 import networkx as nx
 from torch import fx
 
-from .files import writable
-from .passes import ChannelGraph
-from .passes.insert_gates import LAYERS, UNITS, gate_modules
+from ..files import writable
+from ..passes import ChannelGraph
+from ..state import decisions, gate_bank, state_of
 
 __all__ = ["gate_graph", "write_gate_graph", "picture_path", "FORMATS"]
 
@@ -59,35 +59,36 @@ def gate_graph(cg: ChannelGraph, gated: fx.GraphModule | None = None, collapse: 
     pos = _positions(cg)
     extent = defaultdict(list)  # group -> positions of every node whose output carries it
     for node, dims in cg.node_dims.items():
-        for space in (dims.values() if isinstance(dims, dict) else ()):
+        for space in _spaces_of(cg, node):
             extent[cg.spaces[space].group].append(pos[node])
-    units = gate_modules(gated, UNITS) if gated is not None else None
-    layers = gate_modules(gated, LAYERS) if gated is not None else None
+    units = layers = None
+    if gated is not None:  # what the gates hold now: (kept units, mean theta) per group, theta per branch
+        layout, theta = state_of(gated).layout, gate_bank(gated).theta.detach().cpu()
+        keep, _ = decisions(gated)
+        units = {g: (int(keep[g].sum()), float(theta[sl].mean())) for g, sl in layout.units.items()}
+        layers = {b: float(theta[i]) for b, i in layout.layers.items()}
     edges = _group_edges(cg)
-    used = {g for e in edges for g in e} | {cg.spaces[s].group for b in cg.branches for s in _spaces_of(cg, b.add)}
+    used = {g for e in edges for g in e} | {cg.spaces[s].group for b in cg.branches.values() for s in _spaces_of(cg, b.add)}
     G = nx.DiGraph()
-    for g in cg.groups:
+    for g in cg.groups.values():
         if g.id not in used:
             continue  # input and shape-only groups no layer touches
         where = extent[g.id] or [pos[cg.spaces[s].node] for s in g.spaces]
         kept, theta = g.num_units, 1.0
         if units is not None and g.prunable:
-            gate = units.get(f"g{g.id}")
-            kept = int(gate.keep().sum()) if gate is not None else 0
-            theta = float(gate.theta.detach().mean()) if gate is not None else 0.0
+            kept, theta = units.get(g.id, (0, 0.0))
         G.add_node(f"g{g.id}", kind="group", groups=[g.id], units=g.num_units, kept=kept, theta=theta,
                    prunable=g.prunable, reason=g.frozen[0] if g.frozen else "", first=min(where), last=max(where))
     for (a, b), owners in edges.items():
         if f"g{a}" in G and f"g{b}" in G:
             G.add_edge(f"g{a}", f"g{b}", layers=owners)
-    for br in cg.branches:
+    for br in cg.branches.values():
         add_groups = {cg.spaces[s].group for s in _spaces_of(cg, br.add)}
         inner = [g for g in G if G.nodes[g]["kind"] == "group"
                  and all(cg.spaces[s].node in br.nodes for s in cg.groups[G.nodes[g]["groups"][0]].spaces)]
-        gate = layers.get(f"b{br.id}") if layers is not None else None
-        theta = 1.0 if layers is None else float(gate.theta.detach()[0]) if gate is not None else 0.0
+        theta = 1.0 if layers is None else layers.get(br.id, 0.0)
         name = f"L{br.id}"
-        G.add_node(name, kind="layer", theta=theta, removed=layers is not None and gate is None,
+        G.add_node(name, kind="layer", theta=theta, removed=layers is not None and br.id not in layers,
                    first=pos[br.add], last=pos[br.add], add=br.add)
         source = max(inner, key=lambda g: G.nodes[g]["last"]) if inner else None
         for g in add_groups:
@@ -102,7 +103,7 @@ def gate_graph(cg: ChannelGraph, gated: fx.GraphModule | None = None, collapse: 
 def _spaces_of(cg: ChannelGraph, node: str) -> list[int]:
     """The channel spaces of ``node``'s output (its own or the ones it carries)."""
     dims = cg.node_dims.get(node)
-    return list(dims.values()) if isinstance(dims, dict) else []
+    return [s for s in dims.values() if not cg.spaces[s].batch] if isinstance(dims, dict) else []
 
 
 def _collapse_chains(G: nx.DiGraph) -> nx.DiGraph:

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 import torchvision
 
-from .api import channel_graph, convert, prepare
-from .testing import implied_param_count, random_masks
+from ..api import channel_graph, convert, prepare
+from .masks import implied_param_count, random_masks
 
 __all__ = ["ZooResult", "check_model", "classification_models", "input_size", "main"]
 
@@ -70,9 +70,10 @@ class ZooResult:
 
 
 def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give constant-initialised tensors (norm affines and statistics, layer scales,
-    zero-initialised weight matrices) random values, so that slicing one of them wrongly
-    shows in the outputs."""
+    """Give constant-initialised tensors random values, so that slicing one of them
+    wrongly shows in the outputs: every floating tensor whose entries are all equal
+    (norm weights and biases, layer scales such as ConvNeXt's 1e-6, zero-initialised
+    biases and heads) and BatchNorm statistics."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -82,10 +83,13 @@ def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 t.copy_(torch.rand(t.shape, generator=g) * 1.5 + 0.5)
             elif name.endswith("running_mean"):
                 t.copy_((torch.rand(t.shape, generator=g) - 0.5) * 0.4)
-            elif t.std() == 0 and t.abs().max() > 0:  # norm weights, layer scales
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif t.dim() >= 2 and t.abs().max() == 0:  # zero-initialised heads (ViT)
-                t.copy_(torch.randn(t.shape, generator=g) * 0.02)
+            elif t.max() == t.min():
+                if t.dim() >= 2:  # a zero-initialised weight matrix (ViT's head)
+                    t.copy_(torch.randn(t.shape, generator=g) * 0.02)
+                elif t.max() == 0:  # a zero bias
+                    t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+                else:  # norm weights, layer scales
+                    t.copy_(torch.rand(t.shape, generator=g) + 0.5)
     return model
 
 
@@ -103,7 +107,7 @@ def check_model(name: str, keep: float = 0.5, seed: int = 0, rtol: float = 1e-4,
         res.params_before = sum(p.numel() for p in model.parameters())
         gated = prepare(model, (x,))
         cg = channel_graph(gated)
-        res.prunable, res.channels = cg.producer_channels()
+        res.prunable, res.channels = cg.prunable_share()
         res.reasons = cg.frozen_reasons()
         random_masks(gated, keep=keep, seed=seed).eval()
         compact = convert(gated).eval()

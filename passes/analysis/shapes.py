@@ -10,10 +10,12 @@ import numpy as np
 import torch
 from torch import fx
 
-from .op_helpers import Dims, arg, describe, is_tensor, norm_dim, shape, tensor_args, unknown
+from ..sizes import sizes_of
+from .builder import ShapeOf
+from .generic import Dims, arg, describe, is_tensor, norm_dim, shape, tensor_args, unknown
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .analyze import Builder
+    from .builder import Builder
 
 
 def _blocks(ins: tuple[int, ...], outs: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
@@ -35,32 +37,88 @@ def _blocks(ins: tuple[int, ...], outs: tuple[int, ...]) -> list[tuple[list[int]
     return blocks
 
 
+def _batch_position(ins: tuple[int, ...], outs: tuple[int, ...], d: int) -> int | None:
+    """Where dim ``d`` of a reshape's input lands in its output, if it lands whole: the
+    output dim of the same size with the same number of elements before it."""
+    before = math.prod(ins[:d])
+    for o, n in enumerate(outs):
+        if n == ins[d] and math.prod(outs[:o]) == before:
+            return o
+    return None
+
+
 def reshape(b: "Builder", node: fx.Node) -> Dims:
     """view/reshape/flatten/unflatten/squeeze/unsqueeze, from the recorded shapes."""
     x = tensor_args(node)[0]
     ins, outs = shape(x), shape(node)
     dims = b.dims_of(x)
     out: Dims = {}
-    sizes_given = node.op == "call_method" and node.target in ("view", "reshape") or node.target is torch.reshape
+    for d, s in dims.items():
+        if s in b.batch and (o := _batch_position(ins, outs, d)) is not None:
+            out[o] = s
+    channels = {d: s for d, s in dims.items() if s not in b.batch}
     for bi, bo in _blocks(ins, outs):
-        tracked = [d for d in bi if d in dims]
+        tracked = [d for d in bi if d in channels]
         if not tracked:
             continue
         if len(bo) > 1 or len(tracked) > 1:
             for d in tracked:
-                b.freeze(dims[d], f"'{node.name}' ({describe(b, node)}) splits or interleaves channel dim {d}")
+                b.freeze(channels[d], f"'{node.name}' ({describe(b, node)}) splits or interleaves channel dim {d}")
             continue
         d, o = tracked[0], bo[0]
         if len(bi) == 1:
-            out[o] = dims[d]
+            out[o] = channels[d]
         else:
             inner = math.prod(ins[k] for k in bi if k > d)
             idx = np.arange(outs[o])
             out[o] = b.new(node, o, outs[o])
-            b.link(dims[d], out[o], ((idx // inner) % ins[d], idx))
-        if sizes_given:
-            b.rewrite(node, "view", o, (out[o],))
+            b.link(channels[d], out[o], ((idx // inner) % ins[d], idx))
+    check_sizes(b, node, out)
     return out
+
+
+def check_sizes(b: "Builder", node: fx.Node, out: Dims) -> None:
+    """The sizes a view/reshape/expand/unflatten is given, against the channel spaces of
+    its output ``out``: a literal channel count becomes a rewrite; a size read from a
+    tensor must be the size of the same channels (checked once groups are known); any
+    other size of a channel dim (computed, or the channel count of a dim without
+    channels) freezes it."""
+    sizes = sizes_of(node, b.modules)
+    if sizes is None:
+        return
+    values = sizes.values
+    if len(values) == 1 and isinstance(b.dims.get(getattr(values[0], "name", None)), ShapeOf):
+        src = b.dims[values[0].name].tensor  # y.view(x.shape): every dim takes x's size
+        for o, s in out.items():
+            t = b.dims_of(src).get(o)
+            if s in b.batch:
+                continue
+            if t is None or t in b.batch:
+                b.freeze(s, f"'{node.name}' gives channel dim {o} the size of '{src.name}' dim {o}, which carries no channels")
+            else:
+                b.ties.append((t, s, node.name))
+        return
+    for k, v in enumerate(values):
+        o = sizes.first_dim + k
+        space = out.get(o)
+        if space in b.batch:
+            continue
+        info = b.size_info(v)
+        if isinstance(v, int):
+            if space is not None and v != -1:
+                b.rewrite(node, "sizes", k, (space,))
+        elif info is not None:
+            has_channels = info.space is not None and info.space not in b.batch
+            if space is not None and has_channels:
+                b.ties.append((info.space, space, node.name))
+            elif space is not None:
+                b.freeze(space, f"'{node.name}' gives channel dim {o} the size of dim {info.dim} of '{info.tensor}', "
+                                "which carries no channels")
+            elif has_channels:
+                b.freeze(info.space, f"'{node.name}' uses the channel count of '{info.tensor}' (dim {info.dim}) as the "
+                                     f"size of its dim {o}, which carries no channels")
+        elif space is not None:
+            b.freeze(space, f"'{node.name}' gives channel dim {o} a computed size ('{getattr(v, 'name', v)}')")
 
 
 def permute(b: "Builder", node: fx.Node) -> Dims:
@@ -89,6 +147,7 @@ def expand(b: "Builder", node: fx.Node) -> Dims:
             out[d + lead] = s
         else:
             b.freeze(s, f"'{node.name}' expands channel dim {d}")
+    check_sizes(b, node, out)
     return out
 
 
@@ -97,8 +156,10 @@ def getitem(b: "Builder", node: fx.Node) -> Dims:
     xd = b.dims.get(x.name) if isinstance(x, fx.Node) else None
     if isinstance(xd, list):
         return xd[idx] if isinstance(idx, int) else unknown(b, node)
+    if isinstance(xd, ShapeOf):
+        return b.size_read(node, xd.tensor, idx)
     if not is_tensor(x):
-        return b.check_size_use(node, x, idx)
+        return {}
     dims, xs = b.dims_of(x), shape(x)
     items = idx if isinstance(idx, tuple) else (idx,)
     n_real = sum(1 for it in items if it is not None and it is not Ellipsis)
@@ -180,8 +241,9 @@ def split(b: "Builder", node: fx.Node) -> list[Dims]:
 
 
 def size(b: "Builder", node: fx.Node) -> Any:
+    """``x.size(d)`` is a size read; ``x.size()`` and ``x.shape`` are read by index later."""
     x = node.args[0]
     d = arg(node, 1, "dim")
     if node.op == "call_method" and d is not None:
-        return b.check_size_use(node, x, d)
-    return {"size_of": x}
+        return b.size_read(node, x, d)
+    return ShapeOf(x)

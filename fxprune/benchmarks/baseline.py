@@ -10,8 +10,8 @@ import time
 import torch
 from torch import nn
 
-from .cost import forward_flops
-from .training import Run, accuracy, make_optimizer, make_schedule, seeded_digits, train_epochs, widths
+from ..cost import forward_flops
+from ..digits.training import Run, accuracy, make_optimizer, make_schedule, seeded_digits, train_epochs, widths
 
 __all__ = ["magnitude_prune", "magnitude_baseline"]
 

@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .api import convert, prepare
-from .config import PruneConfig
-from .cost import forward_flops
+from ..api import convert, prepare
+from ..config import PruneConfig
+from ..cost import forward_flops
+from ..passes import ChannelGraph
+from ..pruner import Pruner
+from ..state import decisions, gate_bank, state_of
 from .data import digits_loaders
-from .passes.insert_gates import CHANNEL_GRAPH, LAYERS, UNITS, gate_modules
-from .passes import ChannelGraph
-from .pruner import Pruner
 
 __all__ = ["Run", "fit", "seeded_digits", "make_optimizer", "make_schedule", "train_epochs", "accuracy", "widths", "theta_undecided",
            "gate_count"]
@@ -71,22 +71,16 @@ def widths(model: nn.Module) -> list[int]:
             for m in mods if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
 
 
-def _thetas(gated: fx.GraphModule) -> Tensor:
-    """The thetas of every unit and layer gate ``gated`` has now, as one flat tensor."""
-    thetas = [g.theta.detach().flatten().cpu() for kind in (UNITS, LAYERS) for g in gate_modules(gated, kind).values()]
-    return torch.cat(thetas) if thetas else torch.zeros(0)
-
-
 def gate_count(gated: fx.GraphModule) -> int:
     """Number of unit and layer gates ``gated`` has now."""
-    return _thetas(gated).numel()
+    return gate_bank(gated).theta.numel()
 
 
 def theta_undecided(gated: fx.GraphModule, low: float = 0.01, high: float = 0.99, total: int | None = None) -> float:
     """Fraction of gates whose theta lies strictly in (low, high). ``total`` is the number
     of gates the model was prepared with (default: the remaining ones); a gate removed
     during training counts as decided, at 0, since its structure is gone."""
-    t = _thetas(gated)
+    t = gate_bank(gated).theta.detach()
     total = total or t.numel()
     if not total:
         return 0.0
@@ -171,11 +165,11 @@ def fit(model: nn.Module, epochs: int, config: PruneConfig | None = None, *, see
                    widths(model), seconds=time.perf_counter() - t0)
 
     gated = prepare(model, (batch,), config)
-    dense_graph = gated.meta[CHANNEL_GRAPH]
+    dense_graph = state_of(gated).graph
     opt = make_optimizer(gated.parameters(), optimizer, lr)
     pruner = Pruner(gated, opt)
     sched = make_schedule(opt, schedule, epochs * len(train))
-    layers_total, gates_total = len(gate_modules(gated, LAYERS)), gate_count(gated)
+    layers_total, gates_total = len(state_of(gated).layout.layers), gate_count(gated)
     for epoch in range(epochs):
         loss = train_epochs(gated, train, 1, opt, config.lam1, after_step=pruner.step, loss_extra=pruner.penalty,
                             schedule=sched)
@@ -185,7 +179,7 @@ def fit(model: nn.Module, epochs: int, config: PruneConfig | None = None, *, see
                       "flops": pruner.flops_per_step[-1] / dense_flops})
     undecided = theta_undecided(gated, total=gates_total)
     compact = convert(gated.eval()).eval()
-    layers_left = sum(bool(g.keep()[0]) for g in gate_modules(gated, LAYERS).values())
+    layers_left = len(state_of(gated).layout.layers) - len(decisions(gated)[1])
     return Run(
         compact, accuracy(compact, test), sum(p.numel() for p in compact.parameters()), forward_flops(compact, (batch[:1],)),
         dense_params, dense_flops, widths(compact), pruner.training_flops_ratio(), undecided,

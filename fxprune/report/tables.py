@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tabulate import tabulate
 
-from .passes import ChannelGraph
+from ..passes import ChannelGraph
 
 __all__ = ["group_rows", "groups_table", "branches_table", "summary"]
 
@@ -17,11 +17,11 @@ def _names(items: list[str], limit: int = 3) -> str:
 
 def group_rows(cg: ChannelGraph) -> list[dict]:
     """One dict per group: id, units, producers, consumers, carriers, status."""
-    by_group: dict[int, dict[str, list[str]]] = {g.id: {"producer": [], "consumer": [], "carrier": []} for g in cg.groups}
+    by_group: dict[int, dict[str, list[str]]] = {g.id: {"producer": [], "consumer": [], "carrier": []} for g in cg.groups.values()}
     for b in cg.bindings:
         by_group[cg.spaces[b.space].group][b.role].append(b.owner)
     rows = []
-    for g in cg.groups:
+    for g in cg.groups.values():
         roles = by_group[g.id]
         if not (roles["producer"] or roles["consumer"]):
             continue  # groups no layer touches (inputs, shape-only tensors)
@@ -41,12 +41,12 @@ def groups_table(cg: ChannelGraph, fmt: str = "simple") -> str:
 
 
 def branches_table(cg: ChannelGraph, fmt: str = "simple") -> str:
-    rows = [[b.id, b.add, b.stream, len(b.nodes)] for b in cg.branches]
+    rows = [[b.id, b.add, b.stream, len(b.nodes)] for b in cg.branches.values()]
     return tabulate(rows, headers=["branch", "add", "stream x", "ops in F(x)"], tablefmt=fmt)
 
 
 def summary(cg: ChannelGraph) -> str:
-    prunable, total = cg.producer_channels()
+    prunable, total = cg.prunable_share()
     lines = [
         f"{len(cg.prunable_groups)} prunable of {len(group_rows(cg))} channel groups; "
         f"{prunable}/{total} conv/linear output channels prunable ({100 * prunable / max(total, 1):.1f}%); "

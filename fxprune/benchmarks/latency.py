@@ -13,12 +13,12 @@ import argparse
 import torch
 from tabulate import tabulate
 
-from .api import convert, prepare
-from .cli import load_model
-from .cost import forward_flops
-from .latency import compile_model, latency_ms
-from .passes.insert_gates import LAYERS, gate_modules
-from .testing import random_masks
+from ..api import convert, prepare
+from ..cost import forward_flops
+from ..report.latency import compile_model, latency_ms
+from ..state import set_decisions, state_of
+from ..testing import random_masks
+from ..testing.models import load_model
 
 __all__ = ["main"]
 
@@ -40,8 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(args.batch, 3, args.size, args.size)
     gated = prepare(model, (x[:2],))
     random_masks(gated, keep=args.keep, seed=0)
-    for gate in gate_modules(gated, LAYERS).values():
-        gate.set_keep([True])
+    set_decisions(gated, {}, {b: True for b in state_of(gated).layout.layers})
     compact = convert(gated.eval()).eval()
     flops_ratio = forward_flops(model, (x[:1],)) / forward_flops(compact, (x[:1],))
     model, compact, x = model.to(device), compact.to(device), x.to(device)

@@ -17,7 +17,7 @@ import torch
 import torchvision
 from tabulate import tabulate
 
-from .passes import analyze, trace
+from ..passes import analyze, trace
 
 __all__ = ["main", "time_analysis"]
 

@@ -17,13 +17,13 @@ from dataclasses import replace
 import torch
 from tabulate import tabulate
 
-from . import models
-from .config import PruneConfig
-from .cost_report import layer_costs
-from .demo import BLOCKS, FIRST_BLOCK, STAGES, stage_widths
-from .files import writable
-from .passes.insert_gates import UNITS, gate_modules
-from .training import Run, fit
+from ..config import PruneConfig
+from ..digits import models
+from ..digits.models import BLOCKS, FIRST_BLOCK, STAGES, stage_widths
+from ..digits.training import Run, fit
+from ..files import writable
+from ..report.costs import layer_costs
+from ..state import decisions
 
 __all__ = ["main"]
 
@@ -37,13 +37,12 @@ def _run(config: PruneConfig | None, epochs: int, seed: int) -> Run:
 
 def _thinned(run: Run) -> float:
     """Fraction of the units of the groups still in the model that were removed."""
-    units = gate_modules(run.gated, UNITS)
-    if not units:
+    keep, _ = decisions(run.gated)
+    if not keep:
         return 0.0  # layer gates only
     dense = {g.id: g.num_units for g in run.dense_graph.prunable_groups}
-    alive = [int(k[1:]) for k in units]
-    total = sum(dense[g] for g in alive)
-    return 1 - sum(int(units[f"g{g}"].keep().sum()) for g in alive) / max(total, 1)
+    total = sum(dense[g] for g in keep)
+    return 1 - sum(int(k.sum()) for k in keep.values()) / max(total, 1)
 
 
 def _stage_costs(run: Run, dense: dict) -> list[tuple[float, float]]:

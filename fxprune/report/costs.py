@@ -15,8 +15,9 @@ from pathlib import Path
 from tabulate import tabulate
 from torch import Tensor, nn
 
-from .cost import count_flops
-from .files import writable
+from ..cost import count_flops
+from ..files import writable
+from ..gates import GATE_MODULES
 
 __all__ = ["layer_costs", "cost_table", "plot_costs"]
 
@@ -28,7 +29,7 @@ def layer_costs(model: nn.Module, example: tuple) -> dict[str, tuple[int, int]]:
     per_module = {k.partition(".")[2]: sum(v.values()) for k, v in counter.get_flop_counts().items() if "." in k}
     out = {}
     for name, m in model.named_modules():
-        if not name or name.startswith("fxprune_"):
+        if not name or isinstance(m, GATE_MODULES):
             continue
         params = sum(p.numel() for p in m.parameters(recurse=False))
         leaf = not any(True for _ in m.children())

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from torch import fx
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .analyze import Builder
+    from .builder import Builder
 
 Dims = dict[int, int]
 Rule = Callable[["Builder", fx.Node], Any]

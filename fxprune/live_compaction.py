@@ -1,0 +1,202 @@
+"""Live removal: compact a gated model in the middle of training, as one transaction.
+
+:func:`remove` slices, with the same indices, the parameters' data **and** gradients (the
+same ``Parameter`` objects, so the optimizer keeps working), the optimizer state through
+its adapter (:mod:`fxprune.optim_state`), the thetas, the gate reads' indices and the
+ChannelGraph; it rewrites the graph and deletes removed branches and their parameters
+(which leave the optimizer). Its postcondition runs the stored example before and after:
+removing structures whose gates are off must not change the deterministic model. Either
+all of it happens or, on any error, none of it: the model, the optimizer and the state
+are restored as they were.
+
+Example::
+
+    >>> record = remove(gated, {3: drop_mask}, {1}, optimizer)
+    >>> record.units, record.layers
+    ({3: 12}, [1])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from . import optim_state
+from .cost import count_flops
+from .gates import GateRead, LayerGateApply, bank_structure, read_index
+from .passes.channel_graph import floor_keep
+from .passes.compact import check_nonempty, max_relative_error, plan_slices, rewrite_graph
+from .passes.surgery import delete_unreferenced, index_tensor, refresh_module, set_data
+from .state import PruneState, gate_bank, run_example, state_of
+
+__all__ = ["Removal", "RemovalError", "remove"]
+
+
+class RemovalError(RuntimeError):
+    """A live removal would change what the model computes; nothing was removed."""
+
+
+@dataclass
+class Removal:
+    """What one live removal did: units removed per group, branches removed, the keep
+    mask of every group it sliced (over the group's units before the removal, enough to
+    replay it), and the forward FLOPs per example of the model after it. ``extra["kept"]``
+    is the bool mask over the flat theta buffer before the removal of the entries kept."""
+
+    units: dict[int, int]
+    layers: list[int]
+    keep: dict[int, list[bool]]
+    flops: int = 0
+    step: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Snapshot:
+    """References to everything a removal may change, to put back on failure."""
+
+    def __init__(self, gated: fx.GraphModule, optimizer: torch.optim.Optimizer | None, state: PruneState) -> None:
+        self.gated, self.optimizer, self.state = gated, optimizer, state
+        self.graph = gated.graph
+        self.modules = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers), dict(m._modules))
+                        for m in gated.modules()]
+        self.tensors = [(t, t.data, t.grad) for t in {id(t): t for t in [*gated.parameters(), *gated.buffers()]}.values()]
+        self.fields = (state.graph, state.layout)
+        if optimizer is not None:
+            self.groups = [list(g["params"]) for g in optimizer.param_groups]
+            self.opt_state = {p: dict(s) for p, s in optimizer.state.items()}
+
+    def restore(self) -> None:
+        for m, attrs, params, buffers, children in self.modules:
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+            for d, old in ((m._parameters, params), (m._buffers, buffers), (m._modules, children)):
+                d.clear()
+                d.update(old)
+        for t, data, grad in self.tensors:
+            if t.data is not data:
+                set_data(t, data)
+            t.grad = grad
+        if self.gated.graph is not self.graph:
+            self.gated.graph = self.graph
+        self.gated.recompile()
+        self.state.graph, self.state.layout = self.fields
+        if self.optimizer is not None:
+            for g, params in zip(self.optimizer.param_groups, self.groups):
+                g["params"] = params
+            self.optimizer.state.clear()
+            for p, s in self.opt_state.items():
+                self.optimizer.state[p].update(s)
+
+
+def _floored_keep(gated: fx.GraphModule, state: PruneState, unit_drop: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """Per gated group: the units kept, with every channel dimension keeping its best unit
+    (the rule eval mode applies, so the deterministic model is unchanged)."""
+    layout, bank = state.layout, gate_bank(gated)
+    keep = torch.ones(layout.size, dtype=torch.bool)
+    for gid, drop in unit_drop.items():
+        if gid not in layout.units:
+            raise ValueError(f"group {gid} has no unit gate (gated groups: {sorted(layout.units)})")
+        sl = layout.units[gid]
+        drop = np.asarray(drop, dtype=bool)
+        if drop.shape != (sl.stop - sl.start,):
+            raise ValueError(f"the drop mask of group {gid} has {drop.size} entries for its {sl.stop - sl.start} units")
+        keep[sl] = torch.as_tensor(~drop)
+    theta = bank.theta.detach().cpu()
+    keep = floor_keep(keep, theta, bank.segments.cpu()).numpy()
+    return {gid: keep[layout.units[gid]] for gid in unit_drop if not keep[layout.units[gid]].all()}
+
+
+def _sync_gates(gated: fx.GraphModule, state: PruneState, keep_flat: np.ndarray) -> None:
+    """Slice the thetas to ``keep_flat`` and point every gate at the new layout."""
+    bank = gate_bank(gated)
+    idx = torch.as_tensor(np.flatnonzero(keep_flat), device=bank.theta.device)
+    theta = bank.theta
+    new = theta.detach().index_select(0, idx).requires_grad_(theta.requires_grad)
+    if theta.grad is not None:
+        new.grad = theta.grad.index_select(0, idx)
+    bank.theta = new
+    bank.set_structure(*bank_structure(state.graph, state.layout.units, state.layout.size))
+    for m in gated.modules():
+        if isinstance(m, GateRead):
+            m.set_index(read_index(state.graph, state.layout.units, m.group, m.space))
+        elif isinstance(m, LayerGateApply):
+            m.index = state.layout.layers[m.branch]
+
+
+def _drop_from_optimizer(optimizer: torch.optim.Optimizer, live: set[int]) -> None:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in live:
+                optimizer.state.pop(p, None)
+        group["params"] = [p for p in group["params"] if id(p) in live]
+
+
+def remove(gated: fx.GraphModule, unit_drop: dict[int, np.ndarray], layer_drop: set[int],
+           optimizer: torch.optim.Optimizer | None = None, verify: bool = True, rtol: float = 1e-3) -> Removal:
+    """Remove units (``unit_drop[group]``: True = remove) and residual branches
+    (``layer_drop``) from the live model, all or nothing. With ``verify``, the model's
+    eval output on the stored example must stay the same (structures whose gates are on
+    cannot be removed: :class:`RemovalError`)."""
+    state = state_of(gated)
+    cg, layout = state.graph, state.layout
+    layer_drop = set(layer_drop)
+    unknown = layer_drop - set(layout.layers)
+    if unknown:
+        raise ValueError(f"branches {sorted(unknown)} have no layer gate (gated branches: {sorted(layout.layers)})")
+    unit_keep = _floored_keep(gated, state, unit_drop)
+    effective = cg.effective_keep(unit_keep, layer_drop)
+    check_nonempty(cg, effective, layer_drop)
+    slices = plan_slices(cg, effective)
+    tensors = dict([*gated.named_parameters(remove_duplicate=False), *gated.named_buffers(remove_duplicate=False)])
+    sliced = {canon: next(tensors[n] for n in cg.params[canon].names if n in tensors) for canon in slices}
+    new_state = {}
+    if optimizer is not None:
+        optim_state.check_optimizer(optimizer)
+        new_state = {canon: optim_state.plan_slices(optimizer, t, slices[canon])
+                     for canon, t in sliced.items() if isinstance(t, nn.Parameter)}
+    before = run_example(gated, state.example) if verify else None
+
+    snapshot = _Snapshot(gated, optimizer, state)
+    try:
+        graph = fx.Graph()
+        graph.output(graph.graph_copy(gated.graph, {}))
+        modules = dict(gated.named_modules())
+        replaced, _ = rewrite_graph(graph, modules, cg, effective, layer_drop)
+        owners = set()
+        for canon, t in sliced.items():
+            grad = index_tensor(t.grad, slices[canon]) if t.grad is not None else None
+            set_data(t, index_tensor(t, slices[canon]))
+            t.grad = grad
+            if canon in new_state:
+                optimizer.state[t].update(new_state[canon])
+            owners.update(n.rpartition(".")[0] for n in cg.params[canon].names if n in tensors)
+        for name in owners:
+            refresh_module(modules[name])
+        gated.graph = graph
+        gone = delete_unreferenced(gated)
+        gated.recompile()
+        if optimizer is not None:
+            _drop_from_optimizer(optimizer, {id(p) for p in gated.parameters()})
+        state.graph = cg.restrict(effective, layer_drop, replaced, set(gone))
+        state.layout, keep_flat = layout.restrict(effective, layer_drop, state.graph)
+        _sync_gates(gated, state, keep_flat)
+        counter = count_flops(gated, state.example)
+        if verify:
+            after = run_example(gated, state.example)
+            err = max_relative_error(after, before)
+            if not err <= rtol:
+                raise RemovalError(
+                    f"removing these structures changes the model's output on the example (max relative error "
+                    f"{err:.2e}): only structures whose gates are off (theta < 0.5) can be removed")
+    except BaseException:
+        snapshot.restore()
+        raise
+    return Removal(
+        units={gid: int((~k).sum()) for gid, k in unit_keep.items()}, layers=sorted(layer_drop),
+        keep={gid: k.tolist() for gid, k in unit_keep.items()}, flops=counter.get_total_flops(),
+        extra={"kept": keep_flat},
+    )

@@ -1,0 +1,2 @@
+"""Views of a model and its gates: tables of groups and branches, per-layer costs, the
+gate-placement picture, latency measurements."""

@@ -1,0 +1,181 @@
+"""The record a gated model carries: one :class:`PruneState` under one ``gm.meta`` key.
+
+It holds the ChannelGraph (the analysis of the model as it is now), the config, one
+example input for re-running the model (FLOP counts, postconditions), the batch dim of
+every input, and the :class:`GateLayout`: where each gate's thetas sit in the one flat
+theta buffer. Gates are named by typed references, :class:`UnitGate` (a channel group)
+and :class:`LayerGate` (a residual branch), never by strings parsed back into numbers.
+
+Example::
+
+    >>> state = state_of(gated)
+    >>> state.layout.slot(UnitGate(3))
+    slice(0, 64, None)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from .config import PruneConfig
+from .passes.channel_graph import ChannelGraph
+from .passes.insert_gates import BANK
+
+__all__ = ["PruneState", "GateLayout", "UnitGate", "LayerGate", "GateRef", "STATE", "state_of", "gate_bank", "decisions",
+           "run_example", "set_decisions", "theta_of"]
+
+#: the ``gm.meta`` key of a gated model's :class:`PruneState`
+STATE = "fxprune"
+
+
+@dataclass(frozen=True)
+class UnitGate:
+    """The unit gates of channel group ``group``."""
+
+    group: int
+
+
+@dataclass(frozen=True)
+class LayerGate:
+    """The layer gate of residual branch ``branch``."""
+
+    branch: int
+
+
+GateRef = Union[UnitGate, LayerGate]
+
+
+@dataclass
+class GateLayout:
+    """Where the thetas of each gate sit in the flat buffer: the units of every gated
+    group (in group order), then one entry per gated branch (in branch order)."""
+
+    units: dict[int, slice] = field(default_factory=dict)
+    layers: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, groups: dict[int, int], branches: list[int]) -> "GateLayout":
+        """From ``{group id: number of units}`` and the gated branch ids."""
+        units, start = {}, 0
+        for gid in sorted(groups):
+            units[gid] = slice(start, start + groups[gid])
+            start += groups[gid]
+        return cls(units, {b: start + i for i, b in enumerate(sorted(branches))})
+
+    @property
+    def size(self) -> int:
+        return sum(s.stop - s.start for s in self.units.values()) + len(self.layers)
+
+    @property
+    def num_units(self) -> int:
+        return sum(s.stop - s.start for s in self.units.values())
+
+    def refs(self) -> list[GateRef]:
+        return [UnitGate(g) for g in self.units] + [LayerGate(b) for b in self.layers]
+
+    def slot(self, ref: GateRef) -> slice:
+        """The flat entries of one gate."""
+        if isinstance(ref, UnitGate):
+            return self.units[ref.group]
+        i = self.layers[ref.branch]
+        return slice(i, i + 1)
+
+    def unit_slots(self, group: int, units: np.ndarray) -> np.ndarray:
+        """Flat indices of ``units`` of ``group``."""
+        return self.units[group].start + np.asarray(units, dtype=np.int64)
+
+    def is_layer(self) -> np.ndarray:
+        """A bool mask over the flat buffer: True at layer gates."""
+        mask = np.zeros(self.size, dtype=bool)
+        mask[list(self.layers.values())] = True
+        return mask
+
+    def restrict(self, unit_keep: dict[int, np.ndarray], drop: set[int], cg: ChannelGraph) -> tuple["GateLayout", np.ndarray]:
+        """The layout after removal (``unit_keep`` as given to ``cg.restrict``; groups no
+        longer in ``cg`` and branches in ``drop`` are gone), and the bool mask over the
+        old flat buffer of the entries that stay."""
+        keep = np.ones(self.size, dtype=bool)
+        groups: dict[int, int] = {}
+        for gid, sl in self.units.items():
+            if gid not in cg.groups:
+                keep[sl] = False
+                continue
+            k = unit_keep.get(gid)
+            if k is not None:
+                keep[sl] = k
+            groups[gid] = int(keep[sl].sum())
+        branches = []
+        for b, i in self.layers.items():
+            if b in drop or b not in cg.branches:
+                keep[i] = False
+            else:
+                branches.append(b)
+        return GateLayout.build(groups, branches), keep
+
+
+@dataclass
+class PruneState:
+    """Everything fxprune knows about a gated model, under ``gm.meta["fxprune"]``."""
+
+    graph: ChannelGraph
+    config: PruneConfig
+    layout: GateLayout
+    example: tuple[Any, ...]
+    batch_dims: dict[str, int | None]
+
+
+def state_of(gm: fx.GraphModule) -> PruneState:
+    """The :class:`PruneState` of a gated model; a clear error for anything else."""
+    state = getattr(gm, "meta", {}).get(STATE) if isinstance(gm, fx.GraphModule) else None
+    if not isinstance(state, PruneState):
+        raise ValueError(f"not a gated model ({type(gm).__name__}): build it with fxprune.prepare(model, example_inputs)")
+    return state
+
+
+def gate_bank(gated: fx.GraphModule) -> nn.Module:
+    """The module holding every theta of ``gated``."""
+    state_of(gated)
+    return gated.get_submodule(BANK)
+
+
+def decisions(gated: fx.GraphModule) -> tuple[dict[int, np.ndarray], set[int]]:
+    """Deterministic gate decisions (what eval mode and ``convert`` use): kept units per
+    gated group id, and dropped branch ids."""
+    layout = state_of(gated).layout
+    keep = gate_bank(gated).deterministic().detach().cpu().numpy() > 0
+    return {g: keep[sl] for g, sl in layout.units.items()}, {b for b, i in layout.layers.items() if not keep[i]}
+
+
+def run_example(model: nn.Module, example: tuple[Any, ...]) -> Any:
+    """``model`` on ``example`` (moved to the model's device) in eval mode, without grad."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    example = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in example)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(*example)
+    finally:
+        model.train(was)
+
+
+def set_decisions(gated: fx.GraphModule, unit_keep: dict[int, np.ndarray], layer_keep: dict[int, bool]) -> None:
+    """Set thetas to the 0/1 pattern ``unit_keep`` (per gated group) and ``layer_keep``
+    (per gated branch); gates not named keep their thetas."""
+    layout, theta = state_of(gated).layout, gate_bank(gated).theta
+    with torch.no_grad():
+        for g, keep in unit_keep.items():
+            theta[layout.units[g]] = torch.as_tensor(np.asarray(keep, dtype=np.float32), device=theta.device)
+        for b, keep in layer_keep.items():
+            theta[layout.layers[b]] = float(bool(keep))
+
+
+def theta_of(gated: fx.GraphModule, ref: GateRef) -> torch.Tensor:
+    """The thetas of one gate: a view into the flat buffer (writes under ``no_grad`` go
+    through to the model)."""
+    return gate_bank(gated).theta[state_of(gated).layout.slot(ref)]

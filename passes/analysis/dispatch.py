@@ -1,0 +1,126 @@
+"""What each op does to channel spaces: the dispatch table of the dependency analysis.
+
+Any op without a rule freezes every channel it touches: it is never assumed to be
+channel-preserving. The op classes come from :mod:`fxprune.passes.op_classes`; the rules
+live in :mod:`.generic` (element-wise, reductions, pooling), :mod:`.shapes` (dims
+moving) and :mod:`.layers` (layers with parameters).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .. import op_classes as ops
+from .generic import Rule, along_dim, arg, broadcast, mix_along, no_tensor, passthrough, reduce, shape, spatial, unknown
+from .layers import (
+    batch_norm_function,
+    conv_function,
+    conv_module,
+    group_norm,
+    layer_norm,
+    linear_function,
+    linear_module,
+    norm_module,
+)
+from .shapes import cat, expand, getitem, permute, reshape, size, split
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .builder import Builder
+
+__all__ = ["rule_for", "MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES"]
+
+
+def _spatial_last_all(n: fx.Node) -> int:
+    return len(shape(n)) - 2
+
+
+MODULE_RULES: list[tuple[type | tuple[type, ...], Rule]] = [
+    (ops.CONV + ops.CONV_TRANSPOSE, conv_module),
+    (ops.LINEAR, linear_module),
+    (ops.CHANNEL_NORM, norm_module),
+    (ops.LAYER_NORM, layer_norm),
+    (ops.GROUP_NORM, group_norm),
+    (ops.ELEMENTWISE_MODULES, passthrough),
+    *[(classes, spatial(k)) for k, classes in ops.POOL_MODULES.items()],
+    (nn.Upsample, spatial(_spatial_last_all)),
+    ((nn.Flatten, nn.Unflatten), reshape),
+    ((nn.Softmax, nn.LogSoftmax), lambda b, n: mix_along(b, n, b.modules[n.target].dim, "softmax")),
+]
+
+
+def _getattr(b: "Builder", n: fx.Node) -> Any:
+    if n.args[1] == "shape":
+        return size(b, n)
+    return {} if n.args[1] in ("dtype", "device", "ndim") else unknown(b, n)
+
+
+FUNCTION_RULES: dict[Any, Rule] = {
+    **{f: passthrough for f in ops.ELEMENTWISE_FUNCTIONS},
+    **{f: broadcast for f in ops.BINARY_FUNCTIONS},
+    **{f: conv_function for f in ops.CONV_FUNCTIONS},
+    **{f: linear_function for f in ops.LINEAR_FUNCTIONS},
+    **{f: spatial(k) for k, fs in ops.POOL_FUNCTIONS.items() for f in fs},
+    F.batch_norm: batch_norm_function,
+    F.layer_norm: layer_norm,
+    F.group_norm: group_norm,
+    F.interpolate: spatial(_spatial_last_all),
+    F.pad: spatial(lambda n: len(arg(n, 1, "pad")) // 2),
+    F.softmax: along_dim("dim", 1, "softmax"), F.log_softmax: along_dim("dim", 1, "log_softmax"),
+    torch.softmax: along_dim("dim", 1, "softmax"), torch.log_softmax: along_dim("dim", 1, "log_softmax"),
+    torch.flatten: reshape, torch.reshape: reshape, torch.squeeze: reshape, torch.unsqueeze: reshape,
+    torch.unflatten: reshape,
+    torch.permute: permute, torch.transpose: permute,
+    torch.cat: cat, torch.concat: cat, torch.concatenate: cat,
+    torch.split: split, torch.chunk: split,
+    torch.mean: reduce, torch.sum: reduce, torch.amax: reduce,
+    operator.getitem: getitem,
+    getattr: _getattr,
+    torch._assert: no_tensor,
+    operator.eq: no_tensor, operator.ne: no_tensor, operator.floordiv: no_tensor,
+}
+try:  # torchvision's stochastic depth scales whole examples: channel-preserving
+    from torchvision.ops import stochastic_depth as _sd
+
+    FUNCTION_RULES[_sd] = passthrough
+except ImportError:  # pragma: no cover
+    pass
+
+METHOD_RULES: dict[str, Rule] = {
+    **{m: passthrough for m in ops.ELEMENTWISE_METHODS},
+    **{m: broadcast for m in ops.BINARY_METHODS},
+    "view": reshape, "reshape": reshape, "flatten": reshape, "unflatten": reshape, "squeeze": reshape,
+    "unsqueeze": reshape,
+    "permute": permute, "transpose": permute,
+    "expand": expand,
+    "split": split, "chunk": split,
+    "mean": reduce, "sum": reduce, "amax": reduce,
+    "softmax": along_dim("dim", 1, "softmax"), "log_softmax": along_dim("dim", 1, "log_softmax"),
+    "size": size,
+    "dim": no_tensor,
+}
+
+
+def rule_for(b: "Builder", node: fx.Node) -> Rule:
+    """The rule that interprets ``node``; ``unknown`` (freeze) when there is none."""
+    if node.op == "call_module":
+        m = b.modules[node.target]
+        if node.target in b.leaves:
+            why = f"submodule '{node.target}' could not be traced and is kept whole ({b.leaves[node.target]})"
+            return lambda b_, n: unknown(b_, n, why)
+        if isinstance(m, nn.MultiheadAttention):
+            return lambda b_, n: unknown(
+                b_, n, f"nn.MultiheadAttention '{n.target}': heads and embed dim are kept (not pruned)")
+        for cls, rule in MODULE_RULES:
+            if isinstance(m, cls):
+                return rule
+        return unknown
+    if node.op == "call_function":
+        return FUNCTION_RULES.get(node.target, unknown)
+    if node.op == "call_method":
+        return METHOD_RULES.get(node.target, unknown)
+    return unknown

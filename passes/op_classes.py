@@ -1,0 +1,96 @@
+"""The one table of op classes: which modules, functions and methods are convolutions,
+linear layers, normalisations, element-wise ops, poolings.
+
+The analysis rules, ``residualize``, compaction (re-deriving layer sizes) and FLOP
+counting all read these tuples and sets, so an op is never known to one pass and unknown
+to another.
+
+Example::
+
+    >>> isinstance(nn.Conv2d(3, 8, 3), CONV)
+    True
+    >>> F.relu in ELEMENTWISE_FUNCTIONS
+    True
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "CONV", "CONV_TRANSPOSE", "LINEAR", "WEIGHTED", "BATCH_NORM", "INSTANCE_NORM", "CHANNEL_NORM", "LAYER_NORM",
+    "GROUP_NORM", "ACTIVATION_MODULES", "DROPOUT_MODULES", "ELEMENTWISE_MODULES", "POOL_MODULES",
+    "ELEMENTWISE_FUNCTIONS", "ELEMENTWISE_METHODS", "BINARY_FUNCTIONS", "BINARY_METHODS", "CONV_FUNCTIONS",
+    "LINEAR_FUNCTIONS", "POOL_FUNCTIONS", "INPLACE_OPERATORS", "SIZE_SINK_METHODS", "SIZE_SINK_FUNCTIONS",
+    "ADD_FUNCTIONS",
+]
+
+CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+LINEAR = (nn.Linear,)
+#: layers whose weight mixes input channels into output channels
+WEIGHTED = CONV + CONV_TRANSPOSE + LINEAR
+
+BATCH_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+INSTANCE_NORM = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+#: per-channel normalisations: every channel is normalised on its own
+CHANNEL_NORM = BATCH_NORM + INSTANCE_NORM
+LAYER_NORM = (nn.LayerNorm,)
+GROUP_NORM = (nn.GroupNorm,)
+
+ACTIVATION_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Hardsigmoid, nn.Hardswish, nn.Tanh, nn.ELU,
+    nn.LeakyReLU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity,
+)
+DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+#: modules that act on every element alone (the output channels are the input's)
+ELEMENTWISE_MODULES = ACTIVATION_MODULES + DROPOUT_MODULES
+
+#: pooling modules by the number of trailing dims they act on
+POOL_MODULES = {
+    1: (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d),
+    2: (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d),
+    3: (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d),
+}
+
+ELEMENTWISE_FUNCTIONS = frozenset([
+    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.gelu, F.silu, F.sigmoid, torch.sigmoid, F.hardsigmoid,
+    F.hardswish, F.tanh, torch.tanh, F.elu, F.leaky_relu, F.mish, F.softplus, F.hardtanh, F.dropout, F.dropout1d,
+    F.dropout2d, F.dropout3d, F.alpha_dropout, torch.exp, torch.neg, torch.abs, torch.sqrt, torch.rsqrt,
+    torch.clamp, torch.clip, operator.neg, torch.erf, torch.square,
+])
+ELEMENTWISE_METHODS = frozenset([
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone", "float", "half", "double",
+    "bfloat16", "to", "exp", "neg", "abs", "sqrt", "rsqrt", "clamp", "clamp_", "clamp_min", "clamp_max", "detach",
+    "square", "type_as", "hardtanh_", "erf",
+])
+#: element-wise ops of several tensors, with broadcasting
+BINARY_FUNCTIONS = frozenset([
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
+    operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.where,
+    torch.pow, operator.pow,
+])
+BINARY_METHODS = frozenset(["add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "maximum", "minimum"])
+#: the adds a residual branch ends in
+ADD_FUNCTIONS = frozenset([operator.add, operator.iadd, torch.add])
+
+CONV_FUNCTIONS = frozenset([F.conv1d, F.conv2d, F.conv3d])
+LINEAR_FUNCTIONS = frozenset([F.linear])
+POOL_FUNCTIONS = {
+    1: frozenset([F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d]),
+    2: frozenset([F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d]),
+    3: frozenset([F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d]),
+}
+
+#: in-place operators and their out-of-place forms
+INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                     operator.itruediv: operator.truediv}
+
+#: ops that take sizes and recompute from a size read at run time (``x.view(B, C, -1)``)
+SIZE_SINK_METHODS = frozenset(["view", "reshape", "expand", "unflatten"])
+SIZE_SINK_FUNCTIONS = frozenset([torch.reshape, torch.unflatten])
+

@@ -1,0 +1,160 @@
+"""Small operations on modules and tensors that the rewriting passes share.
+
+* :func:`index_tensor` and :func:`set_data`: a tensor kept at some indices, and swapping a
+  parameter's data in place (the same ``Parameter`` object, so an optimizer holding it
+  keeps working);
+* :func:`refresh_module`: re-derive a layer's size attributes from its sliced tensors;
+* :func:`skeleton` and :func:`replace_tensor`: a copy of a module tree that shares
+  nothing mutable with the original except tensors, and putting new tensors into it
+  (``convert`` builds the compact model this way instead of deep-copying the gated one);
+* :func:`reached_tensors` and :func:`delete_unreferenced`: what the graph still uses.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from .op_classes import CHANNEL_NORM, CONV, CONV_TRANSPOSE, INPLACE_OPERATORS, LINEAR
+
+__all__ = [
+    "index_tensor", "set_data", "refresh_module", "skeleton", "replace_tensor", "reached_tensors",
+    "delete_unreferenced", "out_of_place", "is_impure",
+]
+
+
+def index_tensor(t: torch.Tensor, slices: Iterable[tuple[int, np.ndarray]]) -> torch.Tensor:
+    """A new contiguous tensor holding ``t`` at indices ``idx`` of each ``(dim, idx)``."""
+    out = t.detach()
+    for dim, idx in slices:
+        out = out.index_select(dim, torch.as_tensor(idx, dtype=torch.long, device=t.device))
+    return out.contiguous()
+
+
+def set_data(t: torch.Tensor, new: torch.Tensor) -> None:
+    """Give ``t`` (a parameter or buffer) the data ``new``, in place: ``t`` stays the
+    same object."""
+    if t.requires_grad and new.shape != t.shape:
+        # Autograd caches a parameter's gradient accumulator with its old shape, and a
+        # graph still alive (the last step's loss) keeps that cache; assigning data of
+        # another dtype first is the supported way to make autograd drop it.
+        t.data = torch.empty(0, dtype=torch.float64 if t.dtype != torch.float64 else torch.float32, device=t.device)
+    t.data = new
+
+
+def refresh_module(m: nn.Module) -> None:
+    """Re-derive a layer's size attributes from its (sliced) parameters."""
+    if isinstance(m, CONV + CONV_TRANSPOSE):
+        w = m.weight
+        if m.transposed:
+            m.in_channels, m.out_channels = w.shape[0], w.shape[1] * m.groups
+        else:
+            if m.groups > 1 and m.groups == m.in_channels:  # depthwise: one group per input channel
+                mult = m.out_channels // m.groups
+                m.groups = w.shape[0] // mult
+                m.in_channels = m.groups
+            else:
+                m.in_channels = w.shape[1] * m.groups
+            m.out_channels = w.shape[0]
+    elif isinstance(m, LINEAR):
+        m.out_features, m.in_features = m.weight.shape
+    elif isinstance(m, CHANNEL_NORM):
+        t = m.weight if m.weight is not None else m.running_mean
+        if t is not None:
+            m.num_features = t.shape[0]
+
+
+def skeleton(m: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:
+    """A copy of the module tree ``m``: every module is a shallow copy with its own
+    parameter, buffer and child dicts, so attributes and tensors can be replaced in the
+    copy without touching ``m``; the tensors themselves are still shared (replace them
+    with :func:`replace_tensor`). A module used twice is copied once."""
+    memo = {} if memo is None else memo
+    if id(m) in memo:
+        return memo[id(m)]
+    new = copy.copy(m)
+    memo[id(m)] = new
+    new._parameters = dict(m._parameters)
+    new._buffers = dict(m._buffers)
+    new._non_persistent_buffers_set = set(m._non_persistent_buffers_set)
+    new._modules = {k: None if c is None else skeleton(c, memo) for k, c in m._modules.items()}
+    return new
+
+
+def replace_tensor(root: nn.Module, name: str, new: torch.Tensor) -> None:
+    """Put ``new`` in place of the parameter or buffer ``name`` of ``root`` (a Parameter
+    stays a Parameter, with the same ``requires_grad``)."""
+    owner, _, attr = name.rpartition(".")
+    m = root.get_submodule(owner) if owner else root
+    if attr in m._parameters:
+        old = m._parameters[attr]
+        m._parameters[attr] = new if isinstance(new, nn.Parameter) else nn.Parameter(new, requires_grad=old.requires_grad)
+    elif attr in m._buffers:
+        m._buffers[attr] = new
+    else:
+        raise KeyError(f"'{name}' is not a parameter or buffer")
+
+
+def reached_tensors(gm: fx.GraphModule, nodes: Iterable[fx.Node] | None = None) -> set[str]:
+    """Names of the parameters and buffers that the ``call_module`` and ``get_attr`` nodes
+    among ``nodes`` (default: the whole graph) reach."""
+    nodes = list(gm.graph.nodes) if nodes is None else list(nodes)
+    owners = {n.target for n in nodes if n.op in ("call_module", "get_attr")}
+    out = set()
+    for name, _ in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        parts = name.split(".")
+        if any(".".join(parts[:k]) in owners for k in range(1, len(parts) + 1)):
+            out.add(name)
+    return out
+
+
+def delete_unreferenced(gm: fx.GraphModule) -> list[str]:
+    """Delete the parameters and buffers no node reaches, then the submodules no node
+    uses; returns the tensor names deleted."""
+    reached = reached_tensors(gm)
+    gone = []
+    for name, _ in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        if name not in reached:
+            owner, _, attr = name.rpartition(".")
+            m = gm.get_submodule(owner) if owner else gm
+            if hasattr(m, attr):
+                delattr(m, attr)
+            gone.append(name)
+    gm.delete_all_unused_submodules()
+    return gone
+
+
+def out_of_place(modules: dict[str, nn.Module], node: fx.Node, stream: fx.Node) -> nn.Module | None:
+    """``node`` now reads ``stream`` where it read a fresh add result: an in-place op there
+    would overwrite a tensor others (and autograd) still hold, so make it out-of-place.
+    Returns the module whose ``inplace`` flag was cleared, if any."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        if getattr(m, "inplace", False):
+            m.inplace = False
+            return m
+    elif node.op == "call_function":
+        if node.target in INPLACE_OPERATORS and node.args and node.args[0] is stream:
+            node.target = INPLACE_OPERATORS[node.target]
+        elif node.kwargs.get("inplace"):
+            node.kwargs = {**node.kwargs, "inplace": False}
+    elif node.op == "call_method" and node.target.endswith("_") and hasattr(torch.Tensor, node.target[:-1]):
+        node.target = node.target[:-1]
+    return None
+
+
+def is_impure(modules: dict[str, nn.Module]):
+    """A dead-code predicate that works on a graph not yet owned by a module."""
+
+    def impure(n: fx.Node) -> bool:
+        if n.op in ("placeholder", "output"):
+            return True
+        if n.op == "call_module":
+            return bool(getattr(modules.get(n.target), "_is_impure", False))
+        return n.op == "call_function" and n.is_impure()
+
+    return impure
