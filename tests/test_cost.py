@@ -72,7 +72,9 @@ def monte_carlo(model, x, theta_of, samples=200, seed=0):
     return want, draws.mean(0), draws.std(0, ddof=1) / np.sqrt(samples)
 
 
-@settings(max_examples=6, deadline=None,
+# A statistical check (12 means at 3 standard errors): derandomized, so that CI runs the
+# same examples every time instead of failing a few percent of runs at random.
+@settings(max_examples=6, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 @given(net=networks(), seed=st.integers(0, 100))
 def test_cost_is_the_mean_over_sampled_masks(net, seed):
