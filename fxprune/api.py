@@ -127,6 +127,8 @@ def convert(gated: fx.GraphModule) -> fx.GraphModule:
     copies: dict[int, torch.Tensor] = {}
     for name, t in [*compact.named_parameters(remove_duplicate=False), *compact.named_buffers(remove_duplicate=False)]:
         if id(t) in originals:
-            new = copies.setdefault(id(t), t.detach().clone())
-            replace_tensor(compact, name, new)
+            if id(t) not in copies:  # one copy per tensor: tied weights stay tied
+                copies[id(t)] = nn.Parameter(t.detach().clone(), t.requires_grad) if isinstance(t, nn.Parameter) \
+                    else t.detach().clone()
+            replace_tensor(compact, name, copies[id(t)])
     return compact

@@ -245,13 +245,27 @@ class ChannelGraph:
         """The nodes of the branches ``drop`` (what removing them deletes)."""
         return set().union(*(self.branches[i].nodes for i in drop)) if drop else set()
 
+    def live_spaces(self, dead: set[str]) -> dict[int, str]:
+        """The spaces some node outside ``dead`` carries, each with the first such node. (A
+        space outlives the node that created it: the stream after a residual add is
+        carried by the space of the branch's last layer.)"""
+        out: dict[int, str] = {}
+        for node, dims in self.node_dims.items():
+            if node in dead:
+                continue
+            for d in dims if isinstance(dims, list) else [dims]:
+                if isinstance(d, dict):
+                    for s in d.values():
+                        out.setdefault(s, node)
+        return out
+
     def effective_keep(self, unit_keep: dict[int, np.ndarray], drop: set[int]) -> dict[int, np.ndarray]:
         """``unit_keep`` for the groups that survive dropping the branches ``drop``, with
         the units that have channels only inside dropped branches removed as well."""
-        dead = self.dead_nodes(drop)
+        carried = self.live_spaces(self.dead_nodes(drop))
         out: dict[int, np.ndarray] = {}
         for g in self.groups.values():
-            live = [s for s in g.spaces if self.spaces[s].node not in dead]
+            live = [s for s in g.spaces if s in carried]
             if not live:
                 continue
             keep = unit_keep.get(g.id, np.ones(g.num_units, dtype=bool)).copy()
@@ -272,16 +286,17 @@ class ChannelGraph:
         grouped-conv periods follow, and everything inside dropped branches is gone."""
         replaced = replaced or {}
         dead = self.dead_nodes(drop) | set(replaced)
+        alive = self.live_spaces(dead)
         new_pos = {}
         spaces: dict[int, Space] = {}
         for s in self.spaces.values():
-            if s.node in dead:
+            if s.id not in alive:
                 continue
             kept = self.keep_indices(s.id, unit_keep)
             pos = np.full(s.size, -1, dtype=np.int64)
             pos[kept] = np.arange(len(kept))
             new_pos[s.id] = pos
-            spaces[s.id] = replace(s, size=len(kept))
+            spaces[s.id] = replace(s, size=len(kept), node=s.node if s.node not in dead else alive[s.id])
         graph = nx.MultiGraph()
         graph.add_nodes_from(spaces)
         for u, v, d in self.graph.edges(data=True):

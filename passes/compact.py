@@ -36,11 +36,11 @@ class CompactionError(AssertionError):
 
 def check_nonempty(cg: ChannelGraph, unit_keep: dict[int, np.ndarray], drop: set[int]) -> None:
     """Raise ``ValueError`` if ``unit_keep`` empties a channel dimension left in the model."""
-    dead = cg.dead_nodes(drop)
+    alive = cg.live_spaces(cg.dead_nodes(drop))
     for gid, keep in unit_keep.items():
         for s in cg.groups[gid].spaces:
             space = cg.spaces[s]
-            if space.node not in dead and not cg.keep_indices(s, unit_keep).size:
+            if s in alive and not cg.keep_indices(s, unit_keep).size:
                 raise ValueError(
                     f"the gates of group {gid} remove every channel of '{space.node}' (dim {space.dim}); "
                     "a channel dimension cannot become empty: keep at least one of its units")

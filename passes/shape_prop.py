@@ -103,12 +103,12 @@ class AdaptiveShapeProp(ShapeProp):
             return super().propagate(*args)
 
 
-def propagate_shapes(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> None:
+def propagate_shapes(gm: fx.GraphModule, inputs: tuple[Any, ...], meta_seconds_per_node: float = 3e-4) -> None:
     """Shapes into ``node.meta``, for real while cheap then on meta; everything for real
     when a node has no meta kernel. Raises :class:`ShapePropError` naming the node that
     failed for real."""
     with torch.no_grad():
         try:
-            AdaptiveShapeProp(gm).propagate(*inputs)
+            AdaptiveShapeProp(gm, meta_seconds_per_node).propagate(*inputs)
         except _MetaFailed:
             AdaptiveShapeProp(gm, meta=False).propagate(*inputs)

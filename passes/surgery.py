@@ -28,10 +28,16 @@ __all__ = [
 
 
 def index_tensor(t: torch.Tensor, slices: Iterable[tuple[int, np.ndarray]]) -> torch.Tensor:
-    """A new contiguous tensor holding ``t`` at indices ``idx`` of each ``(dim, idx)``."""
+    """A new contiguous tensor holding ``t`` at indices ``idx`` of each ``(dim, idx)``.
+    Two leading dims (a weight's output and input channels) are gathered in one go, so
+    no intermediate copy is made."""
+    slices = sorted(slices, key=lambda s: s[0])
     out = t.detach()
-    for dim, idx in slices:
-        out = out.index_select(dim, torch.as_tensor(idx, dtype=torch.long, device=t.device))
+    index = [torch.as_tensor(idx, dtype=torch.long, device=t.device) for _, idx in slices]
+    if [d for d, _ in slices] == [0, 1]:
+        return out[index[0][:, None], index[1][None, :]].contiguous()
+    for (dim, _), idx in zip(slices, index):
+        out = out.index_select(dim, idx)
     return out.contiguous()
 
 

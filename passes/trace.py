@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import traceback
 from typing import Any
 
@@ -105,7 +106,11 @@ def trace(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor) -> f
     was_training = model.training
     model.eval()
     try:
-        gm = model if isinstance(model, fx.GraphModule) else _symbolic_trace(model)
+        if isinstance(model, fx.GraphModule):  # already traced: a new graph, so the caller's is not changed
+            gm = fx.GraphModule(model, copy.deepcopy(model.graph), type(model).__name__)
+            gm.meta.update({k: v for k, v in model.meta.items() if k == LEAVES_META})
+        else:
+            gm = _symbolic_trace(model)
         gm.meta.setdefault(LEAVES_META, {})
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         if len(placeholders) != len(example_inputs):

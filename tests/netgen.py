@@ -3,7 +3,8 @@
 ``networks()`` is a hypothesis strategy returning ``(model, example_input)``: a conv trunk of
 random blocks (conv/BN/act, depthwise, grouped, residual, projection shortcut, SE,
 cat/split/chunk, channel slices, functional convs with their own parameters, group norm,
-transposed conv), then one of several heads (flatten into Linear with literal view sizes,
+transposed conv, a shape read used to reshape the same or another tensor, literal channel
+counts in expand/unflatten, tied weights), then one of several heads (flatten into Linear with literal view sizes,
 global pooling, tokens with LayerNorm/MLP/attention, Linear on the last dim of a 4-D
 tensor via permute).
 """
@@ -87,6 +88,49 @@ class FunctionalConv(nn.Module):
         return F.gelu(F.conv2d(x, self.weight, self.bias, padding=1))
 
 
+class ShapeRead(nn.Module):
+    """``B, C, H, W = x.shape`` then a reshape with those sizes: of ``x`` itself (safe),
+    or of another tensor whose channels are not ``x``'s (timm's nextvit pattern)."""
+
+    def __init__(self, c: int, other: bool) -> None:
+        super().__init__()
+        self.other, self.conv = other, conv_bn(c, c, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        if self.other:
+            return self.conv(x).reshape(b, c, h * w).reshape(b, c, h, w)
+        return self.conv(x.reshape(b, c, h * w).reshape(b, c, h, w))
+
+
+class LiteralGate(nn.Module):
+    """A squeeze-excitation gate broadcast back with literal channel counts:
+    ``expand(-1, C, H, W)`` or ``unflatten(1, (C, 1, 1))``."""
+
+    def __init__(self, c: int, unflatten: bool) -> None:
+        super().__init__()
+        self.c, self.unflatten = c, unflatten
+        self.fc = nn.Linear(c, c)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        s = torch.sigmoid(self.fc(self.pool(x).flatten(1)))
+        s = s.unflatten(1, (self.c, 1, 1)) if self.unflatten else s[:, :, None, None].expand(-1, self.c, H, W)
+        return x * s
+
+
+class Tied(nn.Module):
+    """Two convolutions sharing one weight tensor, one after the other."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(x)))
+
+
 class FlattenHead(nn.Module):
     def __init__(self, c: int, hidden: int, out: int, literal: bool) -> None:
         super().__init__()
@@ -164,7 +208,7 @@ def networks(draw) -> tuple[nn.Module, torch.Tensor]:
     for _ in range(draw(st.integers(1, 5))):
         kind = draw(st.sampled_from(
             ["conv", "depthwise", "grouped", "residual", "projection", "se", "splitcat", "branches", "slice",
-             "functional", "groupnorm", "transposed"]))
+             "functional", "groupnorm", "transposed", "shape_self", "shape_other", "expand", "unflatten", "tied"]))
         if kind == "conv":
             cout = draw(widths)
             blocks.append(conv_bn(c, cout, draw(st.sampled_from([1, 3]))))
@@ -204,6 +248,12 @@ def networks(draw) -> tuple[nn.Module, torch.Tensor]:
             c = cout
         elif kind == "groupnorm":
             blocks.append(nn.Sequential(nn.GroupNorm(2 if c % 2 == 0 else 1, c), nn.SiLU()))
+        elif kind in ("shape_self", "shape_other"):
+            blocks.append(ShapeRead(c, other=kind == "shape_other"))
+        elif kind in ("expand", "unflatten"):
+            blocks.append(LiteralGate(c, unflatten=kind == "unflatten"))
+        elif kind == "tied":
+            blocks.append(Tied(c))
         elif kind == "transposed":
             cout = draw(widths)
             blocks.append(nn.Sequential(nn.ConvTranspose2d(c, cout, 3, padding=1), nn.Hardswish()))

@@ -1,0 +1,95 @@
+"""The layering of architecture.md, checked on the source: passes import nothing from the
+fxprune core, the core imports no application or view, nothing imports the CLI, and no
+two modules import each other in a cycle."""
+
+import ast
+from pathlib import Path
+
+import networkx as nx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+APPS = ("digits", "benchmarks", "report", "testing")
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT)
+    parts = list(rel.with_suffix("").parts)
+    if parts[0] == "passes":
+        parts = ["fxprune", "passes", *parts[1:]]
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node except those under ``if TYPE_CHECKING:`` (imports for type hints only)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            continue
+        yield node
+        yield from _runtime_nodes(node)
+
+
+def imports(path: Path) -> set[str]:
+    """Every fxprune module ``path`` imports at run time (at top level or inside functions)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = set()
+    for node in _runtime_nodes(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("fxprune")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.startswith("fxprune"):
+                out.add(target)
+                out |= {f"{target}.{a.name}" for a in node.names}  # `from . import x` imports module x
+    return out
+
+
+def modules() -> dict[str, set[str]]:
+    files = [*ROOT.glob("fxprune/**/*.py"), *ROOT.glob("passes/**/*.py")]
+    found = {module_name(p): p for p in files}
+    return {name: {i for i in imports(p) if i in found} for name, p in found.items()}
+
+
+def layer(name: str) -> int:
+    """0 passes, 1 core, 2 applications and views, 3 the CLI (the package facade is 2)."""
+    parts = name.split(".")
+    if parts[:2] == ["fxprune", "passes"]:
+        return 0
+    if name in ("fxprune.cli", "fxprune.__main__"):
+        return 3
+    if name == "fxprune" or (len(parts) > 1 and parts[1] in APPS):
+        return 2
+    return 1
+
+
+GRAPH = modules()
+
+
+def test_every_module_is_seen():
+    assert {"fxprune.passes.trace", "fxprune.api", "fxprune.digits.demo", "fxprune.cli"} <= set(GRAPH)
+
+
+@pytest.mark.parametrize("name", sorted(GRAPH))
+def test_no_module_imports_a_layer_above_its_own(name):
+    up = sorted(i for i in GRAPH[name] if layer(i) > layer(name) and i != "fxprune")
+    assert not up, f"{name} (layer {layer(name)}) imports {up}"
+
+
+def test_the_cli_is_a_leaf():
+    assert [n for n, deps in GRAPH.items() if "fxprune.cli" in deps] == ["fxprune.__main__"]
+
+
+def test_no_import_cycles():
+    g = nx.DiGraph([(a, b) for a, deps in GRAPH.items() for b in deps if a != b])
+    # a package importing its own submodules (``__init__`` re-exports) is not a cycle
+    cycles = [c for c in nx.simple_cycles(g) if not any(x.startswith(y + ".") or y.startswith(x + ".")
+                                                         for x in c for y in c if x != y)]
+    assert not cycles, cycles[:3]
