@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks: 'analyze' (trace+analyze against Torch-Pruning), "
                        "'digits' (pruning while training against dense and magnitude pruning), "
                        "'latency' (dense vs compact latency against the FLOPs ratio), "
+                       "'step' (a training step with gates against without), "
                        "'tradeoff' (what gamma, beta and alpha do, and unit/layer/combined gates)")
-    b.add_argument("what", choices=["analyze", "digits", "latency", "tradeoff"])
+    b.add_argument("what", choices=["analyze", "digits", "latency", "step", "tradeoff"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
     return p

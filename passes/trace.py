@@ -64,15 +64,20 @@ class LeafTracer(fx.Tracer):
         path = self.path_of_module(m)
         if not path or self.is_leaf_module(m, path):
             return super().call_module(m, forward, args, kwargs)
-        before = set(self.graph.nodes)
-        stack = list(self.module_stack.keys())
+        last = next(iter(reversed(self.graph.nodes)), None)  # nodes are appended after it
+        depth = len(self.module_stack)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception as exc:  # noqa: BLE001 - the module is kept whole and run for real by shape propagation
             self.leaves[path] = _reason(exc)
-        for key in list(self.module_stack.keys())[len(stack):]:  # the failed call left its scope open
+        for key in list(self.module_stack.keys())[depth:]:  # the failed call left its scope open
             self.module_stack.pop(key)
-        for node in reversed([n for n in self.graph.nodes if n not in before]):
+        created = []
+        for node in reversed(self.graph.nodes):
+            if node is last:
+                break
+            created.append(node)
+        for node in created:  # newest first, so users go before what they use
             if not node.users:
                 self.graph.erase_node(node)
         return super().call_module(m, forward, args, kwargs)

@@ -61,24 +61,28 @@ def batch_dims_of(gm: fx.GraphModule, batch_dim: int | Sequence[int | None] | No
 
 
 def _reached(gm: fx.GraphModule, b: Builder) -> dict[str, set[str]]:
-    """Canonical tensor name -> the nodes that reach it (call_module of its owner, get_attr)."""
+    """Canonical tensor name -> the nodes that reach it (call_module of its owner or an
+    enclosing module, get_attr of it or of an enclosing module)."""
+    under: dict[str, list[str]] = {}  # module path -> canonical names of the tensors inside it
+    for name, canon in b.canonical.items():
+        parts = name.split(".")[:-1]
+        for k in range(len(parts) + 1):
+            under.setdefault(".".join(parts[:k]), []).append(canon)
     reach: dict[str, set[str]] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.target in b.canonical:
             reach.setdefault(b.canonical[node.target], set()).add(node.name)
-        elif node.op in ("call_module", "get_attr") and node.target in b.modules:
-            m = b.modules[node.target]
-            for name, _ in [*m.named_parameters(node.target, remove_duplicate=False),
-                            *m.named_buffers(node.target, remove_duplicate=False)]:
-                reach.setdefault(b.canonical[name], set()).add(node.name)
+        elif node.op in ("call_module", "get_attr"):
+            for canon in under.get(node.target, ()):
+                reach.setdefault(canon, set()).add(node.name)
     return reach
 
 
-def _all_channels(gm: fx.GraphModule) -> int:
+def _all_channels(gm: fx.GraphModule, b: Builder) -> int:
     """Output channels of every convolution and linear layer: modules (each once, leaves'
     children included) and functional calls."""
     total = 0
-    for m in gm.modules():
+    for m in {id(m): m for m in b.modules.values()}.values():
         if isinstance(m, CONV + CONV_TRANSPOSE):
             total += m.out_channels
         elif isinstance(m, LINEAR):
@@ -131,25 +135,30 @@ def analyze(gm: fx.GraphModule, batch_dim: int | Sequence[int | None] | None = 0
 
     reach, live = _reached(gm, b), _live_nodes(gm)
     found = find_branches(gm)
-    branch_nodes = [{n.name for n in cone} for _, _, _, cone in found]
+    branch_nodes = [frozenset(n.name for n in cone) for _, _, _, cone in found]
+    in_branches: dict[str, set[int]] = {}
+    for i, names in enumerate(branch_nodes):
+        for n in names:
+            in_branches.setdefault(n, set()).add(i)
     tensors: dict[str, list[str]] = {}
     for name, canon in b.canonical.items():
         tensors.setdefault(canon, []).append(name)
-    buffers = {n for n, _ in gm.named_buffers(remove_duplicate=False)}
     params = {}
+    contents: dict[int, list[str]] = {i: [] for i in range(len(found))}
     for canon, names in tensors.items():
         users = reach.get(canon, set()) & live
-        inside = tuple(i for i, nodes_ in enumerate(branch_nodes) if users and users <= nodes_)
+        inside = set.intersection(*(in_branches.get(u, set()) for u in users)) if users else set()
+        for i in inside:
+            contents[i].append(canon)
         t = b.tensors[canon]
-        params[canon] = Param(canon, tuple(names), tuple(t.shape), canon in buffers, b.flops.get(canon, 0.0), inside,
-                              bool(users))
+        params[canon] = Param(canon, tuple(names), tuple(t.shape), canon in b.buffers, b.flops.get(canon, 0.0),
+                              tuple(sorted(inside)), bool(users))
     branches = {
-        i: Branch(i, add.name, stream.name, out.name, frozenset(branch_nodes[i]),
-                  tuple(p.name for p in params.values() if i in p.branches), b.batch_dim(out))
+        i: Branch(i, add.name, stream.name, out.name, branch_nodes[i], tuple(contents[i]), b.batch_dim(out))
         for i, (add, stream, out, _) in enumerate(found)
     }
     return ChannelGraph(
         graph=b.graph, spaces={s.id: s for s in b.spaces}, groups=groups, branches=branches, params=params,
         bindings=list(b.bindings.values()), reads=b.reads, rewrites=b.rewrites, node_dims=b.dims,
-        batch_size=b.batch_size, inputs=inputs, all_channels=_all_channels(gm), leaves=dict(b.leaves),
+        batch_size=b.batch_size, inputs=inputs, all_channels=_all_channels(gm, b), leaves=dict(b.leaves),
     )

@@ -43,7 +43,7 @@ class Builder:
 
     def __init__(self, gm: fx.GraphModule, batch_dims: dict[str, int | None]) -> None:
         self.gm = gm
-        self.modules = dict(gm.named_modules())
+        self.modules = dict(gm.named_modules(remove_duplicate=False))
         self.leaves: dict[str, str] = gm.meta.get(LEAVES_META, {})
         self.graph = nx.MultiGraph()
         self.spaces: list[Space] = []
@@ -54,10 +54,19 @@ class Builder:
         #: every name a parameter or buffer is reached under -> its canonical (first) name
         self.canonical: dict[str, str] = {}
         self.tensors: dict[str, Any] = {}
+        #: canonical names of buffers (the rest are parameters)
+        self.buffers: set[str] = set()
         first: dict[int, str] = {}
-        for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
-            self.canonical[name] = first.setdefault(id(t), name)
-            self.tensors[name] = t
+        for kind in ("_parameters", "_buffers"):  # named_parameters(remove_duplicate=False), in one walk
+            for path, m in self.modules.items():
+                for attr, t in getattr(m, kind).items():
+                    if t is None:
+                        continue
+                    name = f"{path}.{attr}" if path else attr
+                    self.canonical[name] = first.setdefault(id(t), name)
+                    self.tensors[name] = t
+                    if kind == "_buffers":
+                        self.buffers.add(self.canonical[name])
         self.flops: dict[str, float] = {}
         #: spaces that are batch dimensions
         self.batch: set[int] = set()

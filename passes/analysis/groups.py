@@ -18,9 +18,14 @@ def find_groups(graph: nx.MultiGraph, spaces: list[Space], producers: set[int]) 
     its units the classes of tied indices; ``spaces[s].group`` is set. A group no layer
     produces is frozen."""
     groups: dict[int, Group] = {}
-    for gid, comp in enumerate(sorted(nx.connected_components(graph), key=min)):
+    components = sorted(nx.connected_components(graph), key=min)
+    component_of = {s: gid for gid, comp in enumerate(components) for s in comp}
+    edges_of: list[list] = [[] for _ in components]
+    for u, v, d in graph.edges(data=True):
+        edges_of[component_of[u]].append((u, v, d))
+    for gid, comp in enumerate(components):
         members = sorted(comp)
-        edges = list(graph.subgraph(members).edges(data=True))
+        edges = edges_of[gid]
         if all(d["pairs"] is None for _, _, d in edges):
             n = spaces[members[0]].size
             unit_index = {s: np.arange(n) for s in members}
