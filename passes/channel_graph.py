@@ -190,7 +190,8 @@ class ChannelGraph:
     the input the model was analysed with, ``inputs`` the batch dim of every input
     (placeholder name -> dim, or None), ``all_channels`` the output channels of every
     convolution and linear layer of the model, understood or not (inside leaves, with
-    computed weights)."""
+    computed weights), ``layer_outputs`` the output space of every conv and linear call
+    the analysis understood."""
 
     @property
     def batch_input(self) -> str | None:
@@ -209,6 +210,7 @@ class ChannelGraph:
     batch_size: int = 1
     inputs: dict[str, int | None] = field(default_factory=dict)
     all_channels: int = 0
+    layer_outputs: list[tuple[str, int]] = field(default_factory=list)
     leaves: dict[str, str] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ queries
@@ -383,21 +385,23 @@ class ChannelGraph:
 
     # ------------------------------------------------------------------ summaries
     def producer_channels(self) -> tuple[int, int]:
-        """(prunable, total) output channels of the layers the analysis understood."""
-        seen: set[tuple[str, int]] = set()
+        """(prunable, total) output channels of the conv and linear layers the analysis
+        understood (depthwise ones included; a shared layer counts once)."""
+        seen: set[str] = set()
         prunable = total = 0
-        for b in self.bindings:
-            if b.role != "producer" or (b.owner, b.space) in seen:
+        for owner, s in self.layer_outputs:
+            if owner in seen or s not in self.spaces:
                 continue
-            seen.add((b.owner, b.space))
-            size = self.spaces[b.space].size
+            seen.add(owner)
+            size = self.spaces[s].size
             total += size
-            prunable += size if self.group_of(b.space).prunable else 0
+            prunable += size if self.group_of(s).prunable else 0
         return prunable, total
 
     def prunable_share(self) -> tuple[int, int]:
         """(prunable output channels, output channels of every conv/linear layer)."""
-        return self.producer_channels()[0], max(self.all_channels, self.producer_channels()[1])
+        prunable, understood = self.producer_channels()
+        return prunable, max(self.all_channels, understood)
 
     def frozen_reasons(self) -> dict[str, int]:
         """Distinct reasons for frozen producer channels, with how many channels each freezes."""

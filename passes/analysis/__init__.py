@@ -63,18 +63,20 @@ def batch_dims_of(gm: fx.GraphModule, batch_dim: int | Sequence[int | None] | No
 def _reached(gm: fx.GraphModule, b: Builder) -> dict[str, set[str]]:
     """Canonical tensor name -> the nodes that reach it (call_module of its owner or an
     enclosing module, get_attr of it or of an enclosing module)."""
-    under: dict[str, list[str]] = {}  # module path -> canonical names of the tensors inside it
+    own: dict[str, list[str]] = {}  # module path -> canonical names of its own tensors
     for name, canon in b.canonical.items():
-        parts = name.split(".")[:-1]
-        for k in range(len(parts) + 1):
-            under.setdefault(".".join(parts[:k]), []).append(canon)
+        own.setdefault(name.rpartition(".")[0], []).append(canon)
     reach: dict[str, set[str]] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.target in b.canonical:
             reach.setdefault(b.canonical[node.target], set()).add(node.name)
-        elif node.op in ("call_module", "get_attr"):
-            for canon in under.get(node.target, ()):
-                reach.setdefault(canon, set()).add(node.name)
+        elif node.op in ("call_module", "get_attr") and node.target in b.modules:
+            m = b.modules[node.target]
+            paths = [node.target] if not m._modules else [  # a module with children (a leaf kept whole)
+                f"{node.target}.{p}" if p else node.target for p, _ in m.named_modules(remove_duplicate=False)]
+            for path in paths:
+                for canon in own.get(path, ()):
+                    reach.setdefault(canon, set()).add(node.name)
     return reach
 
 
@@ -160,5 +162,5 @@ def analyze(gm: fx.GraphModule, batch_dim: int | Sequence[int | None] | None = 0
     return ChannelGraph(
         graph=b.graph, spaces={s.id: s for s in b.spaces}, groups=groups, branches=branches, params=params,
         bindings=list(b.bindings.values()), reads=b.reads, rewrites=b.rewrites, node_dims=b.dims,
-        batch_size=b.batch_size, inputs=inputs, all_channels=_all_channels(gm, b), leaves=dict(b.leaves),
+        batch_size=b.batch_size, inputs=inputs, all_channels=_all_channels(gm, b), layer_outputs=b.layer_outputs, leaves=dict(b.leaves),
     )

@@ -68,6 +68,8 @@ class Builder:
                     if kind == "_buffers":
                         self.buffers.add(self.canonical[name])
         self.flops: dict[str, float] = {}
+        #: (layer, output space) of every convolution and linear call the rules understood
+        self.layer_outputs: list[tuple[str, int]] = []
         #: spaces that are batch dimensions
         self.batch: set[int] = set()
         self.batch_size = 1

@@ -29,6 +29,7 @@ def conv_like(b: "Builder", node: fx.Node, x: fx.Node, w: str, bias: str | None,
     # multiply-add, at every output position (input position when transposed)
     positions = math.prod(shape(x)) // cin_n if transposed else math.prod(shape(node)) // cout_n
     b.add_flops(w, 2.0 * positions / b.batch_size)
+    b.layer_outputs.append((owner, out))
     if transposed:
         if groups != 1:
             b.freeze(cin, f"grouped ConvTranspose '{owner}' is not pruned")
@@ -81,6 +82,7 @@ def linear_like(b: "Builder", node: fx.Node, x: fx.Node, w: str, bias: str | Non
     cin = b.space(x, nd - 1)
     out = b.new(node, nd - 1, shape(node)[-1])
     b.add_flops(w, 2.0 * math.prod(shape(node)[:-1]) / b.batch_size)
+    b.layer_outputs.append((owner, out))
     b.bind(w, 1, cin, "consumer", owner)
     b.bind(w, 0, out, "producer", owner)
     if bias is not None:

@@ -202,13 +202,12 @@ def cat(b: "Builder", node: fx.Node) -> Dims:
     nd = len(shape(node))
     cd = norm_dim(arg(node, 1, "dim", 0), nd)
     out: Dims = {}
-    for d in range(nd):
-        tracked = [b.dims_of(t)[d] for t in ts if d in b.dims_of(t)]
-        if not tracked:
-            continue
+    dims = [b.dims_of(t) for t in ts]
+    for d in sorted({d for ds in dims for d in ds}):
+        tracked = [ds[d] for ds in dims if d in ds]
         if d != cd:
-            for t in ts:
-                if b.space(t, d) != tracked[0]:
+            for t, ds in zip(ts, dims):
+                if ds.get(d) != tracked[0]:
                     b.link(tracked[0], b.space(t, d))
             out[d] = tracked[0]
             continue
@@ -216,7 +215,8 @@ def cat(b: "Builder", node: fx.Node) -> Dims:
         off = 0
         for t in ts:
             n = shape(t)[d]
-            b.link(b.space(t, d), out[d], (np.arange(n), off + np.arange(n)))
+            idx = np.arange(n)
+            b.link(b.space(t, d), out[d], (idx, off + idx))
             off += n
     return out
 
