@@ -9,6 +9,8 @@ Example::
 
 from __future__ import annotations
 
+import copy
+import fnmatch
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +23,7 @@ from .passes import Compact, InsertGates, analyze, trace
 from .passes.channel_graph import ChannelGraph
 from .passes.insert_gates import strip_gate_nodes
 from .passes.surgery import replace_tensor, skeleton
+from .passes.trace import bind_inputs
 from .state import STATE, GateLayout, PruneState, decisions, gate_bank, run_example, state_of
 
 __all__ = ["prepare", "convert", "channel_graph", "config_of", "decisions", "gate_bank", "run_example"]
@@ -45,44 +48,105 @@ def _two_examples(inputs: tuple[Any, ...], dims: list[int | None]) -> tuple[Any,
     return tuple(torch.cat([t, t], d) if isinstance(t, torch.Tensor) and d is not None else t for t, d in zip(inputs, dims))
 
 
-def _input_dims(model: nn.Module, inputs: tuple[Any, ...], batch_dim: int | Sequence[int | None] | None) -> list[int | None]:
+def _input_dims(model: nn.Module, inputs: list[Any], batch_dim: int | Sequence[int | None] | None) -> list[int | None]:
+    """The batch dim of every input: ``batch_dim`` of every tensor input whose size there is
+    the first one's (an int), or one per input (a sequence)."""
     if batch_dim is None or isinstance(batch_dim, int):
-        return [batch_dim if isinstance(t, torch.Tensor) and batch_dim is not None and -t.dim() <= batch_dim < t.dim()
-                else None for t in inputs]
+        dims, size = [], None
+        for t in inputs:
+            d = batch_dim if isinstance(t, torch.Tensor) and batch_dim is not None and -t.dim() <= batch_dim < t.dim() \
+                else None
+            if d is not None and size is not None and t.shape[d] != size:
+                d = None
+            if d is not None and size is None:
+                size = t.shape[d]
+            dims.append(d)
+        return dims
     dims = list(batch_dim)
     if len(dims) != len(inputs):
-        raise ValueError(f"batch_dim gives {len(dims)} dims for {len(inputs)} example inputs of "
-                         f"{type(model).__name__}; give one per input (None: no batch dim)")
+        raise ValueError(f"batch_dim gives {len(dims)} dims for the {len(inputs)} inputs of {type(model).__name__}."
+                         "forward; give one per input (None: no batch dim)")
     return dims
 
 
+def _check_model(model: nn.Module) -> None:
+    """Refuse wrappers and models without real parameters, saying what to pass instead."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fxprune.prepare expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise TypeError(f"prepare got a {type(model).__name__} wrapper: pass the module it wraps (model.module), "
+                        "and wrap the gated model afterwards")
+    if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+        raise TypeError("prepare got a torch.compile'd module: pass the original module (model._orig_mod) and "
+                        "compile the gated model instead (torch.compile(gated))")
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if meta:
+        raise ValueError(
+            f"the model's tensors are on the meta device ({', '.join(meta[:3])}{', ...' if len(meta) > 3 else ''}): "
+            "materialise them first (model.to_empty(device='cpu'), then initialise or load the weights)")
+
+
+def _excluded(cg: ChannelGraph, patterns: tuple[str, ...]) -> set[int]:
+    """Freeze every group an excluded module produces or reads; return the branches that
+    contain one (they get no layer gate)."""
+    if not patterns:
+        return set()
+    hit = lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)  # noqa: E731
+    for b in cg.bindings:
+        if hit(b.owner):
+            g = cg.group_of(b.space)
+            why = f"module '{b.owner}' is excluded (PruneConfig.exclude)"
+            if why not in g.frozen:
+                g.frozen.append(why)
+    return {br.id for br in cg.branches.values() if any(hit(o) for o, s in cg.layer_outputs
+                                                           if s in cg.spaces and cg.spaces[s].node in br.nodes)}
+
+
 def prepare(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, config: PruneConfig | None = None, *,
-            batch_dim: int | Sequence[int | None] | None = 0) -> fx.GraphModule:
+            kwargs: dict[str, Any] | None = None, batch_dim: int | Sequence[int | None] | None = 0,
+            mode: str = "both", inplace: bool = False) -> fx.GraphModule:
     """Trace ``model``, analyze its channel dependencies and insert gates.
 
-    ``batch_dim`` is the dim of the example inputs that indexes examples: one for all
-    inputs, or one per input (None for an input without one); e.g. ``batch_dim=1`` for
-    sequence-first ``[T, B, C]`` inputs. Gates sample one mask per example along it.
-    Returns a gated ``GraphModule`` sharing ``model``'s parameters; its
-    :class:`~fxprune.state.PruneState` (``fxprune.state.state_of(gated)``) holds the
-    analysis it was built from.
+    The example inputs are bound to ``forward`` like a call ``model(*example_inputs,
+    **kwargs)``; parameters left out take their defaults, and those that hold no tensor
+    are specialised to their value (see :func:`fxprune.trace`). ``batch_dim`` is the dim
+    of the inputs that indexes examples: one for all inputs, or one per ``forward``
+    parameter (None: no batch dim); e.g. ``batch_dim=1`` for sequence-first ``[T, B, C]``
+    inputs. Gates sample one mask per example along it.
+
+    ``mode`` is the forward traced: ``"both"`` (default) traces the training and the eval
+    forward and refuses a model whose two differ (training-only code such as auxiliary
+    heads), naming where; ``"train"`` or ``"eval"`` gates the forward of that mode (used in
+    both modes). Functional dropout follows the gated model's mode either way.
+
+    The gated model works on a copy of ``model`` (``inplace=False``): the caller's model
+    is never changed, live removal included. ``inplace=True`` shares its modules and
+    parameters instead (no copy; the model is then changed by training and removal).
     """
     config = config or PruneConfig()
-    inputs = _as_tuple(example_inputs)
-    dims = _input_dims(model, inputs, batch_dim)
+    _check_model(model)
+    if not inplace:
+        try:
+            model = copy.deepcopy(model)
+        except Exception as exc:  # noqa: BLE001 - any copy failure gets the same advice
+            raise TypeError(f"prepare could not copy {type(model).__name__} ({type(exc).__name__}: {exc}); "
+                            "pass inplace=True to gate the model itself") from exc
+    values, _ = bind_inputs(model, _as_tuple(example_inputs), kwargs)
+    dims = _input_dims(model, values, batch_dim)
     gm = None
-    doubled = _two_examples(inputs, dims)
+    doubled = _two_examples(tuple(values), dims)
     if doubled is not None:
         try:
-            gm = trace(model, doubled)
+            gm = trace(model, doubled, mode=mode)
         except ValueError:  # the model only runs with one example: analyse it as it is
             gm = None
-    gm = gm or trace(model, inputs)
+    gm = gm or trace(model, tuple(values), mode=mode)
     cg = analyze(gm, dims)
+    no_layer_gate = _excluded(cg, config.exclude)
     groups = {g.id: g.num_units for g in cg.prunable_groups} if config.units else {}
-    branches = sorted(cg.branches) if config.layers else []
+    branches = sorted(set(cg.branches) - no_layer_gate) if config.layers else []
     layout = GateLayout.build(groups, branches)
-    bank = GateBank(layout.size, config.theta_init, config.estimator, cg.inputs.get(cg.batch_input))
+    bank = GateBank(layout.size, config.theta_init, config.estimator, cg.inputs.get(cg.batch_input), config.min_units)
     InsertGates(
         cg, list(groups), branches, bank,
         read=lambda r: GateRead(read_index(cg, layout.units, cg.spaces[r.space].group, r.space), r.dim, r.batch_dim,
@@ -91,7 +155,7 @@ def prepare(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, co
     )(gm)
     bank.set_structure(*bank_structure(cg, layout.units, layout.size))
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    gm.meta[STATE] = PruneState(cg, config, layout, _one_example(inputs, dims), dict(zip(placeholders, dims)))
+    gm.meta[STATE] = PruneState(cg, config, layout, _one_example(tuple(values), dims), dict(zip(placeholders, dims)))
     return gm
 
 

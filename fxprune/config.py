@@ -7,6 +7,8 @@ precision = ordinary weight decay) and ``spike_ratio`` (``lam0 = spike_ratio * l
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -67,6 +69,13 @@ class PruneConfig:
             the cost is normalised by; ``None`` means the dense model's own
             (``Objective(gated).reference``). Give models of different widths the same
             reference and a unit costs the same in all of them.
+        exclude: module names or ``fnmatch`` patterns (``"conv1"``, ``"layer4.*"``) whose
+            channels are never gated: every channel group a matching module produces or
+            reads is kept whole, and no residual branch containing one gets a layer gate.
+        min_units: every channel dimension keeps at least this many units (or all it has).
+
+    Every field is checked when it is set, at construction and on later assignment
+    (``config.gamma = -5`` raises), and the error names the field.
     """
 
     structures: Literal["units", "layers", "both"] = "both"
@@ -86,29 +95,11 @@ class PruneConfig:
     patience: int = 2
     reset_moments: bool = True
     cost_reference: CostReference | None = None
+    exclude: tuple[str, ...] = ()
+    min_units: int = 1
 
-    def __post_init__(self) -> None:
-        if self.structures not in ("units", "layers", "both"):
-            raise ValueError(f"PruneConfig.structures must be 'units', 'layers' or 'both', got {self.structures!r}")
-        for name in ("theta_init", "beta", "theta_tol"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"PruneConfig.{name} must lie in [0, 1], got {getattr(self, name)}")
-        for name in ("gamma", "alpha", "lam1", "spike_ratio", "theta_lr", "w_tol"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"PruneConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"PruneConfig.estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
-        if self.cost not in COSTS:
-            raise ValueError(f"PruneConfig.cost must be one of {COSTS}, got {self.cost!r}")
-        if self.cost_reference is not None:
-            if len(self.cost_reference) != 3 or min(self.cost_reference) <= 0:
-                raise ValueError("PruneConfig.cost_reference must be a CostReference(flops, params, structures) of "
-                                 f"positive numbers, got {self.cost_reference!r}")
-            self.cost_reference = CostReference(*self.cost_reference)
-        if self.warmup < 0:
-            raise ValueError(f"PruneConfig.warmup must be >= 0 steps, got {self.warmup}")
-        if self.check_every < 1 or self.patience < 1:
-            raise ValueError("PruneConfig.check_every and patience must be >= 1")
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, _check(name, value))
 
     @property
     def lam0(self) -> float:
@@ -121,3 +112,56 @@ class PruneConfig:
     @property
     def layers(self) -> bool:
         return self.structures in ("layers", "both")
+
+
+_CHOICES = {"structures": ("units", "layers", "both"), "cost": COSTS, "estimator": ESTIMATORS}
+#: (lowest, highest, lowest allowed, highest allowed) of the number fields
+_RANGES = {
+    "gamma": (0.0, math.inf, True, False), "alpha": (0.0, math.inf, True, False), "lam1": (0.0, math.inf, True, False),
+    "spike_ratio": (0.0, math.inf, True, False), "theta_lr": (0.0, math.inf, True, False),
+    "w_tol": (0.0, math.inf, True, False), "beta": (0.0, 1.0, True, True), "theta_init": (0.0, 1.0, True, True),
+    "theta_tol": (0.0, 1.0, True, True),
+}
+_INTS = {"warmup": 0, "check_every": 1, "patience": 1, "min_units": 1}
+
+
+def _check(name: str, value: object) -> object:
+    """``value`` for field ``name`` of :class:`PruneConfig` (normalised), or a
+    ``TypeError``/``ValueError`` that names the field."""
+    field_ = f"PruneConfig.{name}"
+    if name in _CHOICES:
+        if value not in _CHOICES[name]:
+            raise ValueError(f"{field_} must be one of {_CHOICES[name]}, got {value!r}")
+    elif name in _RANGES:
+        lo, hi, lo_ok, hi_ok = _RANGES[name]
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{field_} must be a number, got {value!r} ({type(value).__name__})")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{field_} must be finite, got {value}")
+        if not (lo <= value if lo_ok else lo < value) or not (value <= hi if hi_ok else value < hi):
+            bounds = f"in [{lo:g}, {hi:g}]" if hi_ok else f">= {lo:g}"
+            raise ValueError(f"{field_} must be {bounds}, got {value:g}")
+    elif name in _INTS:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{field_} must be a whole number, got {value!r} ({type(value).__name__})")
+        if value < _INTS[name]:
+            raise ValueError(f"{field_} must be >= {_INTS[name]}, got {value}")
+        value = int(value)
+    elif name == "reset_moments":
+        if not isinstance(value, bool):
+            raise TypeError(f"{field_} must be True or False, got {value!r}")
+    elif name == "cost_reference" and value is not None:
+        ok = isinstance(value, (tuple, list)) and len(value) == 3 and all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in value)
+        if not ok:
+            raise ValueError(f"{field_} must be a CostReference(flops, params, structures) of positive numbers, "
+                             f"got {value!r}")
+        value = CostReference(*(float(v) for v in value))
+    elif name == "exclude":
+        if isinstance(value, str):
+            value = (value,)
+        if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
+            raise TypeError(f"{field_} must be module names or patterns (strings), got {value!r}")
+        value = tuple(value)
+    return value

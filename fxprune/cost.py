@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .passes.channel_graph import ChannelGraph
+from .state import example_for
 
 __all__ = ["ComplexityCost", "forward_flops", "count_flops"]
 
@@ -40,8 +41,7 @@ def count_flops(model: nn.Module, example: tuple):
     ``FlopCounterMode`` and return the counter (totals and per-module counts)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    example = tuple(t.to(device) if isinstance(t, Tensor) else t for t in example)
+    example = example_for(model, example)
     was_training = model.training
     model.eval()
     try:

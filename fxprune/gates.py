@@ -48,11 +48,11 @@ class GateBank(nn.Module):
     _is_impure = True  # dead-code elimination must keep the mask source
 
     def __init__(self, n: int, theta_init: float = 1.0, estimator: str = "straight_through",
-                 batch_dim: int | None = 0) -> None:
+                 batch_dim: int | None = 0, min_units: int = 1) -> None:
         super().__init__()
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        self.estimator, self.batch_dim = estimator, batch_dim
+        self.estimator, self.batch_dim, self.min_units = estimator, batch_dim, min_units
         self.register_buffer("theta", torch.full((n,), float(theta_init)))
         self.set_structure(torch.zeros(0, 0, dtype=torch.long), torch.ones(n, dtype=torch.bool))
 
@@ -63,10 +63,20 @@ class GateBank(nn.Module):
         self.register_buffer("per_example", per_example.to(device), persistent=False)
         self._all_per_example = bool(per_example.all())
 
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
+        """Moves (``.to()``, ``.cuda()``, ``.half()``) take theta to the new device only:
+        it stays float32 (a theta step of 1e-4 is lost in fp16) and a leaf that keeps
+        learning (converting a leaf that requires grad makes a non-leaf)."""
+        theta = self.theta
+        super()._apply(fn, recurse)
+        self.theta = theta.detach().to(self.segments.device).requires_grad_(theta.requires_grad)
+        return self
+
     def deterministic(self) -> Tensor:
-        """``1[theta >= 0.5]``, plus the best unit of any segment that would be empty."""
+        """``1[theta >= 0.5]``, plus the best units of any segment that would keep fewer
+        than ``min_units`` (at least one: no channel dimension becomes empty)."""
         theta = self.theta.detach()
-        return floor_keep(theta >= 0.5, theta, self.segments).to(theta.dtype)
+        return floor_keep(theta >= 0.5, theta, self.segments, self.min_units).to(theta.dtype)
 
     def forward(self, ref: Tensor) -> Tensor:
         theta = self.theta

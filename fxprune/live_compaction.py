@@ -92,9 +92,12 @@ class _Snapshot:
                 self.optimizer.state[p].update(s)
 
 
-def _floored_keep(gated: fx.GraphModule, state: PruneState, unit_drop: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
-    """Per gated group: the units kept, with every channel dimension keeping its best unit
-    (the rule eval mode applies, so the deterministic model is unchanged)."""
+def _floored_keep(gated: fx.GraphModule, state: PruneState, unit_drop: dict[int, np.ndarray],
+                  exact: bool = False) -> dict[int, np.ndarray]:
+    """Per gated group: the units kept, with every unit eval mode keeps (its gate on, or the
+    best of a channel dimension whose gates are all off) kept too, so the deterministic
+    model is unchanged. ``exact``: the masks as given (replaying a recorded removal on a
+    fresh model, whose thetas say nothing yet)."""
     layout, bank = state.layout, gate_bank(gated)
     keep = torch.ones(layout.size, dtype=torch.bool)
     for gid, drop in unit_drop.items():
@@ -105,8 +108,18 @@ def _floored_keep(gated: fx.GraphModule, state: PruneState, unit_drop: dict[int,
         if drop.shape != (sl.stop - sl.start,):
             raise ValueError(f"the drop mask of group {gid} has {drop.size} entries for its {sl.stop - sl.start} units")
         keep[sl] = torch.as_tensor(~drop)
+    if exact:
+        keep = keep.numpy()
+        return {gid: keep[layout.units[gid]] for gid in unit_drop if not keep[layout.units[gid]].all()}
     theta = bank.theta.detach().cpu()
-    keep = floor_keep(keep, theta, bank.segments.cpu()).numpy()
+    on = ~keep & (theta >= 0.5)
+    if on.any():
+        where = [f"group {g}: units {np.flatnonzero(on[sl].numpy()).tolist()[:8]}" for g, sl in layout.units.items()
+                 if on[sl].any()]
+        raise RemovalError(f"these units have their gates on (theta >= 0.5), so removing them would change the "
+                           f"model's output: {'; '.join(where)}")
+    keep |= bank.deterministic().cpu() > 0  # the best unit of a dimension whose gates are all off stays
+    keep = floor_keep(keep, theta, bank.segments.cpu(), bank.min_units).numpy()
     return {gid: keep[layout.units[gid]] for gid in unit_drop if not keep[layout.units[gid]].all()}
 
 
@@ -138,16 +151,23 @@ def _drop_from_optimizer(optimizer: torch.optim.Optimizer, live: set[int]) -> No
 def remove(gated: fx.GraphModule, unit_drop: dict[int, np.ndarray], layer_drop: set[int],
            optimizer: torch.optim.Optimizer | None = None, verify: bool = True, rtol: float = 1e-3) -> Removal:
     """Remove units (``unit_drop[group]``: True = remove) and residual branches
-    (``layer_drop``) from the live model, all or nothing. With ``verify``, the model's
-    eval output on the stored example must stay the same (structures whose gates are on
-    cannot be removed: :class:`RemovalError`)."""
+    (``layer_drop``) from the live model, all or nothing. With ``verify``, structures whose
+    gates are on cannot be removed (:class:`RemovalError`), the unit eval mode keeps for a
+    dimension whose gates are all off stays, and the model's eval output on the stored
+    example must stay the same. ``verify=False`` applies the masks as given (replaying a
+    checkpoint's removals on a fresh model)."""
     state = state_of(gated)
     cg, layout = state.graph, state.layout
     layer_drop = set(layer_drop)
     unknown = layer_drop - set(layout.layers)
     if unknown:
         raise ValueError(f"branches {sorted(unknown)} have no layer gate (gated branches: {sorted(layout.layers)})")
-    unit_keep = _floored_keep(gated, state, unit_drop)
+    theta = gate_bank(gated).theta.detach().cpu()
+    on = [b for b in layer_drop if theta[layout.layers[b]] >= 0.5]
+    if on and verify:
+        raise RemovalError(f"the layer gates of branches {on} are on (theta >= 0.5), so removing them would change "
+                           "the model's output")
+    unit_keep = _floored_keep(gated, state, unit_drop, exact=not verify)
     effective = cg.effective_keep(unit_keep, layer_drop)
     check_nonempty(cg, effective, layer_drop)
     slices = plan_slices(cg, effective)
@@ -175,7 +195,7 @@ def remove(gated: fx.GraphModule, unit_drop: dict[int, np.ndarray], layer_drop: 
                 optimizer.state[t].update(new_state[canon])
             owners.update(n.rpartition(".")[0] for n in cg.params[canon].names if n in tensors)
         for name in owners:
-            refresh_module(modules[name])
+            refresh_module(modules[name], name in cg.depthwise)
         gated.graph = graph
         gone = delete_unreferenced(gated)
         gated.recompile()

@@ -63,7 +63,7 @@ class Objective:
         self.weights: list[Tensor] = [next(named[n] for n in cg.params[c].names if n in named) for c in self.names]
         position = {c: i for i, c in enumerate(self.names)}
         self.size = layout.size
-        device = gate_bank(self.gated).theta.device
+        device = self._device = gate_bank(self.gated).theta.device
         # one row vector per weight: squared sums along its unit dim (or its total)
         self._row_dims: list[tuple[int, ...] | None] = [None] * len(self.weights)
         row_slots: list[np.ndarray] = [np.array([self.size])] * len(self.weights)
@@ -108,8 +108,12 @@ class Objective:
 
     # ------------------------------------------------------------------ terms
     def theta(self) -> Tensor:
-        """The flat theta buffer (units of every gated group, then layer gates)."""
-        return gate_bank(self.gated).theta
+        """The flat theta buffer (units of every gated group, then layer gates); the index
+        tensors follow it when the model has moved to another device."""
+        theta = gate_bank(self.gated).theta
+        if theta.device != self._device:
+            self.rebuild()
+        return theta
 
     def squared_norms(self) -> tuple[Tensor, Tensor]:
         """``(||W||^2 per weight tensor, ||W_g||^2 per structure)``, differentiable."""

@@ -16,6 +16,9 @@ removed branches leave the optimizer.
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import numpy as np
 import torch
 from torch import Tensor, fx
@@ -24,18 +27,71 @@ from . import live_compaction, optim_state
 from .config import PruneConfig
 from .cost import forward_flops
 from .objective import Objective
+from .passes.channel_graph import ChannelGraph
 from .state import gate_bank, state_of
 
-__all__ = ["Pruner"]
+__all__ = ["Pruner", "describe_removal"]
+
+log = logging.getLogger("fxprune")
+
+
+def _check_holds(gated: fx.GraphModule, optimizer: torch.optim.Optimizer, config: PruneConfig) -> None:
+    """The optimizer must train the gated model's own parameters; weight decay on them
+    doubles the prior's ``lam1``."""
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    named = [(n, p) for n, p in gated.named_parameters() if p.requires_grad]
+    missing = [n for n, p in named if id(p) not in held]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(
+            f"the optimizer does not hold {len(missing)} of the gated model's trainable parameters "
+            f"({', '.join(missing[:5])}{more}): build it from gated.parameters() after fxprune.prepare "
+            "(prepare works on a copy of the model, so an optimizer over the original trains other tensors)")
+    mine = {id(p) for _, p in named}
+    decayed = sorted({g.get("weight_decay", 0.0) for g in optimizer.param_groups
+                      if g.get("weight_decay", 0.0) and any(id(p) in mine for p in g["params"])})
+    if decayed:
+        warnings.warn(
+            f"the optimizer applies weight_decay={decayed[-1]:g} to gated parameters, and the pruner's penalty already "
+            f"holds the ordinary weight decay (PruneConfig.lam1={config.lam1:g}): decay is applied twice; build the "
+            "optimizer with weight_decay=0", stacklevel=3)
+
+
+def describe_removal(cg: ChannelGraph, record: live_compaction.Removal) -> str:
+    """What a removal took, by layer name: units per group (the layers producing them)
+    and residual branches (their first layer)."""
+    producers: dict[int, list[str]] = {}
+    for owner, s in cg.layer_outputs:
+        if s in cg.spaces:
+            producers.setdefault(cg.spaces[s].group, []).append(owner)
+    parts = [f"{n} units of {', '.join(dict.fromkeys(producers.get(g, [f'group {g}'])))}"
+             for g, n in record.units.items() if n]
+    for b in record.layers:
+        inner = sorted(o for o, s in cg.layer_outputs if cg.spaces.get(s) and cg.spaces[s].node in cg.branches[b].nodes)
+        parts.append(f"the residual branch of {inner[0] if inner else cg.branches[b].out}")
+    return "removed " + "; ".join(parts) if parts else "removed nothing"
+
+
+#: steps after which a loop that never adds penalty() or never calls step() is warned about
+_NAG_AFTER = 20
 
 
 class Pruner:
     """Learns the gates of ``gated`` next to the user's ``optimizer`` and removes
-    structures during training. ``config`` defaults to the one given to ``prepare``."""
+    structures during training. ``config`` defaults to the one given to ``prepare``.
 
-    def __init__(self, gated: fx.GraphModule, optimizer: torch.optim.Optimizer, config: PruneConfig | None = None) -> None:
+    With mixed precision, pass the ``torch.amp.GradScaler`` as ``scaler``: theta
+    gradients are unscaled with the scale the backward used, and the theta update is
+    skipped on a step the scaler skips (an overflow). The optimizer must hold the gated
+    model's trainable parameters (an error names any it misses); an optimizer
+    ``weight_decay`` on them, a loop that never adds ``penalty()`` and a loop that never
+    calls ``step()`` are warned about. Removals are logged (logger ``"fxprune"``) by
+    layer name."""
+
+    def __init__(self, gated: fx.GraphModule, optimizer: torch.optim.Optimizer, config: PruneConfig | None = None,
+                 *, scaler: torch.amp.GradScaler | None = None) -> None:
         state = state_of(gated)
-        self.gated, self.optimizer = gated, optimizer
+        self.gated, self.optimizer, self.scaler = gated, optimizer, scaler
         self.config = config or state.config
         if not state.layout.size:
             cg = state.graph
@@ -44,6 +100,7 @@ class Pruner:
                 "the model has no prunable structure: every channel group is frozen and there is no residual "
                 f"branch (reasons: {'; '.join(reasons)})")
         optim_state.check_optimizer(optimizer)
+        _check_holds(gated, optimizer, self.config)
         gate_bank(gated).theta.requires_grad_(True)
         self.objective = Objective(gated, self.config)
         self.steps = 0
@@ -53,11 +110,15 @@ class Pruner:
         self.flops_per_step: list[int] = []
         #: every live removal so far (:class:`fxprune.live_compaction.Removal`)
         self.removals: list[live_compaction.Removal] = []
+        #: the analysis and gate layout of the model before any removal
+        self.dense_graph, self.dense_layout = state.graph, state.layout
         self.dense_flops = self.objective.dense_flops
         self._flops = self.dense_flops
-        device = self.theta.device
-        self._step_t = torch.zeros((), dtype=torch.long, device=device)
-        self._first_nonfinite = torch.full((), -1, dtype=torch.long, device=device)
+        self._penalties = self._without_penalty = 0
+        self._warned: set[str] = set()
+        self._hooked: Tensor | None = None
+        self._device: torch.device | None = None
+        self._follow_device()
 
     # ----------------------------------------------------------------- training loop
     @property
@@ -65,9 +126,49 @@ class Pruner:
         """Every theta, in one flat buffer (``fxprune.state.state_of(gated).layout`` says where)."""
         return gate_bank(self.gated).theta
 
+    def _follow_device(self) -> None:
+        """Device counters, and the unscaling hook, on the current theta (after a move
+        or a removal the model holds a new theta tensor)."""
+        theta = self.theta
+        if theta.device != self._device:
+            self._device = theta.device
+            self._step_t = torch.full((), self.steps, dtype=torch.long, device=theta.device)
+            self._first_nonfinite = torch.full((), -1, dtype=torch.long, device=theta.device)
+            self._used_scale = torch.ones((), device=theta.device)
+        if self.scaler is not None and self._hooked is not theta:
+            theta.register_hook(self._unscale)
+            self._hooked = theta
+
+    def _unscale(self, grad: Tensor) -> Tensor:
+        """Theta's gradient without the loss scale the backward used (GradScaler)."""
+        scale = getattr(self.scaler, "_scale", None) if self.scaler.is_enabled() else None
+        if scale is None:
+            return grad
+        self._used_scale = scale.detach().clone()
+        return grad / scale.to(grad.dtype)
+
+    def _scaler_skipped(self) -> Tensor | None:
+        """True (a device tensor) when the scaler skipped this step's optimizer step."""
+        if self.scaler is None or not self.scaler.is_enabled() or getattr(self.scaler, "_scale", None) is None:
+            return None
+        found = self.scaler._per_optimizer_states.get(id(self.optimizer), {}).get("found_inf_per_device", {})
+        if found:  # step() called before scaler.update()
+            return sum(v.to(self._device) for v in found.values()) > 0
+        return self.scaler._scale.to(self._device) < self._used_scale  # after update(): the scale backed off
+
     def penalty(self) -> Tensor:
         """GSM prior plus ``gamma * C(theta)``; add it to the task loss."""
+        self._penalties += 1
+        if self._penalties == _NAG_AFTER + 1:
+            self._warn("step", f"pruner.penalty() was called {_NAG_AFTER} times without pruner.step(): call "
+                               "pruner.step() after optimizer.step(), or the gates never learn nor remove anything")
+        self._follow_device()
         return self.objective.penalty(self.gamma())
+
+    def _warn(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=3)
 
     def gamma(self) -> float:
         """The cost strength at this step: ``gamma``, ramped linearly over ``warmup`` steps."""
@@ -78,12 +179,22 @@ class Pruner:
     def step(self) -> live_compaction.Removal | None:
         """Projected SGD on theta; every ``check_every`` steps, the pruning check.
         Returns what was removed at this step, if anything."""
+        self._without_penalty = self._without_penalty + 1 if not self._penalties else 0
+        self._penalties = 0
+        if self._without_penalty == _NAG_AFTER:
+            self._warn("penalty", f"pruner.penalty() has not been added to the loss for {_NAG_AFTER} steps: without it "
+                                  "nothing pays for the structures, and the weight prior is missing")
+        self._follow_device()
         theta = self.theta
         grad = theta.grad
         if grad is not None:
             finite = torch.isfinite(grad)
-            first = (self._first_nonfinite < 0) & ~finite.all()
-            self._first_nonfinite.copy_(torch.where(first, self._step_t, self._first_nonfinite))
+            skipped = self._scaler_skipped()
+            if skipped is None:  # without a scaler a non-finite gradient is an error, reported at the check
+                first = (self._first_nonfinite < 0) & ~finite.all()
+                self._first_nonfinite.copy_(torch.where(first, self._step_t, self._first_nonfinite))
+            else:  # an overflow the scaler skips: so does the theta update
+                finite = finite & ~skipped & finite.all()
             theta.sub_(self.config.theta_lr * torch.where(finite, grad, 0.0)).clamp_(0.0, 1.0)
             theta.grad = None
         self._step_t.add_(1)
@@ -157,13 +268,29 @@ class Pruner:
                verify: bool = True) -> live_compaction.Removal:
         """Remove units (``unit_drop[group]``: True = remove) and branches from the live
         model and its optimizer (:func:`fxprune.live_compaction.remove`)."""
+        before = state_of(self.gated).graph
         record = live_compaction.remove(self.gated, unit_drop, layer_drop, self.optimizer, verify=verify)
         record.step = self.steps
         self.below = self.below[record.extra.pop("kept")]
         self.objective.rebuild()
+        self._follow_device()
         self._flops = record.flops
         self.removals.append(record)
+        log.info("step %d: %s; forward FLOPs per example %d (%.1f%% of dense)", self.steps,
+                 describe_removal(before, record), record.flops, 100 * record.flops / max(self.dense_flops, 1))
         return record
+
+    def widths(self) -> list[tuple[str, int, int]]:
+        """``(layer, output channels before training, now)`` of every conv and linear layer
+        (now 0: the layer was removed with its branch)."""
+        now = state_of(self.gated).graph
+        current = {owner: now.spaces[s].size for owner, s in now.layer_outputs if s in now.spaces}
+        seen, rows = set(), []
+        for owner, s in self.dense_graph.layer_outputs:
+            if owner not in seen:
+                seen.add(owner)
+                rows.append((owner, self.dense_graph.spaces[s].size, current.get(owner, 0)))
+        return rows
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:

@@ -27,7 +27,7 @@ from .passes.channel_graph import ChannelGraph
 from .passes.insert_gates import BANK
 
 __all__ = ["PruneState", "GateLayout", "UnitGate", "LayerGate", "GateRef", "STATE", "state_of", "gate_bank", "decisions",
-           "run_example", "set_decisions", "theta_of"]
+           "run_example", "example_for", "set_decisions", "theta_of"]
 
 #: the ``gm.meta`` key of a gated model's :class:`PruneState`
 STATE = "fxprune"
@@ -151,10 +151,20 @@ def decisions(gated: fx.GraphModule) -> tuple[dict[int, np.ndarray], set[int]]:
     return {g: keep[sl] for g, sl in layout.units.items()}, {b for b, i in layout.layers.items() if not keep[i]}
 
 
+def example_for(model: nn.Module, example: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``example`` on the model's device, its floating tensors in the model's floating
+    dtype (after ``gated.to(torch.bfloat16)`` or ``.cuda()``); integer inputs (token ids,
+    masks) keep theirs."""
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if weight is None:
+        return example
+    return tuple(t.to(weight.device, weight.dtype if t.is_floating_point() else t.dtype)
+                 if isinstance(t, torch.Tensor) else t for t in example)
+
+
 def run_example(model: nn.Module, example: tuple[Any, ...]) -> Any:
-    """``model`` on ``example`` (moved to the model's device) in eval mode, without grad."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    example = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in example)
+    """``model`` on ``example`` (:func:`example_for`) in eval mode, without grad."""
+    example = example_for(model, example)
     was = model.training
     model.eval()
     try:

@@ -166,18 +166,25 @@ def segment_matrix(segments: list[np.ndarray], offset: int = 0) -> torch.Tensor:
     return torch.as_tensor(pad)
 
 
-def floor_keep(keep: torch.Tensor, score: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
-    """``keep`` (bool) with, in every segment (a row of :func:`segment_matrix`) that
-    would be empty, its unit of highest ``score`` kept: a channel dimension never becomes
-    empty. Tensor ops only, so it runs on the gates' device without a host sync."""
+def floor_keep(keep: torch.Tensor, score: torch.Tensor, segments: torch.Tensor, least: int = 1) -> torch.Tensor:
+    """``keep`` (bool) with, in every segment (a row of :func:`segment_matrix`) that would
+    keep fewer than ``least`` units, its ``least`` units of highest ``score`` kept too (all
+    of a shorter segment; the first ones among equal scores): a channel dimension never
+    becomes empty. Tensor ops only, so
+    it runs on the gates' device without a host sync."""
     if not segments.numel():
         return keep
     valid = segments >= 0
     units = segments.clamp_min(0)
     scores = torch.where(valid, score[units].to(torch.float32), torch.tensor(-1.0, device=score.device))
-    best = units.gather(1, scores.argmax(1, keepdim=True)).squeeze(1)
-    empty = ~(keep[units] & valid).any(1)
-    return keep.to(torch.uint8).scatter_reduce(0, best, empty.to(torch.uint8), reduce="amax").bool()
+    k = min(least, segments.shape[1])
+    # a stable order: among equal scores the first unit, which stays the one picked when
+    # other units are removed (live removal must not change what eval mode keeps)
+    order = scores.sort(dim=1, descending=True, stable=True).indices[:, :k]
+    best, best_valid = units.gather(1, order), valid.gather(1, order)  # [segments, k]
+    short = (keep[units] & valid).sum(1) < least
+    add = (short[:, None] & best_valid).to(torch.uint8)
+    return keep.to(torch.uint8).scatter_reduce(0, best.flatten(), add.flatten(), reduce="amax").bool()
 
 
 @dataclass
@@ -191,7 +198,8 @@ class ChannelGraph:
     (placeholder name -> dim, or None), ``all_channels`` the output channels of every
     convolution and linear layer of the model, understood or not (inside leaves, with
     computed weights), ``layer_outputs`` the output space of every conv and linear call
-    the analysis understood."""
+    the analysis understood, ``depthwise`` the convolutions it analysed as depthwise (their
+    ``groups`` shrinks with their input channels; a grouped one keeps its ``groups``)."""
 
     @property
     def batch_input(self) -> str | None:
@@ -211,6 +219,7 @@ class ChannelGraph:
     inputs: dict[str, int | None] = field(default_factory=dict)
     all_channels: int = 0
     layer_outputs: list[tuple[str, int]] = field(default_factory=list)
+    depthwise: set[str] = field(default_factory=set)
     leaves: dict[str, str] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ queries

@@ -146,7 +146,7 @@ class Compact(PassBase):
                 owners.add(name.rpartition(".")[0])
         modules = dict(gm.named_modules())
         for name in owners:
-            refresh_module(modules[name])
+            refresh_module(modules[name], name in cg.depthwise)
         rewrite_graph(gm.graph, modules, cg, self.unit_keep, self.drop)
         delete_unreferenced(gm)
         gm.recompile()

@@ -52,14 +52,16 @@ def set_data(t: torch.Tensor, new: torch.Tensor) -> None:
     t.data = new
 
 
-def refresh_module(m: nn.Module) -> None:
-    """Re-derive a layer's size attributes from its (sliced) parameters."""
+def refresh_module(m: nn.Module, depthwise: bool = False) -> None:
+    """Re-derive a layer's size attributes from its (sliced) parameters. A depthwise
+    convolution (as the analysis found it; a grouped one pruned to one input channel per
+    group looks the same, but keeps its ``groups``) has one group per input channel."""
     if isinstance(m, CONV + CONV_TRANSPOSE):
         w = m.weight
         if m.transposed:
             m.in_channels, m.out_channels = w.shape[0], w.shape[1] * m.groups
         else:
-            if m.groups > 1 and m.groups == m.in_channels:  # depthwise: one group per input channel
+            if depthwise:
                 mult = m.out_channels // m.groups
                 m.groups = w.shape[0] // mult
                 m.in_channels = m.groups

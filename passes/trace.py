@@ -1,12 +1,19 @@
 """Tracing pass: ``nn.Module`` -> ``GraphModule`` with shapes in ``node.meta``.
 
-Symbolic tracing in one pass: when a submodule cannot be traced, the tracer records it
-as a leaf (an opaque ``call_module`` node), drops the nodes its failed attempt created,
-and goes on with the rest of the model. The dependency analysis freezes every channel a
-leaf touches, so a fallback can cost prunability but never correctness; a leaf that
-also fails when run for real (a bug in the module, not an untraceable one) is reported by
-shape propagation with its error. A model whose top level cannot be traced gets a
-:class:`TraceError` naming the module and the failing source line.
+* Inputs: the example inputs are bound to ``forward``'s parameters like a call
+  (positional, then ``kwargs``); a parameter left out takes its default, and every
+  parameter whose value holds no tensor (``mask=None``, ``scale=1.0``, ``is_causal=False``)
+  is specialised to it (``torch.fx``'s ``concrete_args``): the traced model asserts it
+  gets that value, instead of tracing ``mask is not None`` as always true.
+* Modes: ``mode="eval"`` traces the eval-mode forward, ``"train"`` the training one, and
+  ``"both"`` traces both and refuses, naming the first node where they differ, a model
+  with training-only code (an ``if self.training:`` branch, such as the auxiliary heads
+  of GoogLeNet and Inception). In every mode functional dropout with a constant
+  ``training`` flag becomes a dropout module that follows ``train()``/``eval()``
+  (:mod:`.modes`).
+* Submodules that cannot be traced become leaves, and custom autograd.Functions stay one
+  node (:mod:`.tracer`); a model whose top level cannot be traced gets a
+  :class:`TraceError` naming it and the failing line.
 
 Example::
 
@@ -18,119 +25,125 @@ Example::
 from __future__ import annotations
 
 import copy
-import traceback
+import inspect
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_leaves
 
+from .modes import FollowModuleMode, first_difference
 from .shape_prop import ShapePropError, propagate_shapes
+from .tracer import LEAVES_META, LeafTracer, TraceError, reason
 
-__all__ = ["TraceError", "LeafTracer", "trace", "LEAVES_META"]
+__all__ = ["TraceError", "LeafTracer", "trace", "bind_inputs", "LEAVES_META", "MODES"]
 
-#: Key under which the pass stores ``{module path: reason}`` for fallback leaves.
-LEAVES_META = "fxprune_leaves"
-
-
-class TraceError(RuntimeError):
-    """Raised when a model cannot be traced even with every failing submodule as a leaf."""
+#: what ``trace`` and ``prepare`` accept as ``mode``
+MODES = ("eval", "train", "both")
 
 
-def _failing_line(exc: BaseException) -> str:
-    """The innermost traceback frame outside torch.fx, as ``file:line: code``."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/fx/" not in f.filename]
-    if not frames:
-        return "<unknown line>"
-    f = frames[-1]
-    return f"{f.filename}:{f.lineno}: {f.line}"
+def _holds_tensor(value: Any) -> bool:
+    return any(isinstance(v, torch.Tensor) for v in tree_leaves(value))
 
 
-def _reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} at {_failing_line(exc)}"
+def bind_inputs(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None
+                ) -> tuple[list[Any], dict[str, Any]]:
+    """``forward``'s arguments for a call ``model(*args, **kwargs)``, in parameter order
+    (defaults filled in), and those that hold no tensor (they are specialised)."""
+    kwargs = dict(kwargs or {})
+    sig = inspect.signature(model.forward)
+    params = list(sig.parameters.values())
+    name = type(model).__name__
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        if kwargs:
+            raise ValueError(f"{name}.forward{sig} takes *args or **kwargs: give the example inputs positionally")
+        return list(args), {}
+    try:
+        bound = sig.bind_partial(*args, **kwargs)
+    except TypeError as exc:
+        raise ValueError(f"the example inputs do not fit {name}.forward{sig}: {exc}") from None
+    values, concrete = [], {}
+    for p in params:
+        if p.name in bound.arguments:
+            value = bound.arguments[p.name]
+        elif p.default is not p.empty:
+            value = p.default
+        else:
+            raise ValueError(f"{name}.forward needs '{p.name}', which has no default: give it in the example inputs "
+                             "or as a keyword input")
+        if not _holds_tensor(value):
+            concrete[p.name] = value
+        values.append(value)
+    return values, concrete
 
 
-class LeafTracer(fx.Tracer):
-    """An ``fx.Tracer`` that keeps a submodule whose tracing raises as a leaf, in the
-    same trace; ``leaves`` maps each such module's path to the reason."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.leaves: dict[str, str] = {}
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self.leaves or super().is_leaf_module(m, module_qualified_name)
-
-    def call_module(self, m: nn.Module, forward, args, kwargs):
-        path = self.path_of_module(m)
-        if not path or self.is_leaf_module(m, path):
-            return super().call_module(m, forward, args, kwargs)
-        last = next(iter(reversed(self.graph.nodes)), None)  # nodes are appended after it
-        depth = len(self.module_stack)
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception as exc:  # noqa: BLE001 - the module is kept whole and run for real by shape propagation
-            self.leaves[path] = _reason(exc)
-        for key in list(self.module_stack.keys())[depth:]:  # the failed call left its scope open
-            self.module_stack.pop(key)
-        created = []
-        for node in reversed(self.graph.nodes):
-            if node is last:
-                break
-            created.append(node)
-        for node in created:  # newest first, so users go before what they use
-            if not node.users:
-                self.graph.erase_node(node)
-        return super().call_module(m, forward, args, kwargs)
-
-
-def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
+def _symbolic_trace(model: nn.Module, concrete: dict[str, Any]) -> fx.GraphModule:
     tracer = LeafTracer()
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete or None)
     except Exception as exc:
         raise TraceError(
-            f"cannot trace module '{type(model).__name__}': {_reason(exc)}. Make its forward symbolically traceable "
+            f"cannot trace module '{type(model).__name__}': {reason(exc)}. Make its forward symbolically traceable "
             "(no data-dependent Python control flow), or wrap the offending function with torch.fx.wrap."
         ) from exc
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta[LEAVES_META] = tracer.leaves
+    FollowModuleMode()(gm)
     return gm
 
 
-def trace(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor) -> fx.GraphModule:
-    """Trace ``model`` in eval mode and propagate shapes with ``example_inputs``.
+def _graph_module(model: nn.Module, concrete: dict[str, Any], training: bool) -> fx.GraphModule:
+    model.train(training)
+    if isinstance(model, fx.GraphModule):  # already traced: a new graph, so the caller's is not changed
+        gm = fx.GraphModule(model, copy.deepcopy(model.graph), type(model).__name__)
+        gm.meta.update({k: v for k, v in model.meta.items() if k == LEAVES_META})
+        gm.meta.setdefault(LEAVES_META, {})
+        FollowModuleMode()(gm)
+        return gm
+    return _symbolic_trace(model, concrete)
 
-    Returns a ``GraphModule`` whose tensor nodes carry ``meta["tensor_meta"]``; fallback
-    leaves are listed in ``gm.meta["fxprune_leaves"]``. The model's training flag is
-    restored afterwards, and the returned module is in the same mode.
+
+def trace(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, kwargs: dict[str, Any] | None = None,
+          *, mode: str = "eval") -> fx.GraphModule:
+    """Trace ``model`` (in ``mode``: ``"eval"``, ``"train"`` or ``"both"``, see the
+    module docstring) and propagate shapes with the example inputs (``kwargs`` are
+    keyword inputs). Returns a ``GraphModule`` whose tensor nodes carry
+    ``meta["tensor_meta"]``; fallback leaves are listed in ``gm.meta["fxprune_leaves"]``.
+    The model's training flag is restored afterwards, and the result is in the same mode.
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(model, nn.Module):
         raise TypeError(f"fxprune.trace expects an nn.Module, got {type(model).__name__}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    values, concrete = bind_inputs(model, tuple(example_inputs), kwargs)
     was_training = model.training
-    model.eval()
     try:
-        if isinstance(model, fx.GraphModule):  # already traced: a new graph, so the caller's is not changed
-            gm = fx.GraphModule(model, copy.deepcopy(model.graph), type(model).__name__)
-            gm.meta.update({k: v for k, v in model.meta.items() if k == LEAVES_META})
-        else:
-            gm = _symbolic_trace(model)
-        gm.meta.setdefault(LEAVES_META, {})
+        gm = _graph_module(model, concrete, mode != "eval")
+        if mode == "both":
+            difference = first_difference(gm, _graph_module(model, concrete, False))
+            if difference:
+                raise TraceError(
+                    f"{type(model).__name__}'s forward takes another path in training than in eval mode: {difference}. "
+                    "fxprune gates one graph for both modes: prepare with mode='train' (the training graph, run in "
+                    "eval mode too), mode='eval' (the training-only code is left out), or remove the training-only "
+                    "code (torchvision's GoogLeNet and Inception: aux_logits=False)")
+        model.eval()
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        if len(placeholders) != len(example_inputs):
+        if len(placeholders) != len(values):
             raise ValueError(
                 f"{type(model).__name__}.forward takes {len(placeholders)} inputs "
-                f"({', '.join(p.target for p in placeholders)}), but {len(example_inputs)} example inputs were given"
-            )
+                f"({', '.join(p.target for p in placeholders)}), but {len(values)} example inputs were given")
+        gm.eval()
         try:
-            propagate_shapes(gm, tuple(example_inputs))
+            propagate_shapes(gm, tuple(values))
         except ShapePropError as exc:
             node = exc.node
             where = f"module '{node.target}'" if node.op == "call_module" else f"node '{node.name}'"
             leaf = gm.meta[LEAVES_META].get(node.target) if node.op == "call_module" else None
             hint = (f"; it could not be traced either ({leaf})" if leaf else
-                    ". Check the example input shapes against what the model expects")
+                    ". Check the example inputs against what the model expects")
             raise ValueError(
                 f"running {type(model).__name__} on the example inputs failed at {where}: "
                 f"{type(exc.cause).__name__}: {str(exc.cause).splitlines()[0] if str(exc.cause) else ''}{hint}"

@@ -18,12 +18,15 @@ def resnet():
     return model, torch.randn(2, 3, 32, 32)
 
 
-def test_prepare_shares_parameters_and_keeps_function(resnet):
+def test_prepare_copies_the_model_unless_told_to_share_it(resnet):
     model, x = resnet
     gated = fxprune.prepare(model, (x,)).eval()
-    assert gated.get_submodule("conv1").weight is model.conv1.weight
+    assert gated.get_submodule("conv1").weight is not model.conv1.weight
+    torch.testing.assert_close(gated.get_submodule("conv1").weight, model.conv1.weight)
     with torch.no_grad():
         torch.testing.assert_close(gated(x), model(x))
+    shared = fxprune.prepare(model, (x,), inplace=True)
+    assert shared.get_submodule("conv1").weight is model.conv1.weight
 
 
 def test_random_masks_keep_fraction_and_never_empty_a_space(resnet):

@@ -162,5 +162,5 @@ def analyze(gm: fx.GraphModule, batch_dim: int | Sequence[int | None] | None = 0
     return ChannelGraph(
         graph=b.graph, spaces={s.id: s for s in b.spaces}, groups=groups, branches=branches, params=params,
         bindings=list(b.bindings.values()), reads=b.reads, rewrites=b.rewrites, node_dims=b.dims,
-        batch_size=b.batch_size, inputs=inputs, all_channels=_all_channels(gm, b), layer_outputs=b.layer_outputs, leaves=dict(b.leaves),
+        batch_size=b.batch_size, inputs=inputs, all_channels=_all_channels(gm, b), layer_outputs=b.layer_outputs, depthwise=b.depthwise, leaves=dict(b.leaves),
     )

@@ -70,6 +70,8 @@ class Builder:
         self.flops: dict[str, float] = {}
         #: (layer, output space) of every convolution and linear call the rules understood
         self.layer_outputs: list[tuple[str, int]] = []
+        #: convolutions analysed as depthwise (one group per input channel)
+        self.depthwise: set[str] = set()
         #: spaces that are batch dimensions
         self.batch: set[int] = set()
         self.batch_size = 1

@@ -16,11 +16,13 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .. import op_classes as ops
+from ..tracer import autograd_function_of
 from .generic import Rule, along_dim, arg, broadcast, mix_along, no_tensor, passthrough, reduce, shape, spatial, unknown
 from .layers import (
     batch_norm_function,
     conv_function,
     conv_module,
+    embedding,
     group_norm,
     layer_norm,
     linear_function,
@@ -49,6 +51,7 @@ MODULE_RULES: list[tuple[type | tuple[type, ...], Rule]] = [
     *[(classes, spatial(k)) for k, classes in ops.POOL_MODULES.items()],
     (nn.Upsample, spatial(_spatial_last_all)),
     ((nn.Flatten, nn.Unflatten), reshape),
+    (nn.Embedding, embedding),
     ((nn.Softmax, nn.LogSoftmax), lambda b, n: mix_along(b, n, b.modules[n.target].dim, "softmax")),
 ]
 
@@ -66,6 +69,7 @@ FUNCTION_RULES: dict[Any, Rule] = {
     **{f: linear_function for f in ops.LINEAR_FUNCTIONS},
     **{f: spatial(k) for k, fs in ops.POOL_FUNCTIONS.items() for f in fs},
     F.batch_norm: batch_norm_function,
+    F.embedding: embedding,
     F.layer_norm: layer_norm,
     F.group_norm: group_norm,
     F.interpolate: spatial(_spatial_last_all),
@@ -84,9 +88,11 @@ FUNCTION_RULES: dict[Any, Rule] = {
     operator.eq: no_tensor, operator.ne: no_tensor, operator.floordiv: no_tensor,
 }
 try:  # torchvision's stochastic depth scales whole examples: channel-preserving
+    from torchvision.ops import StochasticDepth as _SD
     from torchvision.ops import stochastic_depth as _sd
 
     FUNCTION_RULES[_sd] = passthrough
+    MODULE_RULES.append((_SD, passthrough))
 except ImportError:  # pragma: no cover
     pass
 
@@ -120,6 +126,10 @@ def rule_for(b: "Builder", node: fx.Node) -> Rule:
                 return rule
         return unknown
     if node.op == "call_function":
+        fn = autograd_function_of(node.target)
+        if fn is not None:
+            why = f"custom autograd.Function {fn.__name__} ('{node.name}') is kept whole, with its own backward"
+            return lambda b_, n: unknown(b_, n, why)
         return FUNCTION_RULES.get(node.target, unknown)
     if node.op == "call_method":
         return METHOD_RULES.get(node.target, unknown)

@@ -9,7 +9,8 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from torch import fx
+from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from ..op_classes import CONV_TRANSPOSE
 from .generic import Dims, arg, freeze_trailing, shape, tensor_args, unknown
@@ -43,6 +44,7 @@ def conv_like(b: "Builder", node: fx.Node, x: fx.Node, w: str, bias: str | None,
         b.bind(w, 0, out, "producer", owner)
         b.read(node, 0, cin, cd)
     elif groups == cin_n:  # depthwise: output channel o reads input o // m
+        b.depthwise.add(owner)
         m = cout_n // cin_n
         idx = np.arange(cout_n)
         b.link(cin, out, None if m == 1 else (idx // m, idx))
@@ -59,10 +61,52 @@ def conv_like(b: "Builder", node: fx.Node, x: fx.Node, w: str, bias: str | None,
     return {**dims, cd: out}
 
 
+def _tensor(b: "Builder", m: nn.Module, path: str, attr: str) -> tuple[str | None, list[str], str | None, str | None]:
+    """How layer ``path``'s ``attr`` ("weight" or "bias") is held: ``(tensor to bind in its
+    place, tensors indexed by its output channels too, reason to keep the input channels,
+    reason to keep the output channels)``. A plain tensor binds as itself. A parametrized
+    one (``torch.nn.utils.parametrize``) binds through its original: ``weight_norm`` over
+    output channels (``dim=0``) keeps the output channels prunable, since each filter is
+    normalised on its own, but not the input channels, which every filter's norm sums
+    over; any other parametrization keeps both."""
+    if getattr(m, attr, None) is None:
+        return None, [], None, None
+    if not parametrize.is_parametrized(m, attr):
+        return f"{path}.{attr}", [], None, None
+    plist = m.parametrizations[attr]
+    kinds = ", ".join(type(p).__name__.lstrip("_") for p in plist)
+    base = f"{path}.parametrizations.{attr}"
+    names = [f"{base}.{n}" for n, _ in plist.named_parameters(recurse=False) if n.startswith("original")]
+    if len(plist) == 1 and type(plist[0]).__name__ == "_WeightNorm" and getattr(plist[0], "dim", None) == 0 \
+            and not isinstance(m, CONV_TRANSPOSE) and len(names) == 2 and attr == "weight":
+        g, v = f"{base}.original0", f"{base}.original1"
+        return v, [g], f"'{path}' has weight_norm: every filter is normalised over its input channels", None
+    why = f"'{path}'.{attr} is computed by a parametrization ({kinds}), which fxprune cannot slice"
+    same = [n for n in names if tuple(b.param(n).shape) == tuple(getattr(m, attr).shape)]
+    return (same[0] if same else None), [], why, why
+
+
 def conv_module(b: "Builder", node: fx.Node) -> Dims:
     m = b.modules[node.target]
-    bias = f"{node.target}.bias" if m.bias is not None else None
-    return conv_like(b, node, node.args[0], f"{node.target}.weight", bias, m.groups, isinstance(m, CONV_TRANSPOSE))
+    w, extra, keep_in, keep_out = _tensor(b, m, node.target, "weight")
+    bias, _, _, bias_frozen = _tensor(b, m, node.target, "bias")
+    if w is None:
+        return unknown(b, node, keep_in)
+    transposed = isinstance(m, CONV_TRANSPOSE)
+    dims = conv_like(b, node, node.args[0], w, bias, m.groups, transposed)
+    cd = len(shape(node)) - len(b.param(w).shape) + 1
+    _parametrized(b, node.target, b.space(node.args[0], cd), dims[cd], extra, keep_in, keep_out or bias_frozen)
+    return dims
+
+
+def _parametrized(b: "Builder", owner: str, cin: int, out: int, extra: list[str], keep_in: str | None,
+                  keep_out: str | None) -> None:
+    for name in extra:
+        b.bind(name, 0, out, "producer", owner)
+    if keep_in:
+        b.freeze(cin, keep_in)
+    if keep_out:
+        b.freeze(out, keep_out)
 
 
 def _attr(x: Any) -> str | None:
@@ -93,7 +137,37 @@ def linear_like(b: "Builder", node: fx.Node, x: fx.Node, w: str, bias: str | Non
 
 def linear_module(b: "Builder", node: fx.Node) -> Dims:
     m = b.modules[node.target]
-    return linear_like(b, node, node.args[0], f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None)
+    w, extra, keep_in, keep_out = _tensor(b, m, node.target, "weight")
+    bias, _, _, bias_frozen = _tensor(b, m, node.target, "bias")
+    if w is None:
+        return unknown(b, node, keep_in)
+    dims = linear_like(b, node, node.args[0], w, bias)
+    nd = len(shape(node))
+    _parametrized(b, node.target, b.space(node.args[0], nd - 1), dims[nd - 1], extra, keep_in, keep_out or bias_frozen)
+    return dims
+
+
+def embedding(b: "Builder", node: fx.Node) -> Dims:
+    """``nn.Embedding`` / ``F.embedding``: the indices' dims pass through (the batch),
+    and the rows' last dim is produced by the weight's dim 1 (prunable like a linear
+    layer's outputs, unless ``max_norm`` renormalises the rows)."""
+    if node.op == "call_module":
+        m = b.modules[node.target]
+        w, _, _, frozen = _tensor(b, m, node.target, "weight")
+        max_norm, owner = m.max_norm, node.target
+    else:
+        w, max_norm, owner, frozen = _attr(arg(node, 1, "weight")), arg(node, 3, "max_norm"), node.name, None
+    if w is None:
+        return unknown(b, node, f"embedding '{owner}' with computed weights is not pruned")
+    idx = node.args[0] if node.args else node.kwargs["input"]
+    nd = len(shape(node))
+    out = b.new(node, nd - 1, shape(node)[-1])
+    b.bind(w, 1, out, "producer", owner)
+    if max_norm is not None:
+        b.freeze(out, f"embedding '{owner}' renormalises its rows (max_norm): pruning would change their norms")
+    if frozen:
+        b.freeze(out, frozen)
+    return {**{d: s for d, s in b.dims_of(idx).items() if d < nd - 1}, nd - 1: out}
 
 
 def linear_function(b: "Builder", node: fx.Node) -> Dims:

@@ -1,0 +1,108 @@
+"""Train and eval mode in a traced graph.
+
+Symbolic tracing runs the forward once, so ``self.training`` is read at trace time:
+``F.dropout(x, p, training=self.training)`` becomes a call with a constant flag, and an
+``if self.training:`` branch is in the graph or not. Two passes deal with that:
+
+* :class:`FollowModuleMode` replaces functional dropout (and torchvision's stochastic
+  depth) called with a constant flag by the equivalent module, whose flag follows
+  ``train()`` / ``eval()`` of the model;
+* :func:`first_difference` compares the graphs traced in train and in eval mode and
+  names the first node where they part (training-only code), or returns None.
+
+Example::
+
+    >>> FollowModuleMode()(gm)                 # F.dropout(x, 0.1, False) -> self.dropout_0(x)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+__all__ = ["FollowModuleMode", "first_difference"]
+
+#: functional op -> (module class, position of p, position of the training flag, extra args -> module kwargs)
+_DROPOUTS: dict[Any, tuple[type, int, int, Any]] = {
+    F.dropout: (nn.Dropout, 1, 2, lambda a: {"inplace": a.get(3, False)}),
+    F.dropout1d: (nn.Dropout1d, 1, 2, lambda a: {"inplace": a.get(3, False)}),
+    F.dropout2d: (nn.Dropout2d, 1, 2, lambda a: {"inplace": a.get(3, False)}),
+    F.dropout3d: (nn.Dropout3d, 1, 2, lambda a: {"inplace": a.get(3, False)}),
+    F.alpha_dropout: (nn.AlphaDropout, 1, 2, lambda a: {"inplace": a.get(3, False)}),
+    F.feature_alpha_dropout: (nn.FeatureAlphaDropout, 1, 2, lambda a: {"inplace": a.get(3, False)}),
+}
+_NAMES = {1: "p", 2: "training", 3: "inplace"}
+try:  # torchvision's stochastic depth: (input, p, mode, training)
+    from torchvision.ops import StochasticDepth, stochastic_depth
+
+    _DROPOUTS[stochastic_depth] = (StochasticDepth, 1, 3, lambda a: {"mode": a.get(2, "row")})
+    _SD_NAMES = {1: "p", 2: "mode", 3: "training"}
+except ImportError:  # pragma: no cover
+    _SD_NAMES = {}
+
+
+def _positional(node: fx.Node, names: dict[int, str]) -> dict[int, Any]:
+    """The node's arguments by position (keyword ones mapped with ``names``)."""
+    out = dict(enumerate(node.args))
+    for pos, name in names.items():
+        if name in node.kwargs:
+            out[pos] = node.kwargs[name]
+    return out
+
+
+class FollowModuleMode(PassBase):
+    """Functional dropout called with a constant ``training`` flag becomes the module of
+    the same kind (``F.dropout`` -> ``nn.Dropout``, ...), added to ``gm``: its flag then
+    follows ``gm.train()`` / ``gm.eval()``. ``replaced`` lists the nodes rewritten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.replaced: list[str] = []
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        for node in list(gm.graph.nodes):
+            spec = _DROPOUTS.get(node.target) if node.op == "call_function" else None
+            if spec is None:
+                continue
+            cls, p_pos, flag_pos, extra = spec
+            args = _positional(node, _SD_NAMES if cls.__name__ == "StochasticDepth" else _NAMES)
+            p, flag = args.get(p_pos, 0.5), args.get(flag_pos, True)
+            if not isinstance(flag, bool) or isinstance(p, fx.Node):
+                continue
+            name, k = f"{node.name}_module", 0
+            while hasattr(gm, name):
+                k += 1
+                name = f"{node.name}_module_{k}"
+            gm.add_submodule(name, cls(p, **extra(args)))
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_module(name, (args[0],))
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            self.replaced.append(node.name)
+        gm.graph.lint()
+        gm.recompile()
+        return PassResult(gm, bool(self.replaced))
+
+
+def _describe(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    where = next(reversed(stack.values()))[0] if stack else ""
+    what = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"'{node.name}' ({node.op} {what}{f' in module {where!r}' if where else ''})"
+
+
+def first_difference(train: fx.GraphModule, eval_: fx.GraphModule) -> str | None:
+    """Where the graphs traced in train and eval mode part, in words; None if they are
+    the same graph."""
+    if train.code == eval_.code:
+        return None
+    a, b = list(train.graph.nodes), list(eval_.graph.nodes)
+    for x, y in zip(a, b):
+        if (x.op, x.target, str(x.args), str(x.kwargs)) != (y.op, y.target, str(y.args), str(y.kwargs)):
+            return f"in train mode the graph runs {_describe(x)} where in eval mode it runs {_describe(y)}"
+    longer, mode = (a, "train") if len(a) > len(b) else (b, "eval")
+    return f"only in {mode} mode the graph runs {_describe(longer[min(len(a), len(b))])}"
