@@ -15,7 +15,7 @@ from fxprune.report.latency import compile_model, latency_ms
 from fxprune.report.tables import summary
 from fxprune.testing import random_masks
 
-p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--keep", type=float, default=0.5)
 p.add_argument("--out", default="out/resnet18_pruned")
 args = p.parse_args()

@@ -12,7 +12,7 @@ import fxprune
 from fxprune.digits.models import vgg
 from fxprune.digits.training import fit
 
-p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--epochs", type=int, default=30)
 p.add_argument("--gamma", type=float, default=3.0)
 args = p.parse_args()

@@ -18,10 +18,10 @@ from torch.utils.data import DataLoader, TensorDataset
 import fxprune
 from fxprune.checkpoint import load_checkpoint, save_checkpoint
 from fxprune.digits.data import digits
-from fxprune.export import save_compact
 from fxprune.digits.training import accuracy
+from fxprune.export import save_compact
 
-p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--model", default="resnet18")
 p.add_argument("--epochs", type=int, default=4)
 p.add_argument("--gamma", type=float, default=10.0)

@@ -13,7 +13,7 @@ from fxprune.digits.data import digits_loaders
 from fxprune.digits.models import lenet_300_100
 from fxprune.digits.training import accuracy
 
-p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--epochs", type=int, default=100)
 p.add_argument("--gamma", type=float, default=4.0)
 args = p.parse_args()

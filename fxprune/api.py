@@ -22,7 +22,7 @@ from .gates import GateBank, GateRead, LayerGateApply, bank_structure, read_inde
 from .passes import Compact, InsertGates, analyze, trace
 from .passes.channel_graph import ChannelGraph
 from .passes.insert_gates import strip_gate_nodes
-from .passes.surgery import replace_tensor, skeleton
+from .passes.surgery import copy_module, replace_tensor, skeleton
 from .passes.trace import bind_inputs
 from .state import STATE, GateLayout, PruneState, decisions, gate_bank, run_example, state_of
 
@@ -128,9 +128,8 @@ def prepare(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, co
     if not inplace:
         try:
             model = copy.deepcopy(model)
-        except Exception as exc:  # noqa: BLE001 - any copy failure gets the same advice
-            raise TypeError(f"prepare could not copy {type(model).__name__} ({type(exc).__name__}: {exc}); "
-                            "pass inplace=True to gate the model itself") from exc
+        except Exception:  # noqa: BLE001 - parametrized modules refuse deepcopy: copy modules and tensors instead
+            model = copy_module(model)
     values, _ = bind_inputs(model, _as_tuple(example_inputs), kwargs)
     dims = _input_dims(model, values, batch_dim)
     gm = None

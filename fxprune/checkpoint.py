@@ -33,7 +33,16 @@ FORMAT = "fxprune-checkpoint-2"
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The generators' states as what ``torch.load(weights_only=True)`` accepts (tensors,
+    lists, numbers)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -41,20 +50,31 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _model_of(pruner: Pruner) -> dict:
+    """What a checkpoint must be loaded into: the dense model's gate layout and the optimizer."""
+    layout = pruner.dense_layout
+    return {"units": {g: sl.stop - sl.start for g, sl in layout.units.items()}, "layers": sorted(layout.layers),
+            "optimizer": type(pruner.optimizer).__name__}
 
 
 def save_checkpoint(path: str | os.PathLike, gated: fx.GraphModule, optimizer: torch.optim.Optimizer, pruner: Pruner,
                     scheduler: Any = None, **extra: Any) -> Path:
     """Write everything needed to resume training to ``path`` (atomically: a crash while
     writing leaves the previous checkpoint). ``extra`` (epoch, data-loader position, ...)
-    comes back from :func:`load_checkpoint`."""
+    comes back from :func:`load_checkpoint`; it must be plain values (numbers, strings,
+    lists, dicts, tensors), as the checkpoint is loaded with ``weights_only=True``."""
     path = writable(path, "the checkpoint")
     state = {
         "format": FORMAT,
+        "model_of": _model_of(pruner),
         "model": gated.state_dict(),
         "optimizer": optimizer.state_dict(),
         "pruner": pruner.state_dict(),
@@ -63,27 +83,53 @@ def save_checkpoint(path: str | os.PathLike, gated: fx.GraphModule, optimizer: t
         "extra": extra,
     }
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OSError(f"cannot write the checkpoint to '{path}': {exc.strerror or exc}; choose a writable path") from None
     return path
+
+
+def _read(path: str | os.PathLike) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint at '{path}'") from None
+    except Exception as exc:  # noqa: BLE001 - truncated, garbage or a pickle of arbitrary objects
+        raise ValueError(f"'{path}' is not a readable fxprune checkpoint (truncated, not written by "
+                         f"fxprune.checkpoint.save_checkpoint, or holding objects weights_only loading refuses): "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"'{path}' is not an fxprune checkpoint (written by fxprune.checkpoint.save_checkpoint)")
+    return state
 
 
 def load_checkpoint(path: str | os.PathLike, gated: fx.GraphModule, optimizer: torch.optim.Optimizer, pruner: Pruner,
                     scheduler: Any = None, restore_rng: bool = True) -> dict:
     """Restore a checkpoint into a freshly prepared ``gated`` model, its ``optimizer`` and
     ``pruner`` (and ``scheduler``), built exactly as at the start of training. Returns the
-    ``extra`` values given to :func:`save_checkpoint`."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"'{path}' is not an fxprune checkpoint (written by fxprune.checkpoint.save_checkpoint)")
+    ``extra`` values given to :func:`save_checkpoint`. A checkpoint of another model,
+    config or optimizer is refused before anything is changed."""
+    state = _read(path)
+    pruner.require_fresh()
+    want, have = state["model_of"], _model_of(pruner)
+    if want["optimizer"] != have["optimizer"]:
+        raise ValueError(f"the checkpoint '{path}' was written with a {want['optimizer']} optimizer; this run has a "
+                         f"{have['optimizer']}: build the optimizer the run that wrote it used")
+    if (want["units"], want["layers"]) != (have["units"], have["layers"]):
+        raise ValueError(f"the checkpoint '{path}' was written for another model or config (its gates: "
+                         f"{len(want['units'])} channel groups, {len(want['layers'])} branches; this model's: "
+                         f"{len(have['units'])} and {len(have['layers'])}, or of other sizes): prepare the same model "
+                         "with the same config as the run that wrote it")
     pruner.load_state_dict(state["pruner"])
     try:
         gated.load_state_dict(state["model"])
-    except RuntimeError as exc:
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
         raise ValueError(
-            f"the checkpoint '{path}' does not fit this model: prepare the same model with the same config "
-            f"as the run that wrote it ({str(exc).splitlines()[0]})") from None
-    optimizer.load_state_dict(state["optimizer"])
+            f"the checkpoint '{path}' does not fit this model and optimizer: prepare the same model with the same "
+            f"config and optimizer as the run that wrote it ({str(exc).splitlines()[0]})") from None
     if scheduler is not None:
         if state["scheduler"] is None:
             raise ValueError(f"the checkpoint '{path}' has no scheduler state; resume without a scheduler")

@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from .passes import TraceError
 from .testing.models import load_model
 
 __all__ = ["main"]
@@ -56,9 +57,25 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     return zoo.main(args.rest)
 
 
+BENCHES = {
+    "analyze": "trace+analyze against Torch-Pruning",
+    "digits": "pruning while training against dense and magnitude pruning",
+    "latency": "dense vs compact latency against the FLOPs ratio",
+    "step": "a training step with gates against without",
+    "tradeoff": "what gamma, beta and alpha do, and unit/layer/combined gates",
+}
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
+    asked = args.what in ("-h", "--help") or (args.what is None and {"-h", "--help"} & set(args.rest))
+    if args.what is None or asked:
+        print("usage: fxprune bench {" + ",".join(BENCHES) + "} [options]   (fxprune bench NAME --help for its options)\n")
+        print("\n".join(f"  {k:<9} {v}" for k, v in BENCHES.items()))
+        return 0 if asked else 2
+    if args.what not in BENCHES:
+        raise ValueError(f"unknown benchmark '{args.what}': choose one of {', '.join(BENCHES)}")
     bench = importlib.import_module(f".benchmarks.{args.what}", __package__)
     return bench.main([args.what, *args.rest])
 
@@ -70,31 +87,31 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", help="torchvision model name, or package.module:factory")
     i.add_argument("--input-shape", type=_shape, default=(1, 3, 224, 224), help="example input shape (default 1,3,224,224)")
     i.add_argument("--graph", metavar="FILE", help="draw the gate placement to FILE (.png, .svg, .pdf or graphviz .dot)")
-    i.set_defaults(func=cmd_inspect)
+    i.set_defaults(func=cmd_inspect, passes_rest=False)
     from .digits.demo import add_arguments as demo_arguments
 
     d = sub.add_parser("demo", help="train and prune a ResNet on the digits data: table, compact model, picture, latency")
     demo_arguments(d)
-    d.set_defaults(func=cmd_demo)
+    d.set_defaults(func=cmd_demo, passes_rest=False)
+    # zoo and bench parse their own options (``fxprune zoo --help``): the rest is handed on
     z = sub.add_parser("zoo", help="prune every torchvision classifier at random and check equivalence", add_help=False)
-    z.add_argument("rest", nargs=argparse.REMAINDER)
-    z.set_defaults(func=cmd_zoo)
-    b = sub.add_parser("bench", help="benchmarks: 'analyze' (trace+analyze against Torch-Pruning), "
-                       "'digits' (pruning while training against dense and magnitude pruning), "
-                       "'latency' (dense vs compact latency against the FLOPs ratio), "
-                       "'step' (a training step with gates against without), "
-                       "'tradeoff' (what gamma, beta and alpha do, and unit/layer/combined gates)")
-    b.add_argument("what", choices=["analyze", "digits", "latency", "step", "tradeoff"])
-    b.add_argument("rest", nargs=argparse.REMAINDER)
-    b.set_defaults(func=cmd_bench)
+    z.set_defaults(func=cmd_zoo, passes_rest=True)
+    b = sub.add_parser("bench", add_help=False,
+                       help="benchmarks: " + "; ".join(f"'{k}' ({v})" for k, v in BENCHES.items()))
+    b.add_argument("what", nargs="?", help="which benchmark: " + ", ".join(BENCHES))
+    b.set_defaults(func=cmd_bench, passes_rest=True)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not args.passes_rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     try:
         return args.func(args)
-    except (ValueError, OSError) as exc:  # bad input shapes, unwritable paths: reported with what to do
+    except (ValueError, OSError, TypeError, TraceError) as exc:  # bad input, unwritable paths, a missing device
         print(f"fxprune: error: {exc}", file=sys.stderr)
         return 2
 

@@ -26,6 +26,7 @@ from torch import Tensor, fx
 from . import live_compaction, optim_state
 from .config import PruneConfig
 from .cost import forward_flops
+from .decisions import decisions_record
 from .objective import Objective
 from .passes.channel_graph import ChannelGraph
 from .state import gate_bank, state_of
@@ -280,6 +281,13 @@ class Pruner:
                  describe_removal(before, record), record.flops, 100 * record.flops / max(self.dense_flops, 1))
         return record
 
+    def decisions(self) -> dict:
+        """What the gates decided, over the units the model was prepared with (removed units
+        and those whose theta is below 0.5 both count as dropped): save it with
+        :func:`fxprune.decisions.save_decisions`, re-apply it to a fresh copy of the model
+        with :func:`fxprune.decisions.apply_decisions`."""
+        return decisions_record(self.gated, self)
+
     def widths(self) -> list[tuple[str, int, int]]:
         """``(layer, output channels before training, now)`` of every conv and linear layer
         (now 0: the layer was removed with its branch)."""
@@ -304,14 +312,18 @@ class Pruner:
                           "keep": {g: list(k) for g, k in r.keep.items()}} for r in self.removals],
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Replay the saved removals on this pruner's freshly prepared model and optimizer
-        (so parameter and optimizer shapes match the checkpoint), then restore the counters.
-        Load the model's and the optimizer's state dicts after this."""
+    def require_fresh(self) -> None:
+        """Raise unless nothing has been trained or removed yet (where a checkpoint loads)."""
         if self.removals or self.steps:
             raise RuntimeError(
                 "Pruner.load_state_dict needs a fresh pruner: build the gated model, optimizer and Pruner "
                 "again as at the start of training, then load the checkpoint")
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replay the saved removals on this pruner's freshly prepared model and optimizer
+        (so parameter and optimizer shapes match the checkpoint), then restore the counters.
+        Load the model's and the optimizer's state dicts after this."""
+        self.require_fresh()
         for saved in state["removals"]:
             keep = {int(g): np.asarray(k, dtype=bool) for g, k in saved["keep"].items()}
             record = self.remove({g: ~k for g, k in keep.items()}, set(saved["layers"]), verify=False)

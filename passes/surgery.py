@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 
 import numpy as np
@@ -22,7 +21,7 @@ from torch import fx, nn
 from .op_classes import CHANNEL_NORM, CONV, CONV_TRANSPOSE, INPLACE_OPERATORS, LINEAR
 
 __all__ = [
-    "index_tensor", "set_data", "refresh_module", "skeleton", "replace_tensor", "reached_tensors",
+    "index_tensor", "set_data", "refresh_module", "skeleton", "copy_module", "replace_tensor", "reached_tensors",
     "delete_unreferenced", "out_of_place", "is_impure",
 ]
 
@@ -84,12 +83,27 @@ def skeleton(m: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Modul
     memo = {} if memo is None else memo
     if id(m) in memo:
         return memo[id(m)]
-    new = copy.copy(m)
+    new = object.__new__(type(m))  # not copy.copy: parametrized modules refuse the copy protocol
+    new.__dict__ = dict(m.__dict__)
     memo[id(m)] = new
     new._parameters = dict(m._parameters)
     new._buffers = dict(m._buffers)
     new._non_persistent_buffers_set = set(m._non_persistent_buffers_set)
     new._modules = {k: None if c is None else skeleton(c, memo) for k, c in m._modules.items()}
+    return new
+
+
+def copy_module(m: nn.Module) -> nn.Module:
+    """An independent copy of ``m``: :func:`skeleton` with every parameter and buffer
+    cloned (tied tensors stay tied). For modules ``copy.deepcopy`` refuses (parametrized
+    ones); other attributes are shared, as in a shallow copy."""
+    new = skeleton(m)
+    clones: dict[int, torch.Tensor] = {}
+    for name, t in [*new.named_parameters(remove_duplicate=False), *new.named_buffers(remove_duplicate=False)]:
+        if id(t) not in clones:
+            clones[id(t)] = nn.Parameter(t.detach().clone(), t.requires_grad) if isinstance(t, nn.Parameter) \
+                else t.detach().clone()
+        replace_tensor(new, name, clones[id(t)])
     return new
 
 

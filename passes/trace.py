@@ -86,6 +86,11 @@ def _symbolic_trace(model: nn.Module, concrete: dict[str, Any]) -> fx.GraphModul
             f"cannot trace module '{type(model).__name__}': {reason(exc)}. Make its forward symbolically traceable "
             "(no data-dependent Python control flow), or wrap the offending function with torch.fx.wrap."
         ) from exc
+    if concrete:  # a specialised argument defaults to its value, so the call may leave it out
+        names = list(inspect.signature(model.forward).parameters)
+        for name, node in zip(names, [n for n in graph.nodes if n.op == "placeholder"]):
+            if name in concrete:
+                node.args = (concrete[name],)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta[LEAVES_META] = tracer.leaves
     FollowModuleMode()(gm)

@@ -56,3 +56,38 @@ def test_bench_latency_prints_ratios(capsys):
                  "--iters", "2"]) == 0
     out = capsys.readouterr().out
     assert "latency / FLOPs ratio" in out and "| eager" in out and "keep 0.5" in out
+
+
+def test_zoo_takes_its_own_options(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exc:
+        main(["zoo", "--help"])
+    assert exc.value.code == 0 and "--models" in capsys.readouterr().out
+    assert main(["zoo", "--models", "squeezenet1_1"]) == 0
+    assert "1/1 models equivalent" in capsys.readouterr().out
+
+
+def test_bench_lists_the_benchmarks_and_a_missing_device_is_one_line(capsys):
+    assert main(["bench", "--help"]) == 0
+    assert "step" in capsys.readouterr().out
+    assert main(["bench", "latency", "--device", "cuda:7", "--model", "resnet18"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fxprune: error: --device cuda:7:") and len(err.splitlines()) == 1
+
+
+def test_models_that_default_to_backbone_weights_are_built_without_any(monkeypatch):
+    import urllib.request
+
+    from fxprune.testing.models import load_model
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("no download may be attempted")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    assert sum(p.numel() for p in load_model("fasterrcnn_mobilenet_v3_large_fpn").parameters()) > 0
+
+
+def test_an_untraceable_model_is_a_one_line_error(capsys):
+    assert main(["inspect", "fasterrcnn_mobilenet_v3_large_fpn", "--input-shape", "1,3,64,64"]) == 2
+    assert "cannot trace module 'FasterRCNN'" in capsys.readouterr().err

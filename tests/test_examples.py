@@ -23,3 +23,12 @@ def test_example_runs(tmp_path, script):
     assert done.stdout.strip()
     if script == "inspect_model.py":
         assert (tmp_path / "out" / "resnet50_gates.png").is_file()
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))
+def test_example_help_is_whole_and_runs_nothing(tmp_path, script):
+    done = subprocess.run([sys.executable, str(EXAMPLES / script), "--help"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"python examples/{script}" in done.stdout  # the usage line of the docstring, not a cut sentence
+    assert not list(tmp_path.iterdir())  # --help wrote nothing

@@ -18,7 +18,7 @@ from ..cost import forward_flops
 from ..report.latency import compile_model, latency_ms
 from ..state import set_decisions, state_of
 from ..testing import random_masks
-from ..testing.models import load_model
+from ..testing.models import device_of, load_model
 
 __all__ = ["main"]
 
@@ -34,11 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", default="max-autotune", help="torch.compile mode (default max-autotune); 'none' skips compiling")
     p.add_argument("--iters", type=int, default=20)
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = device_of(args.device)
     torch.manual_seed(0)
     model = load_model(args.model).eval()
     x = torch.randn(args.batch, 3, args.size, args.size)
-    gated = prepare(model, (x[:2],))
+    gated = prepare(model, (x[:2],), mode="eval")
     random_masks(gated, keep=args.keep, seed=0)
     set_decisions(gated, {}, {b: True for b in state_of(gated).layout.layers})
     compact = convert(gated.eval()).eval()

@@ -6,7 +6,7 @@ from tabulate import tabulate
 
 from ..passes import ChannelGraph
 
-__all__ = ["group_rows", "groups_table", "branches_table", "summary"]
+__all__ = ["group_rows", "groups_table", "branches_table", "summary", "widths_table"]
 
 
 def _names(items: list[str], limit: int = 3) -> str:
@@ -55,3 +55,12 @@ def summary(cg: ChannelGraph) -> str:
     if cg.leaves:
         lines += [f"traced as leaf: {k}: {v}" for k, v in cg.leaves.items()]
     return "\n".join(lines)
+
+
+def widths_table(widths: list[tuple[str, int, int]], fmt: str = "github", changed_only: bool = False) -> str:
+    """``layer | before | after`` from :meth:`fxprune.Pruner.widths` ("removed" for a layer
+    whose branch went)."""
+    rows = [[name, before, after if after else "removed"] for name, before, after in widths
+            if not changed_only or after != before]
+    return tabulate(rows, headers=["layer", "width before", "width now"], tablefmt=fmt, disable_numparse=True,
+                    colalign=("left", "right", "right"))

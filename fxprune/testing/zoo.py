@@ -105,7 +105,7 @@ def check_model(name: str, keep: float = 0.5, seed: int = 0, rtol: float = 1e-4,
         model = perturb(torchvision.models.get_model(name, weights=None).eval(), seed)
         x = torch.randn(batch, 3, input_size(name), input_size(name))
         res.params_before = sum(p.numel() for p in model.parameters())
-        gated = prepare(model, (x,))
+        gated = prepare(model, (x,), mode="eval", inplace=True)  # an eval-mode sweep over models it owns
         cg = channel_graph(gated)
         res.prunable, res.channels = cg.prunable_share()
         res.reasons = cg.frozen_reasons()

@@ -115,7 +115,7 @@ def analyze(gm: fx.GraphModule, batch_dim: int | Sequence[int | None] | None = 0
     per input, or one for all; None: no batch dim).
     """
     nodes = list(gm.graph.nodes)
-    if any("tensor_meta" not in n.meta for n in nodes if n.op == "placeholder"):
+    if not any("tensor_meta" in n.meta for n in nodes):
         raise ValueError("analyze needs shapes in node.meta: trace the model with fxprune.trace(model, example_inputs)")
     inputs = batch_dims_of(gm, batch_dim)
     b = Builder(gm, inputs)

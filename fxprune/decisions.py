@@ -1,0 +1,102 @@
+"""What the gates decided, as a small JSON file that can be applied to a fresh copy of the
+model: decisions learnt in one run re-applied to other weights.
+
+The record lists, for every unit gate of the model as prepared (before any removal), the
+units kept, counting both the units live removal took and the units whose theta is now
+below 0.5, and for every layer gate whether its branch stays. Groups are checked by their
+size and the layers that produce them, so a file is never applied to another model.
+
+Example::
+
+    >>> save_decisions("decisions.json", gated, pruner)
+    >>> fresh = fxprune.prepare(make_model(), (x,), config)
+    >>> apply_decisions(fresh, "decisions.json")
+    >>> compact = fxprune.convert(fresh.eval())
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from torch import fx
+
+from .files import writable
+from .state import decisions, set_decisions, state_of
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pruner import Pruner
+
+__all__ = ["decisions_record", "save_decisions", "apply_decisions", "FORMAT"]
+
+FORMAT = "fxprune-decisions-1"
+
+
+def _producers(state_graph, group: int) -> list[str]:
+    return sorted({o for o, s in state_graph.layer_outputs if s in state_graph.spaces and state_graph.spaces[s].group == group})
+
+
+def decisions_record(gated: fx.GraphModule, pruner: Pruner | None = None) -> dict[str, Any]:
+    """The decisions of ``gated`` over the units it was prepared with (``pruner`` holds the
+    live removals made so far; without one, none were made)."""
+    state = state_of(gated)
+    dense_graph = pruner.dense_graph if pruner is not None else state.graph
+    dense_layout = pruner.dense_layout if pruner is not None else state.layout
+    alive = {g: np.arange(sl.stop - sl.start) for g, sl in dense_layout.units.items()}
+    dropped: set[int] = set()
+    for record in pruner.removals if pruner is not None else []:
+        for g, keep in record.keep.items():
+            alive[g] = alive[g][np.asarray(keep, dtype=bool)]
+        dropped |= set(record.layers)
+    keep_now, drop_now = decisions(gated)
+    groups = {}
+    for g, sl in dense_layout.units.items():
+        kept = alive[g][keep_now[g]] if g in keep_now else np.zeros(0, dtype=np.int64)
+        groups[str(g)] = {"units": sl.stop - sl.start, "kept": kept.tolist(), "layers": _producers(dense_graph, g)}
+    branches = {str(b): {"kept": b not in dropped and b in state.layout.layers and b not in drop_now,
+                         "add": dense_graph.branches[b].add} for b in dense_layout.layers}
+    return {"format": FORMAT, "model": type(gated).__name__, "groups": groups, "branches": branches}
+
+
+def save_decisions(path: str | os.PathLike, gated: fx.GraphModule, pruner: Pruner | None = None) -> Path:
+    """Write :func:`decisions_record` to ``path`` as JSON."""
+    path = writable(path, "the decisions")
+    path.write_text(json.dumps(decisions_record(gated, pruner), indent=1))
+    return path
+
+
+def apply_decisions(gated: fx.GraphModule, source: str | os.PathLike | dict[str, Any]) -> fx.GraphModule:
+    """Set the thetas of a freshly prepared ``gated`` model to the saved decisions (1 for a
+    kept unit or branch, 0 otherwise); ``convert(gated)`` then builds the pruned model with
+    ``gated``'s weights. Refuses a record of another model, naming the first mismatch."""
+    where = "the decisions" if isinstance(source, dict) else f"'{source}'"
+    if isinstance(source, dict):
+        record = source
+    else:
+        try:
+            record = json.loads(Path(source).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read {where} as fxprune decisions: {exc}") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise ValueError(f"{where} is not an fxprune decisions file (written by fxprune.decisions.save_decisions)")
+    state = state_of(gated)
+    layout, cg = state.layout, state.graph
+    if set(record["groups"]) != {str(g) for g in layout.units} or set(record["branches"]) != {str(b) for b in layout.layers}:
+        raise ValueError(f"{where} was made for another model or config ({len(record['groups'])} unit gates and "
+                         f"{len(record['branches'])} layer gates; this model has {len(layout.units)} and "
+                         f"{len(layout.layers)}): prepare the same model with the same config first")
+    units = {}
+    for g, sl in layout.units.items():
+        saved = record["groups"][str(g)]
+        if saved["units"] != sl.stop - sl.start or saved["layers"] != _producers(cg, g):
+            raise ValueError(f"{where} does not fit group {g} of this model ({saved['units']} units of "
+                             f"{', '.join(saved['layers'])}; this model's: {sl.stop - sl.start} of "
+                             f"{', '.join(_producers(cg, g))})")
+        keep = np.zeros(sl.stop - sl.start, dtype=bool)
+        keep[np.asarray(saved["kept"], dtype=np.int64)] = True
+        units[g] = keep
+    set_decisions(gated, units, {b: bool(record["branches"][str(b)]["kept"]) for b in layout.layers})
+    return gated
