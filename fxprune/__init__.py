@@ -15,12 +15,14 @@ The library is the core (this package's modules) over the graph passes
 from . import testing
 from .api import channel_graph, convert, prepare
 from .config import CostReference, PruneConfig
+from .distributed import DistributedDataParallel
 from .passes import ChannelGraph, TraceError, analyze, residualize, trace
 from .pruner import Pruner
 from .state import LayerGate, PruneState, UnitGate, state_of
 
 __all__ = [
     "trace", "analyze", "residualize", "prepare", "convert", "channel_graph", "PruneConfig", "CostReference", "Pruner",
-    "ChannelGraph", "TraceError", "PruneState", "UnitGate", "LayerGate", "state_of", "testing",
+    "ChannelGraph", "TraceError", "PruneState", "UnitGate", "LayerGate", "state_of", "DistributedDataParallel",
+    "testing",
 ]
 __version__ = "0.1.0"

@@ -18,6 +18,7 @@ import torch
 from torch import fx, nn
 
 from .config import PruneConfig
+from .distributed import sync_buffers
 from .gates import GateBank, GateRead, LayerGateApply, bank_structure, read_index
 from .passes import Compact, InsertGates, analyze, trace
 from .passes.channel_graph import ChannelGraph
@@ -178,6 +179,7 @@ def convert(gated: fx.GraphModule) -> fx.GraphModule:
     checked against ``gated``'s on the stored example input.
     """
     state = state_of(gated)
+    sync_buffers(gated)  # under torch.distributed: rank 0's BatchNorm statistics on every process
     unit_keep, drop = decisions(gated)
     expected = run_example(gated, state.example)
     graph = fx.Graph()

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from . import distributed
 from .files import writable
 from .pruner import Pruner
 
@@ -70,7 +71,13 @@ def save_checkpoint(path: str | os.PathLike, gated: fx.GraphModule, optimizer: t
     """Write everything needed to resume training to ``path`` (atomically: a crash while
     writing leaves the previous checkpoint). ``extra`` (epoch, data-loader position, ...)
     comes back from :func:`load_checkpoint`; it must be plain values (numbers, strings,
-    lists, dicts, tensors), as the checkpoint is loaded with ``weights_only=True``."""
+    lists, dicts, tensors), as the checkpoint is loaded with ``weights_only=True``. Under
+    torch.distributed rank 0 writes it (every rank calls this) and it loads on any world
+    size."""
+    path = Path(path)
+    if distributed.active() and distributed.rank() != 0:  # rank 0 writes; the others wait for it
+        torch.distributed.barrier()
+        return path
     path = writable(path, "the checkpoint")
     state = {
         "format": FORMAT,
@@ -88,6 +95,8 @@ def save_checkpoint(path: str | os.PathLike, gated: fx.GraphModule, optimizer: t
         os.replace(tmp, path)
     except OSError as exc:
         raise OSError(f"cannot write the checkpoint to '{path}': {exc.strerror or exc}; choose a writable path") from None
+    if distributed.active():
+        torch.distributed.barrier()
     return path
 
 

@@ -59,6 +59,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 BENCHES = {
     "analyze": "trace+analyze against Torch-Pruning",
+    "defaults": "PruneConfig() and FLOPs budgets on five tasks and three optimizers",
     "digits": "pruning while training against dense and magnitude pruning",
     "latency": "dense vs compact latency against the FLOPs ratio",
     "step": "a training step with gates against without",

@@ -52,14 +52,27 @@ class PruneConfig:
             sampled gate) or ``"balanced"`` (the derivatives with the gate on and off weighted
             equally, so its mean is the same at every theta and theta does not settle between
             0 and 1; method.md section 4).
-        warmup: steps over which the cost strength ramps linearly from 0 to ``gamma``. At
-            the start the weights are random and no unit is worth its cost yet; a full
-            ``gamma`` from step 0 can switch off whole layers before the network learns
-            what it needs.
+        warmup: how long the cost strength ramps linearly from 0 to ``gamma``: steps (an
+            int), or a fraction of ``total_steps`` (a float). At the start the weights are
+            random and no unit is worth its cost yet; a full ``gamma`` from step 0 can
+            switch off whole layers before the network learns what it needs.
+        total_steps: the training steps the user plans (optional; a fractional
+            ``warmup`` needs it).
+        target_flops: a budget: the forward FLOPs per example the trained model may keep,
+            as a fraction of the dense model's (as the complexity cost counts them).
+            The cost's strength is then a Lagrange multiplier the pruner learns (dual
+            ascent on ``E[FLOPs]/FLOPs_dense - target_flops``), not ``gamma``.
+        target_params: the same for the parameters. Both at once: two multipliers.
+        budget_lr: the multipliers' step: each step multiplies a multiplier by
+            ``exp(budget_lr * (cost - target) / target)``.
         check_every: steps between pruning checks.
         theta_tol: theta at or below this counts as switched off.
         w_tol: a structure's weight RMS must be at most ``w_tol`` times the RMS of the kept
-            weights of its group (layer gates: of the whole model) to be removed.
+            weights of its group (layer gates: of the whole model) to be removed; ``None``:
+            the theta condition alone (a structure whose gate has been off for ``patience``
+            checks contributes nothing in training or eval, so its removal changes no
+            function, whatever its weights; removal does not wait for the optimizer to
+            shrink them).
         patience: consecutive checks a structure must pass before it is removed.
         reset_moments: when a structure's theta has been switched off for ``patience`` checks
             but its weights are not yet small, zero its optimizer moments, so that the spike
@@ -88,15 +101,33 @@ class PruneConfig:
     theta_lr: float = 0.05
     theta_init: float = 1.0
     estimator: Literal["straight_through", "balanced"] = "straight_through"
-    warmup: int = 0
+    warmup: int | float = 0
     check_every: int = 50
     theta_tol: float = 0.01
-    w_tol: float = 0.1
+    w_tol: float | None = 0.1
     patience: int = 2
     reset_moments: bool = True
     cost_reference: CostReference | None = None
     exclude: tuple[str, ...] = ()
     min_units: int = 1
+    total_steps: int | None = None
+    target_flops: float | None = None
+    target_params: float | None = None
+    budget_lr: float = 0.05
+
+    def warmup_steps(self) -> int:
+        """``warmup`` in steps (a fraction is taken of ``total_steps``)."""
+        if isinstance(self.warmup, int):
+            return self.warmup
+        if self.total_steps is None:
+            raise ValueError(f"PruneConfig.warmup={self.warmup} is a fraction of total_steps: give "
+                             "PruneConfig(total_steps=...), or the warm-up in steps (an int)")
+        return round(self.warmup * self.total_steps)
+
+    @property
+    def targets(self) -> dict[str, float]:
+        """The budgets set: ``{"flops": f, "params": p}`` (either may be absent)."""
+        return {k: v for k, v in (("flops", self.target_flops), ("params", self.target_params)) if v is not None}
 
     def __setattr__(self, name: str, value: object) -> None:
         super().__setattr__(name, _check(name, value))
@@ -120,15 +151,29 @@ _RANGES = {
     "gamma": (0.0, math.inf, True, False), "alpha": (0.0, math.inf, True, False), "lam1": (0.0, math.inf, True, False),
     "spike_ratio": (0.0, math.inf, True, False), "theta_lr": (0.0, math.inf, True, False),
     "w_tol": (0.0, math.inf, True, False), "beta": (0.0, 1.0, True, True), "theta_init": (0.0, 1.0, True, True),
-    "theta_tol": (0.0, 1.0, True, True),
+    "theta_tol": (0.0, 1.0, True, True), "target_flops": (0.0, 1.0, False, True),
+    "target_params": (0.0, 1.0, False, True), "budget_lr": (0.0, math.inf, False, False),
 }
-_INTS = {"warmup": 0, "check_every": 1, "patience": 1, "min_units": 1}
+_INTS = {"check_every": 1, "patience": 1, "min_units": 1}
+_OPTIONAL = {"w_tol", "total_steps", "target_flops", "target_params"}
 
 
 def _check(name: str, value: object) -> object:
     """``value`` for field ``name`` of :class:`PruneConfig` (normalised), or a
     ``TypeError``/``ValueError`` that names the field."""
     field_ = f"PruneConfig.{name}"
+    if name in _OPTIONAL and value is None:
+        return None
+    if name == "total_steps":
+        return _check_int(field_, value, 1)
+    if name == "warmup":
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{field_} must be steps (an int) or a fraction of total_steps (a float), got {value!r}")
+        if isinstance(value, numbers.Integral):
+            return _check_int(field_, value, 0)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{field_} as a float is a fraction of total_steps, in [0, 1]; got {value:g}")
+        return float(value)
     if name in _CHOICES:
         if value not in _CHOICES[name]:
             raise ValueError(f"{field_} must be one of {_CHOICES[name]}, got {value!r}")
@@ -140,14 +185,10 @@ def _check(name: str, value: object) -> object:
         if not math.isfinite(value):
             raise ValueError(f"{field_} must be finite, got {value}")
         if not (lo <= value if lo_ok else lo < value) or not (value <= hi if hi_ok else value < hi):
-            bounds = f"in [{lo:g}, {hi:g}]" if hi_ok else f">= {lo:g}"
+            bounds = f"in {'[' if lo_ok else '('}{lo:g}, {hi:g}]" if hi_ok else f"{'>=' if lo_ok else '>'} {lo:g}"
             raise ValueError(f"{field_} must be {bounds}, got {value:g}")
     elif name in _INTS:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{field_} must be a whole number, got {value!r} ({type(value).__name__})")
-        if value < _INTS[name]:
-            raise ValueError(f"{field_} must be >= {_INTS[name]}, got {value}")
-        value = int(value)
+        value = _check_int(field_, value, _INTS[name])
     elif name == "reset_moments":
         if not isinstance(value, bool):
             raise TypeError(f"{field_} must be True or False, got {value!r}")
@@ -165,3 +206,11 @@ def _check(name: str, value: object) -> object:
             raise TypeError(f"{field_} must be module names or patterns (strings), got {value!r}")
         value = tuple(value)
     return value
+
+
+def _check_int(field_: str, value: object, lowest: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{field_} must be a whole number, got {value!r} ({type(value).__name__})")
+    if value < lowest:
+        raise ValueError(f"{field_} must be >= {lowest}, got {value}")
+    return int(value)

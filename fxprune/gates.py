@@ -53,6 +53,8 @@ class GateBank(nn.Module):
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         self.estimator, self.batch_dim, self.min_units = estimator, batch_dim, min_units
+        #: the generator masks are sampled with (None: torch's default; set per process under torch.distributed)
+        self.generator: torch.Generator | None = None
         self.register_buffer("theta", torch.full((n,), float(theta_init)))
         self.set_structure(torch.zeros(0, 0, dtype=torch.long), torch.ones(n, dtype=torch.bool))
 
@@ -84,7 +86,7 @@ class GateBank(nn.Module):
             return self.deterministic()
         batch = ref.shape[self.batch_dim] if self.batch_dim is not None else 1
         t = theta.detach().expand(batch, -1)
-        xi = torch.bernoulli(t)
+        xi = torch.bernoulli(t) if self.generator is None else torch.bernoulli(t, generator=self.generator)
         if not self._all_per_example:
             xi = torch.where(self.per_example, xi, xi[:1])
         if self.estimator == "straight_through":

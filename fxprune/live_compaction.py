@@ -64,7 +64,7 @@ class _Snapshot:
         self.modules = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers), dict(m._modules))
                         for m in gated.modules()]
         self.tensors = [(t, t.data, t.grad) for t in {id(t): t for t in [*gated.parameters(), *gated.buffers()]}.values()]
-        self.fields = (state.graph, state.layout)
+        self.fields = (state.graph, state.layout, state.version)
         if optimizer is not None:
             self.groups = [list(g["params"]) for g in optimizer.param_groups]
             self.opt_state = {p: dict(s) for p, s in optimizer.state.items()}
@@ -83,7 +83,7 @@ class _Snapshot:
         if self.gated.graph is not self.graph:
             self.gated.graph = self.graph
         self.gated.recompile()
-        self.state.graph, self.state.layout = self.fields
+        self.state.graph, self.state.layout, self.state.version = self.fields
         if self.optimizer is not None:
             for g, params in zip(self.optimizer.param_groups, self.groups):
                 g["params"] = params
@@ -204,6 +204,7 @@ def remove(gated: fx.GraphModule, unit_drop: dict[int, np.ndarray], layer_drop: 
         state.graph = cg.restrict(effective, layer_drop, replaced, set(gone))
         state.layout, keep_flat = layout.restrict(effective, layer_drop, state.graph)
         _sync_gates(gated, state, keep_flat)
+        state.version += 1
         counter = count_flops(gated, state.example)
         if verify:
             after = run_example(gated, state.example)

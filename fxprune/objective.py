@@ -148,11 +148,25 @@ class Objective:
         flops, params = self.expected(alpha)
         return beta * flops / max(self.ref.flops, 1) + (1 - beta) * params / max(self.ref.params, 1)
 
-    def penalty(self, gamma: float | None = None) -> Tensor:
-        """The regulariser; ``gamma`` overrides the config's (the pruner's warm-up ramp)."""
+    def fractions(self, alpha: float = 1.0) -> dict[str, Tensor]:
+        """Expected FLOPs and parameters as fractions of the dense model's (what a budget
+        ``target_flops`` / ``target_params`` is compared with)."""
+        flops, params = self.expected(alpha)
+        return {"flops": flops / max(self.reference.flops, 1), "params": params / max(self.reference.params, 1)}
+
+    def penalty(self, gamma: float | None = None, multipliers: dict[str, Tensor] | None = None) -> Tensor:
+        """The regulariser. ``gamma`` overrides the config's (the pruner's warm-up ramp);
+        with ``multipliers`` (budgets: ``{"flops": lambda, "params": mu}``) the cost term is
+        ``sum_k multiplier_k * fraction_k`` instead of ``gamma * C``. The fractions the term
+        used are kept, detached, in ``last_fractions``."""
         c = self.config
-        gamma = c.gamma if gamma is None else gamma
         theta = self.theta()
         per_weight, per_structure = self.squared_norms()
         spike = ((1 - theta) * per_structure).sum()
-        return 0.5 * c.lam1 * per_weight.sum() + 0.5 * (c.lam0 - c.lam1) * spike + gamma * self.cost(c.alpha).to(theta.dtype)
+        prior = 0.5 * c.lam1 * per_weight.sum() + 0.5 * (c.lam0 - c.lam1) * spike
+        if multipliers:
+            fractions = self.fractions(c.alpha)
+            self.last_fractions = {k: v.detach() for k, v in fractions.items()}
+            return prior + sum(m * fractions[k] for k, m in multipliers.items()).to(theta.dtype)
+        gamma = c.gamma if gamma is None else gamma
+        return prior + gamma * self.cost(c.alpha).to(theta.dtype)

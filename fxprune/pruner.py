@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, fx
 
-from . import live_compaction, optim_state
+from . import distributed, live_compaction, optim_state
 from .config import PruneConfig
 from .cost import forward_flops
 from .decisions import decisions_record
@@ -101,6 +101,7 @@ class Pruner:
                 "the model has no prunable structure: every channel group is frozen and there is no residual "
                 f"branch (reasons: {'; '.join(reasons)})")
         optim_state.check_optimizer(optimizer)
+        distributed.check_shardable(gated)
         _check_holds(gated, optimizer, self.config)
         gate_bank(gated).theta.requires_grad_(True)
         self.objective = Objective(gated, self.config)
@@ -115,6 +116,9 @@ class Pruner:
         self.dense_graph, self.dense_layout = state.graph, state.layout
         self.dense_flops = self.objective.dense_flops
         self._flops = self.dense_flops
+        self._warmup = self.config.warmup_steps()
+        #: the budgets' Lagrange multipliers (device tensors), learnt by dual ascent
+        self.multipliers = {k: torch.tensor(float(self.config.gamma)) for k in self.config.targets}
         self._penalties = self._without_penalty = 0
         self._warned: set[str] = set()
         self._hooked: Tensor | None = None
@@ -136,6 +140,8 @@ class Pruner:
             self._step_t = torch.full((), self.steps, dtype=torch.long, device=theta.device)
             self._first_nonfinite = torch.full((), -1, dtype=torch.long, device=theta.device)
             self._used_scale = torch.ones((), device=theta.device)
+            self.multipliers = {k: m.to(theta.device) for k, m in self.multipliers.items()}
+            gate_bank(self.gated).generator = distributed.rank_generator(theta.device)
         if self.scaler is not None and self._hooked is not theta:
             theta.register_hook(self._unscale)
             self._hooked = theta
@@ -164,7 +170,13 @@ class Pruner:
             self._warn("step", f"pruner.penalty() was called {_NAG_AFTER} times without pruner.step(): call "
                                "pruner.step() after optimizer.step(), or the gates never learn nor remove anything")
         self._follow_device()
+        if self.multipliers:
+            ramp = self._ramp()
+            return self.objective.penalty(multipliers={k: m * ramp for k, m in self.multipliers.items()})
         return self.objective.penalty(self.gamma())
+
+    def _ramp(self) -> float:
+        return min(1.0, self.steps / self._warmup) if self._warmup else 1.0
 
     def _warn(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -173,8 +185,31 @@ class Pruner:
 
     def gamma(self) -> float:
         """The cost strength at this step: ``gamma``, ramped linearly over ``warmup`` steps."""
-        c = self.config
-        return c.gamma * min(1.0, self.steps / c.warmup) if c.warmup else c.gamma
+        return self.config.gamma * self._ramp()
+
+    @torch.no_grad()
+    def _dual_step(self) -> None:
+        """Dual ascent on every budget: a multiplier grows while the expected cost is above
+        its target and shrinks below it, by ``exp(budget_lr * (cost - target) / target)``."""
+        fractions = getattr(self.objective, "last_fractions", None)
+        if not fractions:
+            return
+        for k, target in self.config.targets.items():
+            m = self.multipliers[k]
+            m.mul_(torch.exp(self.config.budget_lr * (fractions[k].to(m) - target) / target)).clamp_(1e-4, 1e4)
+
+    def report(self) -> dict[str, float]:
+        """Where training stands (reads the device: call it at a check, not every step):
+        the step, the expected FLOPs and parameter fractions, and each budget's multiplier
+        (or the strength ``gamma``)."""
+        with torch.no_grad():
+            fractions = {k: float(v) for k, v in self.objective.fractions().items()}
+        out = {"step": self.steps, "flops": fractions["flops"], "params": fractions["params"]}
+        if self.multipliers:
+            out.update({f"multiplier_{k}": float(m) for k, m in self.multipliers.items()})
+        else:
+            out["gamma"] = self.gamma()
+        return out
 
     @torch.no_grad()
     def step(self) -> live_compaction.Removal | None:
@@ -189,6 +224,7 @@ class Pruner:
         theta = self.theta
         grad = theta.grad
         if grad is not None:
+            grad = distributed.average_(grad)  # every process takes the same theta step
             finite = torch.isfinite(grad)
             skipped = self._scaler_skipped()
             if skipped is None:  # without a scaler a non-finite gradient is an error, reported at the check
@@ -198,6 +234,8 @@ class Pruner:
                 finite = finite & ~skipped & finite.all()
             theta.sub_(self.config.theta_lr * torch.where(finite, grad, 0.0)).clamp_(0.0, 1.0)
             theta.grad = None
+        if self.multipliers:
+            self._dual_step()
         self._step_t.add_(1)
         self.steps += 1
         self.flops_per_step.append(self._flops)
@@ -214,6 +252,9 @@ class Pruner:
                 f"the theta gradient was not finite at step {first}: the loss diverged; "
                 "lower the weight learning rate or gamma")
         c, obj = self.config, self.objective
+        distributed.same_everywhere(self.theta.detach(), "thetas")
+        if log.isEnabledFor(logging.INFO):
+            log.info("step %d: %s", self.steps, ", ".join(f"{k} {v:.4g}" for k, v in self.report().items() if k != "step"))
         state = state_of(self.gated)
         per_weight, per_structure = obj.squared_norms()
         theta = self.theta.detach().cpu().numpy()
@@ -221,7 +262,7 @@ class Pruner:
         off = theta <= c.theta_tol
         self.below = np.where(off, self.below + 1, 0)
         ripe = self.below >= c.patience
-        if not ripe.any():
+        if not ripe.any() and not distributed.active():  # under a process group every rank reaches the broadcast
             return None
         rms = np.sqrt(sq / np.maximum(elems, 1))
         ref = np.zeros_like(rms)
@@ -236,7 +277,13 @@ class Pruner:
             inside[layer_w[off[layer_s]]] = True
             outside = ~inside if (~inside).any() else np.ones_like(inside)
             ref[list(state.layout.layers.values())] = np.sqrt(w_sq[outside].sum() / max(sizes[outside].sum(), 1))
-        drop = ripe & (rms <= c.w_tol * ref)
+        drop = ripe & (rms <= c.w_tol * ref) if c.w_tol is not None else ripe
+        drop &= ~(gate_bank(self.gated).deterministic().cpu().numpy() > 0)  # what eval mode keeps stays anyway
+        if distributed.active():  # rank 0 decides for every process
+            masks = distributed.broadcast_(torch.as_tensor(np.stack([drop, ripe])).to(torch.uint8)).numpy().astype(bool)
+            drop, ripe = masks[0], masks[1]
+        if not ripe.any():
+            return None
         if c.reset_moments:
             self._reset_moments(ripe & ~drop)
         if not drop.any():
@@ -269,6 +316,7 @@ class Pruner:
                verify: bool = True) -> live_compaction.Removal:
         """Remove units (``unit_drop[group]``: True = remove) and branches from the live
         model and its optimizer (:func:`fxprune.live_compaction.remove`)."""
+        distributed.require_wrapper(self.gated)
         before = state_of(self.gated).graph
         record = live_compaction.remove(self.gated, unit_drop, layer_drop, self.optimizer, verify=verify)
         record.step = self.steps
@@ -308,6 +356,7 @@ class Pruner:
             "steps": self.steps,
             "below": self.below.tolist(),
             "flops_per_step": list(self.flops_per_step),
+            "multipliers": {k: float(m) for k, m in self.multipliers.items()},
             "removals": [{"step": r.step, "units": dict(r.units), "layers": list(r.layers), "flops": r.flops,
                           "keep": {g: list(k) for g, k in r.keep.items()}} for r in self.removals],
         }
@@ -329,6 +378,8 @@ class Pruner:
             record = self.remove({g: ~k for g, k in keep.items()}, set(saved["layers"]), verify=False)
             record.step = int(saved["step"])
         self.steps = int(state["steps"])
+        for k, v in state.get("multipliers", {}).items():
+            self.multipliers[k].fill_(v)
         self._step_t.fill_(self.steps)
         self.below = np.asarray(state["below"], dtype=np.int64)
         self.flops_per_step = list(state["flops_per_step"])

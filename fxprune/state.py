@@ -127,6 +127,8 @@ class PruneState:
     layout: GateLayout
     example: tuple[Any, ...]
     batch_dims: dict[str, int | None]
+    #: bumped by every live removal (a wrapper holding parameter references rebuilds on a change)
+    version: int = 0
 
 
 def state_of(gm: fx.GraphModule) -> PruneState:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["lenet_300_100", "lenet5", "vgg", "resnet", "BasicBlock", "stage_widths", "STAGES", "BLOCKS", "FIRST_BLOCK"]
+__all__ = ["lenet_300_100", "lenet5", "vgg", "resnet", "mlp", "BasicBlock", "stage_widths", "STAGES", "BLOCKS", "FIRST_BLOCK"]
 
 STAGES, BLOCKS, FIRST_BLOCK = 3, 3, 3  # resnet(): stem = modules 0-2, then the blocks
 
@@ -17,6 +17,17 @@ STAGES, BLOCKS, FIRST_BLOCK = 3, 3, 3  # resnet(): stem = modules 0-2, then the 
 def lenet_300_100(width: float = 1) -> nn.Sequential:
     h1, h2 = round(300 * width), round(100 * width)
     return nn.Sequential(nn.Flatten(), nn.Linear(64, h1), nn.ReLU(), nn.Linear(h1, h2), nn.ReLU(), nn.Linear(h2, 10))
+
+
+def mlp(inputs: int, classes: int, hidden: tuple[int, ...] = (100, 50), width: float = 1) -> nn.Sequential:
+    """A ReLU MLP for the tables (breast-cancer: 30 inputs, 2 classes; wine: 13, 3)."""
+    layers: list[nn.Module] = []
+    n = inputs
+    for h in hidden:
+        h = round(h * width)
+        layers += [nn.Linear(n, h), nn.ReLU()]
+        n = h
+    return nn.Sequential(*layers, nn.Linear(n, classes))
 
 
 def lenet5(width: float = 1) -> nn.Sequential:

@@ -9,7 +9,7 @@ the compact model. Dense training uses the same loss, optimizer and the same L2 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -23,7 +23,7 @@ from ..cost import forward_flops
 from ..passes import ChannelGraph
 from ..pruner import Pruner
 from ..state import decisions, gate_bank, state_of
-from .data import digits_loaders
+from .data import loaders
 
 __all__ = ["Run", "fit", "seeded_digits", "make_optimizer", "make_schedule", "train_epochs", "accuracy", "widths", "theta_undecided",
            "gate_count"]
@@ -116,12 +116,15 @@ def train_epochs(model: nn.Module, loader, epochs: int, optimizer: torch.optim.O
 
 
 def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
-    """``"adam"`` (Adam) or ``"sgd"`` (SGD with momentum 0.9 and Nesterov)."""
+    """``"adam"`` (Adam), ``"adamw"`` (AdamW with its default weight decay 0.01) or ``"sgd"``
+    (SGD with momentum 0.9 and Nesterov)."""
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
-    raise ValueError(f"optimizer must be 'adam' or 'sgd', got {name!r}")
+    raise ValueError(f"optimizer must be 'adam', 'adamw' or 'sgd', got {name!r}")
 
 
 def make_schedule(optimizer: torch.optim.Optimizer, name: str, steps: int) -> torch.optim.lr_scheduler.LRScheduler | None:
@@ -134,25 +137,25 @@ def make_schedule(optimizer: torch.optim.Optimizer, name: str, steps: int) -> to
     raise ValueError(f"schedule must be 'constant' or 'cosine', got {name!r}")
 
 
-def seeded_digits(model: nn.Module, seed: int, batch_size: int = 64, image: bool = True):
-    """Seed torch and numpy, and return the digits loaders, one training batch, and the
-    dense parameter count and forward FLOPs per example of ``model``: the start of every run."""
+def seeded_digits(model: nn.Module, seed: int, batch_size: int = 64, image: bool = True, dataset: str = "digits"):
+    """Seed torch and numpy, and return the loaders of ``dataset``, one training batch, and
+    the dense parameter count and forward FLOPs per example of ``model``: the start of every run."""
     torch.manual_seed(seed)
     np.random.seed(seed)
-    train, test = digits_loaders(batch_size, seed=seed, image=image)
+    train, test = loaders(dataset, batch_size, seed=seed, image=image)
     batch = next(iter(train))[0]
     return train, test, batch, sum(p.numel() for p in model.parameters()), forward_flops(model, (batch[:1],))
 
 
 def fit(model: nn.Module, epochs: int, config: PruneConfig | None = None, *, seed: int = 0, lr: float = 1e-3,
         optimizer: str = "adam", schedule: str = "constant", image: bool = True, batch_size: int = 64,
-        lam1: float = 5e-4, on_epoch: Callable[[dict], None] | None = None) -> Run:
+        lam1: float = 5e-4, on_epoch: Callable[[dict], None] | None = None, dataset: str = "digits") -> Run:
     """Train ``model`` on digits for ``epochs``: dense when ``config`` is None, else pruning
     while training with ``config`` (its ``lam1`` replaces ``lam1``). ``schedule`` is the weights'
     learning-rate schedule over the whole run (``"constant"`` or ``"cosine"``). ``on_epoch`` gets, after
     every epoch, the epoch's mean loss, the test accuracy and (pruned runs) the live model's
     parameter and FLOPs fractions."""
-    train, test, batch, dense_params, dense_flops = seeded_digits(model, seed, batch_size, image)
+    train, test, batch, dense_params, dense_flops = seeded_digits(model, seed, batch_size, image, dataset)
     t0 = time.perf_counter()
     if config is None:
         opt = make_optimizer(model.parameters(), optimizer, lr)
@@ -164,6 +167,8 @@ def fit(model: nn.Module, epochs: int, config: PruneConfig | None = None, *, see
         return Run(model.eval(), accuracy(model, test), dense_params, dense_flops, dense_params, dense_flops,
                    widths(model), seconds=time.perf_counter() - t0)
 
+    if config.total_steps is None:  # a fractional warm-up is taken of the whole run
+        config = replace(config, total_steps=epochs * len(train))
     gated = prepare(model, (batch,), config)
     dense_graph = state_of(gated).graph
     opt = make_optimizer(gated.parameters(), optimizer, lr)

@@ -1,0 +1,139 @@
+"""``fxprune bench defaults``: what a user gets with ``PruneConfig()`` alone, and with a
+FLOPs budget, on five tasks and three optimizers at constant learning rates.
+
+Tasks: LeNet-300-100, LeNet-5 and the ResNet on the digits, MLPs on scikit-learn's
+breast-cancer and wine tables. Optimizers: Adam (1e-3), SGD with Nesterov momentum
+(0.05) and AdamW (1e-3, its default weight decay), each at a constant learning rate, the
+same for the dense run it is compared with. Every cell reports the test accuracy against
+dense, the parameters removed, the FLOPs fraction of the final model, the gates left
+undecided (theta in (0.01, 0.99)) and the training FLOPs ratio. Then the robustness table
+(widths x1/x2/x4, five seeds, on the defaults) and the wall-clock of pruning while
+training against dense training on the digits ResNet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from tabulate import tabulate
+from torch import nn
+
+from ..config import PruneConfig
+from ..digits import models
+from ..digits.training import Run, fit
+
+__all__ = ["Task", "TASKS", "OPTIMIZERS", "cell", "main"]
+
+
+@dataclass
+class Task:
+    name: str
+    build: Callable[[float], nn.Module]
+    dataset: str
+    epochs: int
+    image: bool = True
+
+
+TASKS = [
+    Task("LeNet-300-100 / digits", lambda w=1: models.lenet_300_100(w), "digits", 30),
+    Task("LeNet-5 / digits", lambda w=1: models.lenet5(w), "digits", 30),
+    Task("ResNet / digits", lambda w=1: models.resnet(w), "digits", 20),
+    Task("MLP / breast-cancer", lambda w=1: models.mlp(30, 2, width=w), "breast_cancer", 60, image=False),
+    Task("MLP / wine", lambda w=1: models.mlp(13, 3, width=w), "wine", 100, image=False),
+]
+#: the optimizers and their constant learning rates
+OPTIMIZERS = {"adam": 1e-3, "sgd": 0.05, "adamw": 1e-3}
+
+
+def _run(task: Task, optimizer: str, config: PruneConfig | None, seed: int = 0, width: float = 1) -> Run:
+    torch.manual_seed(seed)
+    model = task.build(width)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # AdamW's own weight decay is part of the set-up measured
+        return fit(model, task.epochs, config, seed=seed, lr=OPTIMIZERS[optimizer], optimizer=optimizer,
+                   dataset=task.dataset, image=task.image)
+
+
+def cell(task: Task, optimizer: str, config: PruneConfig, dense: Run, label: str, seed: int = 0) -> list:
+    run = _run(task, optimizer, config, seed)
+    return [task.name, optimizer, label, f"{dense.accuracy:.1f}", f"{run.accuracy:.1f}",
+            f"{run.accuracy - dense.accuracy:+.1f}", f"{100 * (1 - run.params / run.dense_params):.1f}",
+            f"{run.flops / run.dense_flops:.3f}", f"{100 * run.undecided:.1f}", f"{run.train_flops_ratio:.2f}",
+            f"{run.seconds:.0f}"]
+
+
+HEADERS = ["task", "optimizer", "config", "dense acc %", "acc %", "vs dense", "params removed %", "FLOPs fraction",
+           "undecided %", "training FLOPs", "s"]
+
+
+def robustness(task: Task, widths: tuple[float, ...], seeds: int, optimizer: str, config: PruneConfig) -> list[list]:
+    """Final hidden widths over seeds at each width multiplier, on ``config``."""
+    runs = {w: [_run(task, optimizer, config, s, w) for s in range(seeds)] for w in widths}
+    base = None
+    rows = []
+    for w, rs in runs.items():
+        layer_w = list(zip(*[r.widths[:-1] for r in rs]))
+        means = [statistics.mean(v) for v in layer_w]
+        base = base or means
+        cvs = [statistics.pstdev(v) / m if m else float("nan") for v, m in zip(layer_w, means)]
+        accs = [r.accuracy for r in rs]
+        rows.append([task.name, f"x{w:g}", " ".join(f"{m:.0f}" for m in means), f"{max(cvs):.2f}",
+                     " ".join(f"{m / b:.2f}" for m, b in zip(means, base)), f"{statistics.mean(accs):.1f}",
+                     f"{min(accs):.1f}-{max(accs):.1f}", f"{100 * max(r.undecided for r in rs):.1f}"])
+    return rows
+
+
+ROBUST_HEADERS = ["task", "width", "final widths (mean)", "max CV", "widths / x1's", "acc mean %", "acc range %",
+                  "max undecided %"]
+
+
+def wall_clock(optimizer: str, config: PruneConfig) -> list:
+    task = TASKS[2]
+    dense, pruned = _run(task, optimizer, None), _run(task, optimizer, config)
+    return [task.name, optimizer, f"{dense.seconds:.1f}", f"{pruned.seconds:.1f}", f"{pruned.seconds / dense.seconds:.2f}",
+            f"{pruned.train_flops_ratio:.2f}", f"{dense.accuracy:.1f}", f"{pruned.accuracy:.1f}"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fxprune bench defaults", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["defaults"])
+    p.add_argument("--budgets", type=float, nargs="*", default=[0.5, 0.25, 0.1], help="target_flops of the budget grid")
+    p.add_argument("--tasks", nargs="*", help="task names (default all)")
+    p.add_argument("--optimizers", nargs="*", default=list(OPTIMIZERS))
+    p.add_argument("--seeds", type=int, default=5, help="seeds of the robustness table (default 5)")
+    p.add_argument("--only", nargs="*", choices=["grid", "budgets", "robustness", "wall"], help="parts to run")
+    args = p.parse_args(argv)
+    parts = set(args.only or ["grid", "budgets", "robustness", "wall"])
+    tasks = [t for t in TASKS if not args.tasks or t.name.split(" /")[0] in args.tasks or t.name in args.tasks]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; constant learning rates "
+          f"{', '.join(f'{k} {v:g}' for k, v in OPTIMIZERS.items())}; batch 64; seed 0", flush=True)
+    configs = ([("PruneConfig()", PruneConfig())] if "grid" in parts else []) + (
+        [(f"target_flops={f:g}", PruneConfig(target_flops=f)) for f in args.budgets] if "budgets" in parts else [])
+    if configs:
+        rows = []
+        for task in tasks:
+            for optimizer in args.optimizers:
+                dense = _run(task, optimizer, None)
+                for label, config in configs:
+                    rows.append(cell(task, optimizer, config, dense, label))
+                    print(tabulate(rows[-1:], tablefmt="plain"), flush=True)
+        print(tabulate(rows, headers=HEADERS, tablefmt="github"), flush=True)
+    if "robustness" in parts:
+        rows = []
+        for task in (TASKS[0], TASKS[1]):
+            rows += robustness(task, (1, 2, 4), args.seeds, "adam", PruneConfig())
+            print(tabulate(rows[-3:], tablefmt="plain"), flush=True)
+        print(f"\nRobustness on PruneConfig(), Adam, seeds 0-{args.seeds - 1}")
+        print(tabulate(rows, headers=ROBUST_HEADERS, tablefmt="github"), flush=True)
+    if "wall" in parts:
+        rows = [wall_clock(o, PruneConfig()) for o in ("sgd", "adam")]
+        print("\nPruning while training against dense training, same epochs (digits ResNet, PruneConfig())")
+        print(tabulate(rows, headers=["task", "optimizer", "dense s", "pruned s", "pruned / dense", "training FLOPs",
+                                      "dense acc %", "pruned acc %"], tablefmt="github"))
+    return 0
