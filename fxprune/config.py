@@ -17,7 +17,7 @@ from .gates import ESTIMATORS
 __all__ = ["PruneConfig", "CostReference", "COSTS"]
 
 #: the cost measures ``PruneConfig.cost`` accepts
-COSTS = ("complexity", "structures")
+COSTS = ("complexity", "structures", "gates")
 
 
 class CostReference(NamedTuple):
@@ -35,13 +35,20 @@ class PruneConfig:
     Attributes:
         structures: which structures get gates: ``"units"`` (channel groups),
             ``"layers"`` (residual branches) or ``"both"``.
-        gamma: strength of the complexity cost: task loss traded for removing the whole cost.
+        gamma: strength of the complexity cost: task loss traded for removing the whole cost
+            (fixed-strength mode). ``None`` (the default): the strength is learnt to meet a
+            budget; with no budget given either, ``target_flops=0.5``. With a budget, a
+            given ``gamma`` is the multipliers' starting value.
         cost: what a structure costs (method.md sections 2 and 3). ``"complexity"``
             (paper C): ``C = beta E[FLOPs]/FLOPs_ref + (1 - beta) E[Params]/Params_ref``, so
             a structure's price is the FLOPs and parameters it removes, which depend on
             the widths around it. ``"structures"`` (paper A's flat hyper-prior): ``C = E[kept
             structures] / structures_ref``, the same price for every gate, whatever the
-            widths around it; the final widths then no longer depend on the starting width.
+            widths around it; normalised by the model's own gate count, a wider model's gates
+            are cheaper unless ``cost_reference`` fixes the count. ``"gates"``: ``C = E[kept
+            structures]``, every gate priced ``gamma`` in units of the task loss (a layer gate
+            ``alpha gamma``): the flat prior with a price that does not depend on the model's
+            size, so the final widths do not depend on the starting width.
         beta: in [0, 1], weight of FLOPs against parameters in the ``"complexity"`` cost.
         alpha: multiplies the cost gradient of layer gates (>1 favours removing layers).
         lam1: slab precision of the weight prior, i.e. the ordinary weight decay.
@@ -53,18 +60,35 @@ class PruneConfig:
             equally, so its mean is the same at every theta and theta does not settle between
             0 and 1; method.md section 4).
         warmup: how long the cost strength ramps linearly from 0 to ``gamma``: steps (an
-            int), or a fraction of ``total_steps`` (a float). At the start the weights are
+            int), or a fraction of ``total_steps`` (a float); ``None``: a fifth of
+            ``total_steps`` when it is given, else 300 steps. At the start the weights are
             random and no unit is worth its cost yet; a full ``gamma`` from step 0 can
             switch off whole layers before the network learns what it needs.
-        total_steps: the training steps the user plans (optional; a fractional
-            ``warmup`` needs it).
+        total_steps: the training steps the user plans (optional, recommended with a
+            budget: the warm-up, the budget schedule and the decision are then fractions of
+            it; without it they are 300, 750 and 1,500 steps).
         target_flops: a budget: the forward FLOPs per example the trained model may keep,
             as a fraction of the dense model's (as the complexity cost counts them).
             The cost's strength is then a Lagrange multiplier the pruner learns (dual
             ascent on ``E[FLOPs]/FLOPs_dense - target_flops``), not ``gamma``.
         target_params: the same for the parameters. Both at once: two multipliers.
         budget_lr: the multipliers' step: each step multiplies a multiplier by
-            ``exp(budget_lr * (cost - target) / target)``.
+            ``exp(budget_lr * v)``, ``v = (cost - target) / target`` clipped to [-1, 1];
+            ``None``: ``7 / budget schedule steps`` (in [0.001, 0.2]), so the multiplier can
+            grow a thousandfold while the target falls, however long the training.
+        budget_steps: with a budget, the target falls from 1 to its value over this many
+            steps after the warm-up (a cubic schedule), so the model shrinks while it
+            learns instead of all at once: steps (an int), a fraction of ``total_steps``,
+            or ``None``: half of ``total_steps`` (750 steps without it); 0: at once.
+        decide: the step at which the gates are decided: every theta is rounded to what
+            eval mode keeps (0 or 1) and stays, what is off is removed at once, and the
+            rest of training fine-tunes the model that will be deployed. Steps (an int), a
+            fraction of ``total_steps``, 0 (never), or ``None``: with a budget, at 0.8 of
+            ``total_steps`` (or when the schedule is over plus a fifth of it, plus 300
+            steps, without ``total_steps``); without a budget, never.
+        sharpen: weight of ``sum theta (1 - theta)`` in the objective: a small push of
+            every theta away from 1/2 (a budget met exactly can otherwise hold gates at
+            fractional theta).
         check_every: steps between pruning checks.
         theta_tol: theta at or below this counts as switched off.
         w_tol: a structure's weight RMS must be at most ``w_tol`` times the RMS of the kept
@@ -92,19 +116,19 @@ class PruneConfig:
     """
 
     structures: Literal["units", "layers", "both"] = "both"
-    gamma: float = 1.0
-    cost: Literal["complexity", "structures"] = "complexity"
+    gamma: float | None = None
+    cost: Literal["complexity", "structures", "gates"] = "complexity"
     beta: float = 0.5
     alpha: float = 1.0
     lam1: float = 5e-4
     spike_ratio: float = 100.0
-    theta_lr: float = 0.05
+    theta_lr: float = 2.0
     theta_init: float = 1.0
-    estimator: Literal["straight_through", "balanced"] = "straight_through"
-    warmup: int | float = 0
+    estimator: Literal["straight_through", "balanced"] = "balanced"
+    warmup: int | float | None = None
     check_every: int = 50
     theta_tol: float = 0.01
-    w_tol: float | None = 0.1
+    w_tol: float | None = None
     patience: int = 2
     reset_moments: bool = True
     cost_reference: CostReference | None = None
@@ -113,21 +137,57 @@ class PruneConfig:
     total_steps: int | None = None
     target_flops: float | None = None
     target_params: float | None = None
-    budget_lr: float = 0.05
+    budget_lr: float | None = None
+    sharpen: float = 0.002
+    budget_steps: int | float | None = None
+    decide: int | float | None = None
+
+    def schedule_steps(self) -> int:
+        """``budget_steps`` in steps (a fraction is taken of ``total_steps``; None: half of
+        ``total_steps`` when it is given, else ``DEFAULT_BUDGET_STEPS``)."""
+        if self.budget_steps is None:
+            return round(0.5 * self.total_steps) if self.total_steps else DEFAULT_BUDGET_STEPS
+        return self._steps("budget_steps", self.budget_steps)
+
+    def budget_rate(self) -> float:
+        """``budget_lr``, or its default for this schedule."""
+        if self.budget_lr is not None:
+            return self.budget_lr
+        return min(0.2, max(1e-3, 7 / max(self.schedule_steps(), 1)))
+
+    def decide_step(self) -> int:
+        """``decide`` in steps (0: never; a fraction is taken of ``total_steps``; None: when
+        the budget schedule is over plus a fifth of it, or 0.8 of ``total_steps``
+        when that is given)."""
+        if self.decide is None:
+            if self.total_steps:
+                return max(round(0.8 * self.total_steps), self.warmup_steps() + self.schedule_steps())
+            return self.warmup_steps() + round(1.2 * self.schedule_steps()) + DEFAULT_WARMUP
+        return self._steps("decide", self.decide)
+
+    def _steps(self, name: str, value: int | float) -> int:
+        if isinstance(value, int):
+            return value
+        if self.total_steps is None:
+            raise ValueError(f"PruneConfig.{name}={value} is a fraction of total_steps: give "
+                             f"PruneConfig(total_steps=...), or {name} in steps (an int)")
+        return round(value * self.total_steps)
 
     def warmup_steps(self) -> int:
-        """``warmup`` in steps (a fraction is taken of ``total_steps``)."""
-        if isinstance(self.warmup, int):
-            return self.warmup
-        if self.total_steps is None:
-            raise ValueError(f"PruneConfig.warmup={self.warmup} is a fraction of total_steps: give "
-                             "PruneConfig(total_steps=...), or the warm-up in steps (an int)")
-        return round(self.warmup * self.total_steps)
+        """``warmup`` in steps (a fraction is taken of ``total_steps``; None: a tenth of
+        ``total_steps`` if given, else ``DEFAULT_WARMUP`` steps)."""
+        if self.warmup is None:
+            return round(0.2 * self.total_steps) if self.total_steps else DEFAULT_WARMUP
+        return self._steps("warmup", self.warmup)
 
     @property
     def targets(self) -> dict[str, float]:
-        """The budgets set: ``{"flops": f, "params": p}`` (either may be absent)."""
-        return {k: v for k, v in (("flops", self.target_flops), ("params", self.target_params)) if v is not None}
+        """The budgets: ``{"flops": f, "params": p}`` (either may be absent); with neither
+        a budget nor ``gamma`` given, the default budget ``{"flops": DEFAULT_TARGET_FLOPS}``."""
+        set_ = {k: v for k, v in (("flops", self.target_flops), ("params", self.target_params)) if v is not None}
+        if not set_ and self.gamma is None:
+            return {"flops": DEFAULT_TARGET_FLOPS}
+        return set_
 
     def __setattr__(self, name: str, value: object) -> None:
         super().__setattr__(name, _check(name, value))
@@ -153,9 +213,16 @@ _RANGES = {
     "w_tol": (0.0, math.inf, True, False), "beta": (0.0, 1.0, True, True), "theta_init": (0.0, 1.0, True, True),
     "theta_tol": (0.0, 1.0, True, True), "target_flops": (0.0, 1.0, False, True),
     "target_params": (0.0, 1.0, False, True), "budget_lr": (0.0, math.inf, False, False),
+    "sharpen": (0.0, math.inf, True, False),
 }
 _INTS = {"check_every": 1, "patience": 1, "min_units": 1}
-_OPTIONAL = {"w_tol", "total_steps", "target_flops", "target_params"}
+_OPTIONAL = {"gamma", "budget_lr", "w_tol", "total_steps", "target_flops", "target_params", "warmup", "budget_steps", "decide"}
+#: the warm-up, in steps, when neither ``warmup`` nor ``total_steps`` is given
+DEFAULT_WARMUP = 300
+#: the budget schedule's length, in steps, when neither ``budget_steps`` nor ``total_steps`` is given
+DEFAULT_BUDGET_STEPS = 750
+#: the budget of ``PruneConfig()``: half the dense model's FLOPs
+DEFAULT_TARGET_FLOPS = 0.5
 
 
 def _check(name: str, value: object) -> object:
@@ -166,7 +233,7 @@ def _check(name: str, value: object) -> object:
         return None
     if name == "total_steps":
         return _check_int(field_, value, 1)
-    if name == "warmup":
+    if name in ("warmup", "budget_steps", "decide"):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{field_} must be steps (an int) or a fraction of total_steps (a float), got {value!r}")
         if isinstance(value, numbers.Integral):

@@ -141,9 +141,12 @@ class Objective:
 
     def cost(self, alpha: float = 1.0) -> Tensor:
         """``"complexity"``: ``C(theta) = beta E[FLOPs]/FLOPs_ref + (1 - beta) E[Params]/Params_ref``;
-        ``"structures"``: ``C(theta) = sum_g theta_g / structures_ref`` (every gate the same price)."""
+        ``"structures"``: ``C(theta) = sum_g theta_g / structures_ref`` (every gate the same price);
+        ``"gates"``: ``C(theta) = sum_g theta_g`` (every gate costs ``gamma`` of task loss)."""
         if self.config.cost == "structures":
             return self.scaled_theta(alpha).sum() / max(self.ref.structures, 1)
+        if self.config.cost == "gates":
+            return self.scaled_theta(alpha).sum()
         beta = self.config.beta
         flops, params = self.expected(alpha)
         return beta * flops / max(self.ref.flops, 1) + (1 - beta) * params / max(self.ref.params, 1)
@@ -154,19 +157,26 @@ class Objective:
         flops, params = self.expected(alpha)
         return {"flops": flops / max(self.reference.flops, 1), "params": params / max(self.reference.params, 1)}
 
-    def penalty(self, gamma: float | None = None, multipliers: dict[str, Tensor] | None = None) -> Tensor:
+    def penalty(self, gamma: float | None = None, multipliers: dict[str, Tensor] | None = None,
+                targets: dict[str, float] | None = None) -> Tensor:
         """The regulariser. ``gamma`` overrides the config's (the pruner's warm-up ramp);
         with ``multipliers`` (budgets: ``{"flops": lambda, "params": mu}``) the cost term is
-        ``sum_k multiplier_k * fraction_k`` instead of ``gamma * C``. The fractions the term
-        used are kept, detached, in ``last_fractions``."""
+        ``sum_k multiplier_k * max(fraction_k - target_k, 0)`` instead of ``gamma * C``: an
+        exact penalty, which pushes the cost down to its target and no further. The
+        fractions the term used are kept, detached, in ``last_fractions``."""
         c = self.config
         theta = self.theta()
         per_weight, per_structure = self.squared_norms()
         spike = ((1 - theta) * per_structure).sum()
         prior = 0.5 * c.lam1 * per_weight.sum() + 0.5 * (c.lam0 - c.lam1) * spike
+        if c.sharpen:
+            prior = prior + c.sharpen * (theta * (1 - theta)).sum()
+        if multipliers is None and gamma is None and c.gamma is None:  # a budget, outside a Pruner
+            multipliers = dict.fromkeys(c.targets, 1.0)
         if multipliers:
             fractions = self.fractions(c.alpha)
             self.last_fractions = {k: v.detach() for k, v in fractions.items()}
-            return prior + sum(m * fractions[k] for k, m in multipliers.items()).to(theta.dtype)
+            targets = c.targets if targets is None else targets
+            return prior + sum(m * (fractions[k] - targets[k]).clamp_min(0) for k, m in multipliers.items()).to(theta.dtype)
         gamma = c.gamma if gamma is None else gamma
         return prior + gamma * self.cost(c.alpha).to(theta.dtype)

@@ -117,8 +117,12 @@ class Pruner:
         self.dense_flops = self.objective.dense_flops
         self._flops = self.dense_flops
         self._warmup = self.config.warmup_steps()
+        self._schedule = self.config.schedule_steps()
+        self._budget_lr = self.config.budget_rate()
+        self._decide = self.config.decide_step() if self.config.targets or self.config.decide else 0
         #: the budgets' Lagrange multipliers (device tensors), learnt by dual ascent
-        self.multipliers = {k: torch.tensor(float(self.config.gamma)) for k in self.config.targets}
+        start = 1.0 if self.config.gamma is None else float(self.config.gamma)
+        self.multipliers = {k: torch.tensor(start) for k in self.config.targets}
         self._penalties = self._without_penalty = 0
         self._warned: set[str] = set()
         self._hooked: Tensor | None = None
@@ -172,8 +176,19 @@ class Pruner:
         self._follow_device()
         if self.multipliers:
             ramp = self._ramp()
-            return self.objective.penalty(multipliers={k: m * ramp for k, m in self.multipliers.items()})
+            return self.objective.penalty(multipliers={k: m * ramp for k, m in self.multipliers.items()},
+                                          targets=self.targets())
         return self.objective.penalty(self.gamma())
+
+    def targets(self) -> dict[str, float]:
+        """The budgets at this step: after the warm-up, each target falls from 1 to its
+        final value over ``budget_steps`` (a cubic schedule: fast at first, gently at the
+        end), then stays."""
+        final = self.config.targets
+        if not self._schedule:
+            return final
+        t = min(1.0, max(0, self.steps - self._warmup) / self._schedule)
+        return {k: f + (1 - f) * (1 - t) ** 3 for k, f in final.items()}
 
     def _ramp(self) -> float:
         return min(1.0, self.steps / self._warmup) if self._warmup else 1.0
@@ -189,14 +204,16 @@ class Pruner:
 
     @torch.no_grad()
     def _dual_step(self) -> None:
-        """Dual ascent on every budget: a multiplier grows while the expected cost is above
-        its target and shrinks below it, by ``exp(budget_lr * (cost - target) / target)``."""
+        """Dual ascent on every budget, in log space: a multiplier grows while the expected
+        cost is above its target and shrinks below it, by ``exp(budget_lr * v)`` per step,
+        ``v`` the relative violation ``(cost - target) / target`` clipped to [-1, 1]."""
         fractions = getattr(self.objective, "last_fractions", None)
         if not fractions:
             return
-        for k, target in self.config.targets.items():
+        for k, target in self.targets().items():
             m = self.multipliers[k]
-            m.mul_(torch.exp(self.config.budget_lr * (fractions[k].to(m) - target) / target)).clamp_(1e-4, 1e4)
+            v = ((fractions[k].to(m) - target) / target).clamp(-1.0, 1.0)
+            m.mul_(torch.exp(self._budget_lr * v)).clamp_(1e-4, 1e4)
 
     def report(self) -> dict[str, float]:
         """Where training stands (reads the device: call it at a check, not every step):
@@ -223,6 +240,10 @@ class Pruner:
         self._follow_device()
         theta = self.theta
         grad = theta.grad
+        fixed = bool(self._decide) and self.steps + 1 >= self._decide
+        if fixed:  # the gates are (being) decided: no theta step, no dual step
+            theta.grad = None
+            grad = None
         if grad is not None:
             grad = distributed.average_(grad)  # every process takes the same theta step
             finite = torch.isfinite(grad)
@@ -234,12 +255,30 @@ class Pruner:
                 finite = finite & ~skipped & finite.all()
             theta.sub_(self.config.theta_lr * torch.where(finite, grad, 0.0)).clamp_(0.0, 1.0)
             theta.grad = None
-        if self.multipliers:
+        if self.multipliers and not fixed:
             self._dual_step()
         self._step_t.add_(1)
         self.steps += 1
         self.flops_per_step.append(self._flops)
+        if self.steps == self._decide:
+            return self._decide_gates()
         return self.check() if self.steps % self.config.check_every == 0 else None
+
+    @property
+    def decided(self) -> bool:
+        """Whether the gates have been decided (``PruneConfig.decide``): every theta is 0 or 1
+        and stays; training goes on as fine-tuning of the model eval mode computes."""
+        return bool(self._decide) and self.steps >= self._decide
+
+    def _decide_gates(self) -> live_compaction.Removal | None:
+        """Round every theta to what eval mode keeps, and remove the rest now. Eval mode
+        computes the same function before and after; training stops sampling masks."""
+        bank = gate_bank(self.gated)
+        self.theta.copy_(bank.deterministic())
+        log.info("step %d: gates decided, %d of %d kept", self.steps, int(self.theta.sum()), self.theta.numel())
+        off = (self.theta <= self.config.theta_tol).cpu().numpy()
+        self.below = np.where(off, np.maximum(self.below, self.config.patience - 1), self.below)
+        return self.check()
 
     # ----------------------------------------------------------------- pruning conditions
     @torch.no_grad()

@@ -10,7 +10,7 @@ from fxprune.checkpoint import load_checkpoint, save_checkpoint
 from fxprune.digits.models import resnet
 
 # Aggressive enough that units and blocks are removed within the first steps.
-CONFIG = fxprune.PruneConfig("both", gamma=200.0, theta_lr=2.0, check_every=2, patience=1, w_tol=1e3)
+CONFIG = fxprune.PruneConfig("both", gamma=200.0, theta_lr=2.0, warmup=0, check_every=2, patience=1, w_tol=1e3)
 OPTIMIZERS = {
     "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
     "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),

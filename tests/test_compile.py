@@ -12,7 +12,7 @@ from fxprune.testing import random_masks
 def test_gated_model_trains_under_compile_without_graph_breaks():
     torch.manual_seed(0)
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
-    gated = fxprune.prepare(resnet(blocks=2, widths=(8, 12)), (x,), fxprune.PruneConfig("both", gamma=5.0))
+    gated = fxprune.prepare(resnet(blocks=2, widths=(8, 12)), (x,), fxprune.PruneConfig("both", gamma=5.0, warmup=0))
     gated.train()
     explained = torch._dynamo.explain(gated)(x)
     assert explained.graph_break_count == 0 and explained.graph_count == 1

@@ -158,7 +158,8 @@ class LinearReadout(nn.Module):
 def test_estimator_matches_exact_difference():
     torch.manual_seed(4)
     x = torch.randn(64, 3)
-    gated = fxprune.prepare(LinearReadout(), (x,), fxprune.PruneConfig(structures="units", gamma=0.0, lam1=0.0))
+    gated = fxprune.prepare(LinearReadout(), (x,), fxprune.PruneConfig(structures="units", gamma=0.0, lam1=0.0,
+                                                                     estimator="straight_through"))
     theta = gate_bank(gated).theta.requires_grad_(True)
     gated.train()
     gated(x).mean().backward()

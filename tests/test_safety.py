@@ -91,7 +91,7 @@ def test_a_loop_that_never_adds_the_penalty_or_never_steps_is_warned_about():
 
 
 # ---------------------------------------------------------------- checkpoints
-CONFIG = fxprune.PruneConfig("both", gamma=200.0, theta_lr=2.0, check_every=2, patience=1, w_tol=1e3)
+CONFIG = fxprune.PruneConfig("both", gamma=200.0, theta_lr=2.0, warmup=0, check_every=2, patience=1, w_tol=1e3)
 
 
 def run(tmp_path, opt=torch.optim.SGD, steps=4, widths=(8, 12)):

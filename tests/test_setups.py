@@ -93,7 +93,7 @@ def test_grad_scaler_unscales_theta_gradients_and_skips_overflow_steps():
     thetas = {}
     for scaled in (False, True):
         torch.manual_seed(0)
-        gated = fxprune.prepare(MLP(), (x,), fxprune.PruneConfig("units", theta_lr=0.5, check_every=2))
+        gated = fxprune.prepare(MLP(), (x,), fxprune.PruneConfig("units", gamma=5.0, theta_lr=0.5, warmup=0, check_every=2))
         opt = torch.optim.SGD(gated.parameters(), lr=0.01)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14, enabled=scaled)
         pruner = fxprune.Pruner(gated, opt, scaler=scaler)
@@ -113,7 +113,8 @@ def test_grad_scaler_unscales_theta_gradients_and_skips_overflow_steps():
 def test_bfloat16_autocast_trains_on_the_cpu():
     torch.manual_seed(0)
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
-    gated = fxprune.prepare(resnet(blocks=1, widths=(8, 12)), (x,), fxprune.PruneConfig(check_every=10**6))
+    gated = fxprune.prepare(resnet(blocks=1, widths=(8, 12)), (x,),
+                            fxprune.PruneConfig(gamma=5.0, warmup=0, check_every=10**6))
     opt = torch.optim.SGD(gated.parameters(), lr=0.05, momentum=0.9)
     pruner = fxprune.Pruner(gated, opt)
     gated.train()
@@ -133,7 +134,7 @@ def test_bfloat16_autocast_trains_on_the_cpu():
 def test_thetas_keep_learning_after_a_move(move):
     torch.manual_seed(0)
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
-    gated = fxprune.prepare(MLP(), (x,), fxprune.PruneConfig("units", theta_lr=0.5, check_every=10**6))
+    gated = fxprune.prepare(MLP(), (x,), fxprune.PruneConfig("units", theta_lr=0.5, warmup=0, check_every=10**6))
     opt = torch.optim.SGD(gated.parameters(), lr=0.01)
     pruner = fxprune.Pruner(gated, opt)
     dtype = {"double": torch.float64, "to-float64": torch.float64, "half-then-float": torch.float32,

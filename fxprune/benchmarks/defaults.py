@@ -82,13 +82,14 @@ def robustness(task: Task, widths: tuple[float, ...], seeds: int, optimizer: str
         base = base or means
         cvs = [statistics.pstdev(v) / m if m else float("nan") for v, m in zip(layer_w, means)]
         accs = [r.accuracy for r in rs]
-        rows.append([task.name, f"x{w:g}", " ".join(f"{m:.0f}" for m in means), f"{max(cvs):.2f}",
+        frac = statistics.mean(r.flops / r.dense_flops for r in rs)
+        rows.append([task.name, f"x{w:g}", f"{frac:.3f}", " ".join(f"{m:.0f}" for m in means), f"{max(cvs):.2f}",
                      " ".join(f"{m / b:.2f}" for m, b in zip(means, base)), f"{statistics.mean(accs):.1f}",
                      f"{min(accs):.1f}-{max(accs):.1f}", f"{100 * max(r.undecided for r in rs):.1f}"])
     return rows
 
 
-ROBUST_HEADERS = ["task", "width", "final widths (mean)", "max CV", "widths / x1's", "acc mean %", "acc range %",
+ROBUST_HEADERS = ["task", "width", "FLOPs fraction", "final widths (mean)", "max CV", "widths / x1's", "acc mean %", "acc range %",
                   "max undecided %"]
 
 

@@ -27,7 +27,9 @@ from ..state import decisions
 
 __all__ = ["main"]
 
-BASE = PruneConfig("both", gamma=30.0, theta_lr=0.5)
+#: fixed strength, straight-through theta gradients and the weight condition of removal:
+#: the trade-off is swept over gamma and alpha, so no budget
+BASE = PruneConfig("both", gamma=30.0, theta_lr=0.5, estimator="straight_through", warmup=0, w_tol=0.1, sharpen=0.0)
 
 
 def _run(config: PruneConfig | None, epochs: int, seed: int) -> Run:

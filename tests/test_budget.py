@@ -1,0 +1,165 @@
+"""Budgets, the default configuration, removal on the theta condition and the decision of
+the gates: the model lands at its budget whatever the optimizer, and every step that
+changes the model's structure leaves the function eval mode computes unchanged."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxprune
+from fxprune.config import DEFAULT_TARGET_FLOPS
+from fxprune.cost import forward_flops
+from fxprune.digits import models
+from fxprune.digits.training import fit
+from fxprune.state import gate_bank
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 3))
+
+
+# ---------------------------------------------------------------- what PruneConfig() means
+def test_default_config_is_a_flops_budget_and_gamma_alone_is_fixed_strength():
+    assert fxprune.PruneConfig().targets == {"flops": DEFAULT_TARGET_FLOPS}
+    assert fxprune.PruneConfig(gamma=3.0).targets == {}
+    assert fxprune.PruneConfig(target_params=0.2).targets == {"params": 0.2}
+    assert fxprune.PruneConfig(target_flops=0.3, target_params=0.2).targets == {"flops": 0.3, "params": 0.2}
+    # the schedule is a fraction of total_steps when given, in steps when not
+    c = fxprune.PruneConfig(total_steps=1000)
+    assert (c.warmup_steps(), c.schedule_steps(), c.decide_step()) == (200, 500, 800)
+    c = fxprune.PruneConfig()
+    assert c.warmup_steps() < c.warmup_steps() + c.schedule_steps() < c.decide_step()
+    with pytest.raises(ValueError, match="PruneConfig.decide=0.5 is a fraction of total_steps"):
+        fxprune.PruneConfig(decide=0.5).decide_step()
+
+
+@pytest.mark.parametrize("field, value, error, match", [
+    ("budget_steps", -1, ValueError, "PruneConfig.budget_steps must be >= 0"),
+    ("budget_steps", 1.5, ValueError, r"PruneConfig.budget_steps as a float is a fraction of total_steps, in \[0, 1\]"),
+    ("decide", True, TypeError, "PruneConfig.decide must be steps"),
+    ("decide", "end", TypeError, "PruneConfig.decide must be steps"),
+    ("sharpen", -0.1, ValueError, "PruneConfig.sharpen must be >= 0"),
+    ("sharpen", float("nan"), ValueError, "PruneConfig.sharpen must be finite"),
+    ("target_flops", 0.0, ValueError, r"PruneConfig.target_flops must be in \(0, 1\]"),
+    ("budget_lr", 0, ValueError, "PruneConfig.budget_lr must be > 0"),
+])
+def test_new_fields_are_checked(field, value, error, match):
+    with pytest.raises(error, match=match):
+        fxprune.PruneConfig(**{field: value})
+
+
+# ---------------------------------------------------------------- budgets are met
+@pytest.mark.parametrize("optimizer", ["adam", "sgd", "adamw"])
+@pytest.mark.parametrize("budget", [{"target_flops": 0.25}, {"target_params": 0.4},
+                                    {"target_flops": 0.3, "target_params": 0.5}])
+def test_trained_model_lands_at_its_budget_with_every_optimizer(budget, optimizer):
+    torch.manual_seed(0)
+    lr = {"adam": 1e-3, "sgd": 0.05, "adamw": 1e-3}[optimizer]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # AdamW's own weight decay is reported; it is part of the set-up
+        run = fit(models.lenet_300_100(), 12, fxprune.PruneConfig(**budget), lr=lr, optimizer=optimizer)
+    got = {"target_flops": run.flops / run.dense_flops, "target_params": run.params / run.dense_params}
+    ratios = {field: got[field] / target for field, target in budget.items()}
+    assert all(r <= 1.1 for r in ratios.values()), ratios  # every budget is met, within 10 %
+    assert max(ratios.values()) >= 0.9, ratios  # and the one that binds is not undershot by more
+    assert run.undecided == 0.0, "the decision leaves no gate between 0 and 1"
+    assert run.accuracy > 90.0
+    assert run.train_flops_ratio < 0.9, "structures are removed while training, not at the end"
+
+
+def test_pruner_reports_multiplier_and_expected_cost():
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    gated = fxprune.prepare(mlp(), (x,), fxprune.PruneConfig("units", target_flops=0.3, warmup=0, budget_steps=0))
+    opt = torch.optim.SGD(gated.parameters(), lr=0.05)
+    pruner = fxprune.Pruner(gated, opt)
+    gated.train()
+    first = pruner.report()
+    for _ in range(20):
+        loss = F.cross_entropy(gated(x), y) + pruner.penalty()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        pruner.step()
+    last = pruner.report()
+    assert set(last) == {"step", "flops", "params", "multiplier_flops"}
+    assert last["multiplier_flops"] > first["multiplier_flops"], "above its budget, the multiplier grows"
+    assert last["flops"] < first["flops"] == pytest.approx(1.0)
+
+
+def test_budget_schedule_falls_from_one_to_the_target_after_the_warmup():
+    x = torch.randn(8, 6)
+    gated = fxprune.prepare(mlp(), (x,), fxprune.PruneConfig("units", target_flops=0.2, warmup=10, budget_steps=40))
+    pruner = fxprune.Pruner(gated, torch.optim.SGD(gated.parameters(), lr=0.01))
+    seen = []
+    for step in (0, 10, 20, 30, 50, 90):
+        pruner.steps = step
+        seen.append(pruner.targets()["flops"])
+    assert seen[0] == seen[1] == 1.0 and seen[-2] == seen[-1] == pytest.approx(0.2)
+    assert all(a > b for a, b in zip(seen[1:-1], seen[2:-1]))
+
+
+# ---------------------------------------------------------------- removal on theta alone
+def test_theta_condition_removes_large_weights_and_keeps_the_function():
+    """A gate at 0 for ``patience`` checks is removed whatever its weights (``w_tol=None``,
+    the default): the model eval mode computes is the same before and after."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 6)
+    gated = fxprune.prepare(mlp(), (x,), fxprune.PruneConfig("units", gamma=1.0, check_every=1, patience=2))
+    assert fxprune.PruneConfig().w_tol is None
+    opt = torch.optim.Adam(gated.parameters(), lr=1e-3)
+    pruner = fxprune.Pruner(gated, opt)
+    theta = gate_bank(gated).theta
+    with torch.no_grad():
+        theta[[0, 3, 5, 40]] = 0.0  # switched off; their weights stay as large as any
+    gated.eval()
+    before = gated(x)
+    flops = forward_flops(gated, (x,))
+    removed = [pruner.check() for _ in range(2)]
+    assert removed[0] is None and removed[1] is not None, "removed at the second check, not the first"
+    assert sum(removed[1].units.values()) == 4
+    torch.testing.assert_close(gated(x), before, rtol=1e-5, atol=1e-6)
+    assert forward_flops(gated, (x,)) < flops
+    compact = fxprune.convert(gated)
+    torch.testing.assert_close(compact(x), before, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the decision
+def test_decision_rounds_thetas_removes_and_fixes_them_keeping_the_function():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    config = fxprune.PruneConfig("units", target_flops=0.3, warmup=0, budget_steps=10, decide=30, check_every=1000)
+    gated = fxprune.prepare(mlp(), (x,), config)
+    opt = torch.optim.SGD(gated.parameters(), lr=0.05)
+    pruner = fxprune.Pruner(gated, opt)
+
+    def train_step():
+        gated.train()
+        loss = F.cross_entropy(gated(x), y) + pruner.penalty()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss
+
+    for _ in range(29):
+        train_step()
+        pruner.step()
+    assert not pruner.decided
+    theta = pruner.theta.detach()
+    assert ((theta > 0) & (theta < 1)).any(), "the budget has moved some gates between 0 and 1"
+    train_step()
+    gated.eval()
+    with torch.no_grad():
+        before = gated(x)
+    removal = pruner.step()
+    assert pruner.decided and removal is not None
+    theta = pruner.theta.detach()
+    assert ((theta == 0) | (theta == 1)).all() and (theta == 1).all(), "what is off was removed at once"
+    with torch.no_grad():
+        torch.testing.assert_close(gated(x), before, rtol=1e-5, atol=1e-6)
+    for _ in range(3):  # after the decision the gates stay fixed and the masks are not sampled
+        train_step()
+        pruner.step()
+    assert (pruner.theta.detach() == 1).all()
