@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from train_loop import train_steps
 
 import fxprune
 from fxprune.config import DEFAULT_TARGET_FLOPS
@@ -77,12 +78,7 @@ def test_pruner_reports_multiplier_and_expected_cost():
     pruner = fxprune.Pruner(gated, opt)
     gated.train()
     first = pruner.report()
-    for _ in range(20):
-        loss = F.cross_entropy(gated(x), y) + pruner.penalty()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        pruner.step()
+    train_steps(gated, opt, pruner, [(x, y)] * 20)
     last = pruner.report()
     assert set(last) == {"step", "flops", "params", "multiplier_flops"}
     assert last["multiplier_flops"] > first["multiplier_flops"], "above its budget, the multiplier grows"

@@ -8,22 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from train_loop import MLP
 
 import fxprune
 from fxprune import live_compaction, optim_state
 from fxprune.digits.models import resnet
 from fxprune.state import LayerGate, UnitGate, gate_bank, state_of, theta_of
-
-
-class MLP(nn.Module):
-    def __init__(self, widths=(6, 12, 10, 3)):
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
-
-    def forward(self, x):
-        for layer in self.layers[:-1]:
-            x = F.relu(layer(x))
-        return self.layers[-1](x)
 
 
 def first_group(gated):

@@ -8,21 +8,10 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
-from train_loop import train_steps
+from train_loop import MLP, train_steps
 
 import fxprune
 from fxprune.state import LayerGate, UnitGate, gate_bank, state_of, theta_of
-
-
-class MLP(nn.Module):
-    def __init__(self, widths=(6, 12, 10, 3)):
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
-
-    def forward(self, x):
-        for layer in self.layers[:-1]:
-            x = F.relu(layer(x))
-        return self.layers[-1](x)
 
 
 def switch_off(gated, gid, units):
