@@ -114,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [t for t in TASKS if not args.tasks or t.name.split(" /")[0] in args.tasks or t.name in args.tasks]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; constant learning rates "
           f"{', '.join(f'{k} {v:g}' for k, v in OPTIMIZERS.items())}; batch 64; seed 0", flush=True)
-    configs = ([("PruneConfig()", PruneConfig())] if "grid" in parts else []) + (
-        [(f"target_flops={f:g}", PruneConfig(target_flops=f)) for f in args.budgets] if "budgets" in parts else [])
+    default = PruneConfig().targets.get("flops")
+    budgets = [f for f in args.budgets if "grid" not in parts or f != default]  # the grid's row is that budget
+    configs = ([(f"PruneConfig() (target_flops={default:g})", PruneConfig())] if "grid" in parts else []) + (
+        [(f"target_flops={f:g}", PruneConfig(target_flops=f)) for f in budgets] if "budgets" in parts else [])
     if configs:
         rows = []
         for task in tasks:
