@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +20,7 @@ from torch import fx, nn
 
 from .config import PruneConfig
 from .distributed import sync_buffers
-from .gates import GateBank, GateRead, LayerGateApply, bank_structure, read_index
+from .gates import GateBank, GateNorm, GateRead, LayerGateApply, bank_structure, read_index
 from .passes import Compact, InsertGates, analyze, trace
 from .passes.channel_graph import ChannelGraph
 from .passes.insert_gates import strip_gate_nodes
@@ -103,6 +104,22 @@ def _excluded(cg: ChannelGraph, patterns: tuple[str, ...]) -> set[int]:
                                                            if s in cg.spaces and cg.spaces[s].node in br.nodes)}
 
 
+#: ``prepare`` warns when less than this share of the conv/linear output channels is prunable
+LOW_PRUNABLE_SHARE = 0.25
+
+
+def _warn_if_little_prunable(model: nn.Module, cg: ChannelGraph) -> None:
+    """Warn, naming the main reasons, when the analysis leaves little of the model prunable."""
+    prunable, total = cg.prunable_share()
+    if not total or prunable >= LOW_PRUNABLE_SHARE * total:
+        return
+    reasons = "; ".join(f"{why} ({n} channels)" for why, n in list(cg.frozen_reasons().items())[:3])
+    warnings.warn(
+        f"only {prunable} of the {total} output channels of {type(model).__name__}'s conv and linear layers "
+        f"({100 * prunable / total:.0f} %) are prunable; the main reasons: {reasons or 'none recorded'}. "
+        "fxprune.report.tables.groups_table(fxprune.channel_graph(gated)) lists every frozen group and why", stacklevel=3)
+
+
 def prepare(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, config: PruneConfig | None = None, *,
             kwargs: dict[str, Any] | None = None, batch_dim: int | Sequence[int | None] | None = 0,
             mode: str = "both", inplace: bool = False) -> fx.GraphModule:
@@ -142,6 +159,8 @@ def prepare(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, co
             gm = None
     gm = gm or trace(model, tuple(values), mode=mode)
     cg = analyze(gm, dims)
+    if config.units:
+        _warn_if_little_prunable(model, cg)
     no_layer_gate = _excluded(cg, config.exclude)
     groups = {g.id: g.num_units for g in cg.prunable_groups} if config.units else {}
     branches = sorted(set(cg.branches) - no_layer_gate) if config.layers else []
@@ -152,6 +171,8 @@ def prepare(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, co
         read=lambda r: GateRead(read_index(cg, layout.units, cg.spaces[r.space].group, r.space), r.dim, r.batch_dim,
                                 cg.spaces[r.space].group, r.space),
         layer=lambda br: LayerGateApply(layout.layers[br.id], br.batch_dim, br.id),
+        norm=lambda r, nc: GateNorm(read_index(cg, layout.units, cg.spaces[r.space].group, r.space), r.dim,
+                                    r.batch_dim, cg.spaces[r.space].group, r.space, nc.kind, nc.eps),
     )(gm)
     bank.set_structure(*bank_structure(cg, layout.units, layout.size))
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]

@@ -14,8 +14,9 @@ the structure on and with it off count equally, a trapezoid estimate of
 ``loss(on) - loss(off)`` whose mean does not depend on the gate's own theta.
 
 :class:`GateRead` multiplies the channels of a tensor by their units' mask entries,
-with the batch on the tensor's own batch dim; :class:`LayerGateApply` scales a branch
-output by its layer gate.
+with the batch on the tensor's own batch dim; :class:`GateNorm` is a LayerNorm / RMSNorm
+whose statistics count only the channels whose gate is on; :class:`LayerGateApply`
+scales a branch output by its layer gate.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 
 from .passes.channel_graph import ChannelGraph, floor_keep, segment_matrix
 
-__all__ = ["GateBank", "GateRead", "LayerGateApply", "GATE_MODULES", "ESTIMATORS", "bank_structure", "read_index"]
+__all__ = ["GateBank", "GateRead", "GateNorm", "LayerGateApply", "GATE_MODULES", "ESTIMATORS", "bank_structure", "read_index"]
 
 #: the theta gradient estimators a gate can use
 ESTIMATORS = ("straight_through", "balanced")
@@ -116,7 +117,8 @@ class GateRead(nn.Module):
         device = self.index.device if hasattr(self, "index") else None
         self.register_buffer("index", torch.as_tensor(np.asarray(index), dtype=torch.long, device=device))
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+    def channel_mask(self, x: Tensor, mask: Tensor) -> Tensor:
+        """The mask entries of ``x``'s channels, shaped to broadcast against ``x``."""
         m = mask.index_select(-1, self.index)
         shape = [1] * x.dim()
         shape[self.dim] = m.shape[-1]
@@ -127,10 +129,49 @@ class GateRead(nn.Module):
                 if self.batch_dim > self.dim:
                     m = m.t()
                 shape[self.batch_dim] = m.shape[0] if self.batch_dim < self.dim else m.shape[1]
-        return x * m.reshape(shape).to(x.dtype)
+        return m.reshape(shape)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        return x * self.channel_mask(x, mask).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, batch_dim={self.batch_dim}, group={self.group}"
+
+
+class GateNorm(GateRead):
+    """A LayerNorm (``kind="layer"``) or RMSNorm (``"rms"``) over ``dim`` whose statistics
+    count only the channels whose gate is on: with ``m`` the channels' mask entries and
+    ``n = sum(m)``, ``mean = sum(m x) / n``, ``var = sum(m (x - mean)^2) / n`` (RMSNorm:
+    ``sum(m x^2) / n``). With a 0/1 mask this is exactly the plain norm over the kept
+    channels, which is what the compact model computes; the channels whose gate is off
+    get the plain formula's values and are masked where they are read. It is computed in
+    float32 (as autocast runs ``layer_norm``) and returned in ``x``'s dtype, or float32
+    under autocast. An example whose channels are all off gets zeros."""
+
+    def __init__(self, index: np.ndarray, dim: int, batch_dim: int | None, group: int, space: int, kind: str,
+                 eps: float | None) -> None:
+        super().__init__(index, dim, batch_dim, group, space)
+        self.kind, self.eps = kind, eps
+
+    def forward(self, x: Tensor, mask: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
+                normalized_shape: object = None) -> Tensor:  # the plain call's argument, unused: the dim is ``dim``
+        m = self.channel_mask(x, mask).float()
+        xf = x.float()
+        n = m.sum(self.dim, keepdim=True)
+        nz = n.clamp_min(1.0)
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        if self.kind == "layer":
+            xf = xf - (m * xf).sum(self.dim, keepdim=True) / nz
+        y = xf * torch.rsqrt((m * xf * xf).sum(self.dim, keepdim=True) / nz + eps) * (n > 0)
+        if weight is not None:
+            y = y * weight.float()
+        if bias is not None:
+            y = y + bias.float()
+        out = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return y.to(out)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, dim={self.dim}, eps={self.eps}, batch_dim={self.batch_dim}, group={self.group}"
 
 
 class LayerGateApply(nn.Module):
@@ -155,7 +196,7 @@ class LayerGateApply(nn.Module):
 
 
 #: the modules gate insertion adds to a model
-GATE_MODULES = (GateBank, GateRead, LayerGateApply)
+GATE_MODULES = (GateBank, GateRead, GateNorm, LayerGateApply)
 
 
 def bank_structure(cg: ChannelGraph, units: dict[int, slice], size: int) -> tuple[Tensor, Tensor]:

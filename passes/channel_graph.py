@@ -94,13 +94,19 @@ class Read:
     """A consumer that mixes the channels of ``space``: ``node.args[arg]`` reads them on
     dimension ``dim``; ``batch_dim`` is that tensor's batch dimension (``None`` where
     the analysis lost track of it, e.g. after a reshape merging batch and sequence).
-    Unit gates are applied here, so a gate at 0 means exactly "channel absent"."""
+    Unit gates are applied here, so a gate at 0 means exactly "channel absent".
+
+    ``kind`` says how: ``"mask"`` multiplies the channels by their gates; ``"norm"`` is a
+    normalisation (LayerNorm, RMSNorm) over ``dim`` whose statistics count only the
+    channels whose gate is on, so the gated model computes what the compact one, with the
+    plain norm over the kept width, computes."""
 
     node: str
     arg: int
     space: int
     dim: int
     batch_dim: int | None = 0
+    kind: Literal["mask", "norm"] = "mask"
 
 
 @dataclass(frozen=True)
@@ -110,10 +116,12 @@ class Rewrite:
     kinds: ``sizes`` (entry ``pos`` of the sizes a view/reshape/expand/unflatten is
     given is the size of ``spaces[0]``), ``slice`` (getitem bounds at index position
     ``pos`` of input space ``spaces[0]``), ``split`` (split/chunk along dim ``pos`` into
-    ``spaces``, the outputs' spaces)."""
+    ``spaces``, the outputs' spaces), ``norm`` (the normalised shape of a LayerNorm or
+    RMSNorm over ``spaces[0]``: argument ``pos`` of the function, or the module's
+    ``normalized_shape``)."""
 
     node: str
-    kind: Literal["sizes", "slice", "split"]
+    kind: Literal["sizes", "slice", "split", "norm"]
     pos: int
     spaces: tuple[int, ...]
 

@@ -24,6 +24,7 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .channel_graph import ChannelGraph, Rewrite
+from .op_classes import TRAILING_NORM, TRAILING_NORM_FUNCTIONS
 from .sizes import set_sizes, sizes_of
 from .surgery import delete_unreferenced, index_tensor, is_impure, out_of_place, refresh_module, replace_tensor
 
@@ -79,6 +80,16 @@ def _rewrite(node: fx.Node, rw: Rewrite, cg: ChannelGraph, keep: dict[int, np.nd
         x = node.args[0] if node.args else node.kwargs["input"]
         node.op, node.target = "call_function", torch.split
         node.args, node.kwargs = (x, [len(cg.keep_indices(s, keep)) for s in rw.spaces]), {"dim": rw.pos}
+    elif rw.kind == "norm":
+        size = (len(cg.keep_indices(rw.spaces[0], keep)),)
+        if node.op == "call_module" and isinstance(modules.get(node.target), TRAILING_NORM):
+            modules[node.target].normalized_shape = size
+        elif node.op == "call_function" and node.target in TRAILING_NORM_FUNCTIONS:
+            if len(node.args) > rw.pos:
+                node.args = (*node.args[:rw.pos], size, *node.args[rw.pos + 1:])
+            else:
+                node.kwargs = {**node.kwargs, "normalized_shape": size}
+        # else: the gated model's norm with masked statistics, which normalises what it is given
     else:  # pragma: no cover - the analysis records no other kind
         raise ValueError(f"unknown rewrite kind {rw.kind!r}")
 

@@ -3,10 +3,11 @@
 The pass knows where gates go, not what a gate computes: the caller hands it the module
 that computes every mask once per forward (``bank``, called with the input that carries
 the batch dimension) and constructors for the module that applies a group's mask where a
-consumer reads it (``read``) and the one that scales a residual branch (``layer``), as FX
-quantization's ``prepare`` is handed observer constructors. Every node it inserts is
-tagged in ``node.meta[GATE_META]`` (``"bank"``, ``"read"`` or ``"layer"``); reads of the
-same tensor share one gated value.
+consumer reads it (``read``), the one that scales a residual branch (``layer``) and the
+norm with masked statistics that takes the place of a LayerNorm / RMSNorm over a gated
+group (``norm``), as FX quantization's ``prepare`` is handed observer constructors. Every
+node it inserts or changes is tagged in ``node.meta[GATE_META]``; reads of the same tensor
+share one gated value.
 
 Example::
 
@@ -22,11 +23,16 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .channel_graph import Branch, ChannelGraph, Read
+from .norms import NormCall, norm_call, original, restore_norm
 
-__all__ = ["InsertGates", "StripGates", "strip_gate_nodes", "GATE_META", "BANK", "READS", "LAYERS", "gate_nodes"]
+__all__ = ["InsertGates", "StripGates", "strip_gate_nodes", "GATE_META", "NORM_META", "BANK", "READS", "LAYERS", "gate_nodes"]
 
-#: ``node.meta`` key tagging the nodes gate insertion adds: ``"bank"``, ``"read"`` or ``"layer"``
+#: ``node.meta`` key tagging the nodes gate insertion adds or changes: ``"bank"``, ``"read"``,
+#: ``"layer"``, ``"norm"`` (a norm call made a norm with masked statistics) or
+#: ``"norm_tensor"`` (its module's weight or bias, read for it)
 GATE_META = "fxprune_gate"
+#: ``node.meta`` key of a ``"norm"`` node: the plain norm call it was
+NORM_META = "fxprune_norm"
 #: where the gate modules live in the gated model
 BANK, READS, LAYERS = "fxprune_gates", "fxprune_reads", "fxprune_layers"
 
@@ -40,10 +46,11 @@ class InsertGates(PassBase):
     """Gate the reads of ``groups`` and the outputs of ``branches`` of ``gm``, in place."""
 
     def __init__(self, cg: ChannelGraph, groups: Sequence[int], branches: Sequence[int], bank: nn.Module,
-                 read: Callable[[Read], nn.Module], layer: Callable[[Branch], nn.Module]) -> None:
+                 read: Callable[[Read], nn.Module], layer: Callable[[Branch], nn.Module],
+                 norm: Callable[[Read, NormCall], nn.Module] | None = None) -> None:
         super().__init__()
         self.cg, self.groups, self.branches = cg, set(groups), list(branches)
-        self.bank, self.make_read, self.make_layer = bank, read, layer
+        self.bank, self.make_read, self.make_layer, self.make_norm = bank, read, layer, norm
 
     def requires(self, graph_module: fx.GraphModule) -> None:
         if gate_nodes(graph_module.graph):
@@ -74,6 +81,9 @@ class InsertGates(PassBase):
             if cg.spaces[r.space].group not in self.groups:
                 continue
             consumer = nodes[r.node]
+            if r.kind == "norm":
+                self._mask_norm(gm, consumer, r, mask, reads)
+                continue
             src = consumer.args[r.arg]
             key = (src.name, r.space)
             if key not in gated:
@@ -97,12 +107,42 @@ class InsertGates(PassBase):
         gm.recompile()
         return PassResult(gm, True)
 
+    def _mask_norm(self, gm: fx.GraphModule, node: fx.Node, r: Read, mask: fx.Node, reads: nn.ModuleDict) -> None:
+        """Turn the norm call ``node`` into the gate module ``make_norm`` builds, called as
+        ``(x, mask, weight, bias, normalized_shape)`` (the last one is only kept for the
+        plain call, None for a module); the node keeps its name, and what it was is kept
+        in ``node.meta[NORM_META]`` for :func:`strip_gate_nodes`."""
+        if self.make_norm is None:
+            raise ValueError(f"'{node.name}' normalises a gated channel group: InsertGates needs a norm constructor")
+        modules = dict(gm.named_modules())
+        nc = norm_call(node, modules)
+        spec = original(node, modules)
+        name = f"n{len(reads)}"
+        reads[name] = self.make_norm(r, nc)
+        tensors = []
+        for t in (nc.weight, nc.bias):
+            if isinstance(t, str):  # the module's own tensor: read it where the module was called
+                with gm.graph.inserting_before(node):
+                    t = gm.graph.get_attr(t)
+                t.meta[GATE_META] = "norm_tensor"
+            tensors.append(t)
+        node.op, node.target = "call_module", f"{READS}.{name}"
+        node.args, node.kwargs = (nc.x, mask, *tensors, nc.normalized_shape), {}
+        node.meta[GATE_META], node.meta[NORM_META] = "norm", spec
+
 
 def strip_gate_nodes(graph: fx.Graph) -> None:
     """Remove every node gate insertion added from ``graph`` (reads and layer gates
-    are replaced by their input): the graph computes as if all gates were 1."""
+    are replaced by their input, norms with masked statistics become the plain norm
+    call they were): the graph computes as if all gates were 1."""
     for n in reversed(gate_nodes(graph)):
-        if n.meta[GATE_META] != "bank":
+        kind = n.meta[GATE_META]
+        if kind == "norm":
+            x, _, weight, bias, normalized_shape = n.args
+            restore_norm(n, n.meta.pop(NORM_META), x, weight, bias, normalized_shape)
+            del n.meta[GATE_META]
+            continue
+        if kind not in ("bank", "norm_tensor"):
             n.replace_all_uses_with(n.args[0])
         graph.erase_node(n)
 

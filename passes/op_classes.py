@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "CONV", "CONV_TRANSPOSE", "LINEAR", "WEIGHTED", "BATCH_NORM", "INSTANCE_NORM", "CHANNEL_NORM", "LAYER_NORM",
+    "CONV", "CONV_TRANSPOSE", "LINEAR", "WEIGHTED", "BATCH_NORM", "INSTANCE_NORM", "CHANNEL_NORM", "LAYER_NORM", "RMS_NORM",
+    "TRAILING_NORM", "TRAILING_NORM_FUNCTIONS",
     "GROUP_NORM", "ACTIVATION_MODULES", "DROPOUT_MODULES", "ELEMENTWISE_MODULES", "POOL_MODULES",
     "ELEMENTWISE_FUNCTIONS", "ELEMENTWISE_METHODS", "BINARY_FUNCTIONS", "BINARY_METHODS", "CONV_FUNCTIONS",
     "LINEAR_FUNCTIONS", "POOL_FUNCTIONS", "INPLACE_OPERATORS", "SIZE_SINK_METHODS", "SIZE_SINK_FUNCTIONS",
@@ -40,6 +41,10 @@ INSTANCE_NORM = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 #: per-channel normalisations: every channel is normalised on its own
 CHANNEL_NORM = BATCH_NORM + INSTANCE_NORM
 LAYER_NORM = (nn.LayerNorm,)
+RMS_NORM = (nn.RMSNorm,)
+#: normalisations over the trailing dims, and their functional forms
+TRAILING_NORM = LAYER_NORM + RMS_NORM
+TRAILING_NORM_FUNCTIONS = frozenset([F.layer_norm, F.rms_norm])
 GROUP_NORM = (nn.GroupNorm,)
 
 ACTIVATION_MODULES = (

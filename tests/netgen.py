@@ -5,8 +5,8 @@ random blocks (conv/BN/act, depthwise, grouped, residual, projection shortcut, S
 cat/split/chunk, channel slices, functional convs with their own parameters, group norm,
 transposed conv, a shape read used to reshape the same or another tensor, literal channel
 counts in expand/unflatten, tied weights), then one of several heads (flatten into Linear with literal view sizes,
-global pooling, tokens with LayerNorm/MLP/attention, Linear on the last dim of a 4-D
-tensor via permute).
+global pooling, transformer blocks over tokens (pre- or post-norm, LayerNorm or RMSNorm as
+modules or functions, MLP, attention), Linear on the last dim of a 4-D tensor via permute).
 """
 
 from __future__ import annotations
@@ -151,21 +151,68 @@ class PoolHead(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
-class TokenHead(nn.Module):
-    """[N, C, H, W] -> tokens [N, L, C] -> (attention) -> LayerNorm -> MLP -> mean -> Linear."""
+class FunctionalNorm(nn.Module):
+    """A LayerNorm / RMSNorm written with ``F.layer_norm`` / ``F.rms_norm`` and a shape read
+    from the input, as timm's norm layers are."""
 
-    def __init__(self, c: int, hidden: int, out: int, attention: bool) -> None:
+    def __init__(self, c: int, rms: bool) -> None:
         super().__init__()
+        self.rms, self.weight = rms, nn.Parameter(torch.ones(c))
+        self.bias = None if rms else nn.Parameter(torch.zeros(c))
+
+    def forward(self, x):
+        if self.rms:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, 1e-6)
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, 1e-5)
+
+
+def make_norm(kind: str, c: int) -> nn.Module:
+    return {"layer": lambda: nn.LayerNorm(c), "rms": lambda: nn.RMSNorm(c),
+            "f_layer": lambda: FunctionalNorm(c, False), "f_rms": lambda: FunctionalNorm(c, True)}[kind]()
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm ``x + mlp(norm(x))`` or post-norm ``norm(x + mlp(x))``, with an optional
+    attention sub-block (``nn.MultiheadAttention``) before it, normalised the same way."""
+
+    def __init__(self, c: int, hidden: int, norm: str, post: bool, attention: bool) -> None:
+        super().__init__()
+        self.post, self.norm1, self.norm2 = post, make_norm(norm, c), make_norm(norm, c)
         self.attn = nn.MultiheadAttention(c, 2 if c % 2 == 0 else 1, batch_first=True) if attention else None
-        self.norm = nn.LayerNorm(c)
-        self.fc1, self.fc2, self.out = nn.Linear(c, hidden), nn.Linear(hidden, c), nn.Linear(c, out)
+        self.fc1, self.fc2 = nn.Linear(c, hidden), nn.Linear(hidden, c)
+
+    def _attn(self, t):
+        return self.attn(t, t, t, need_weights=False)[0]
+
+    def forward(self, t):
+        if self.attn is not None:
+            t = self.norm1(t + self._attn(t)) if self.post else t + self._attn(self.norm1(t))
+        mlp = lambda u: self.fc2(F.gelu(self.fc1(u)))  # noqa: E731
+        return self.norm2(t + mlp(t)) if self.post else t + mlp(self.norm2(t))
+
+
+class TokenHead(nn.Module):
+    """[N, C, H, W] -> tokens [N, L, C] -> (Linear embedding) -> transformer blocks ->
+    final norm -> mean over tokens -> Linear."""
+
+    def __init__(self, c: int, hidden: int, out: int, attention: bool, norm: str = "layer", post: bool = False,
+                 depth: int = 1, embed: int | None = None) -> None:
+        super().__init__()
+        e = embed or c
+        self.embed = nn.Linear(c, e) if embed else None
+        self.blocks = nn.Sequential(*[TransformerBlock(e, hidden, norm, post, attention) for _ in range(depth)])
+        self.norm, self.out = make_norm(norm, e), nn.Linear(e, out)
+        for m in self.modules():  # affine tensors away from 1 and 0, so a wrong slice shows
+            for name in ("weight", "bias"):
+                p = getattr(m, name, None) if isinstance(m, (nn.LayerNorm, nn.RMSNorm, FunctionalNorm)) else None
+                if p is not None:
+                    p.data.uniform_(0.5, 1.5) if name == "weight" else p.data.uniform_(-0.5, 0.5)
 
     def forward(self, x):
         t = x.flatten(2).transpose(1, 2)
-        if self.attn is not None:
-            t = t + self.attn(t, t, t, need_weights=False)[0]
-        t = t + self.fc2(F.gelu(self.fc1(self.norm(t))))
-        return self.out(t.mean(dim=1))
+        if self.embed is not None:
+            t = self.embed(t)
+        return self.out(self.norm(self.blocks(t)).mean(dim=1))
 
 
 class LastDimHead(nn.Module):
@@ -265,7 +312,9 @@ def networks(draw) -> tuple[nn.Module, torch.Tensor]:
     elif head_kind == "pool":
         head = PoolHead(c, out)
     elif head_kind in ("tokens", "attention"):
-        head = TokenHead(c, draw(widths), out, attention=head_kind == "attention")
+        head = TokenHead(c, draw(widths), out, attention=head_kind == "attention",
+                         norm=draw(st.sampled_from(["layer", "rms", "f_layer", "f_rms"])), post=draw(st.booleans()),
+                         depth=draw(st.integers(1, 2)), embed=draw(st.sampled_from([None, 8, 12])))
     else:
         head = LastDimHead(c, draw(widths), out)
     torch.manual_seed(draw(st.integers(0, 2**16)))

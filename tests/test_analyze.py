@@ -80,18 +80,23 @@ def test_depthwise_multiplier_ties_input_to_its_outputs():
     np.testing.assert_array_equal(g.unit_index[out_space], np.repeat(np.arange(4), 2))
 
 
-def test_layernorm_over_channels_is_frozen_with_reason():
+def test_layernorm_over_the_last_dim_is_a_norm_read_and_over_two_dims_is_frozen_with_reason():
     class M(nn.Module):
-        def __init__(self):
+        def __init__(self, shape):
             super().__init__()
-            self.fc1, self.ln, self.fc2 = nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2)
+            self.fc1, self.ln, self.fc2 = nn.Linear(4, 8), nn.LayerNorm(shape), nn.Linear(8, 2)
 
         def forward(self, x):
             return self.fc2(self.ln(self.fc1(x)))
 
-    cg = analyze(M(), torch.randn(2, 3, 4))
+    cg = analyze(M(8), torch.randn(2, 3, 4))
     g = group_of_producer(cg, "fc1")
-    assert not g.prunable and "LayerNorm" in g.frozen[0]
+    assert g.prunable
+    assert [r.kind for r in cg.reads if r.node == "ln"] == ["norm"]
+    assert {b.param for b in cg.bindings if b.owner == "ln"} == {"ln.weight", "ln.bias"}
+    cg = analyze(M((3, 8)), torch.randn(2, 3, 4))
+    g = group_of_producer(cg, "fc1")
+    assert not g.prunable and "LayerNorm normalises over 2 dims" in g.frozen[0]
 
 
 def test_multihead_attention_is_frozen_not_guessed():

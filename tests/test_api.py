@@ -107,3 +107,27 @@ def test_compact_model_compiles(resnet):
 def test_config_validates():
     with pytest.raises(ValueError, match="structures"):
         fxprune.PruneConfig(structures="filters")
+
+
+class _MostlyFrozen(torch.nn.Module):
+    """Two linear layers around an op the analysis has no rule for (cumsum over channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(4, 32), torch.nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.cumsum(self.fc1(x), -1))
+
+
+def test_prepare_warns_when_little_is_prunable_naming_the_main_reason():
+    with pytest.warns(UserWarning, match=r"only 0 of the 40 output channels of _MostlyFrozen.* \(0 %\) are prunable; "
+                                         r"the main reasons: .*cumsum.*\(32 channels\)"):
+        fxprune.prepare(_MostlyFrozen(), (torch.randn(2, 4),))
+
+
+def test_prepare_does_not_warn_when_most_is_prunable(recwarn):
+    fxprune.prepare(torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)),
+                    (torch.randn(2, 4),))
+    fxprune.prepare(_MostlyFrozen(), (torch.randn(2, 4),), fxprune.PruneConfig("layers"))  # no unit gates asked for
+    assert not [w for w in recwarn if "prunable" in str(w.message)]

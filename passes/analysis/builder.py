@@ -13,7 +13,7 @@ import numpy as np
 from torch import fx
 
 from ..channel_graph import Binding, Read, Rewrite, Space
-from ..op_classes import SIZE_SINK_FUNCTIONS, SIZE_SINK_METHODS
+from ..op_classes import SIZE_SINK_FUNCTIONS, SIZE_SINK_METHODS, TRAILING_NORM_FUNCTIONS
 from ..trace import LEAVES_META
 from .generic import describe, shape
 
@@ -153,8 +153,8 @@ class Builder:
         name = self.canonical.get(target, target)
         self.flops[name] = self.flops.get(name, 0.0) + flops
 
-    def read(self, node: fx.Node, argpos: int, space: int, dim: int) -> None:
-        self.reads.append(Read(node.name, argpos, space, dim, self.batch_dim(node.args[argpos])))
+    def read(self, node: fx.Node, argpos: int, space: int, dim: int, kind: str = "mask") -> None:
+        self.reads.append(Read(node.name, argpos, space, dim, self.batch_dim(node.args[argpos]), kind))
 
     def rewrite(self, node: fx.Node, kind: str, pos: int, spaces: tuple[int, ...]) -> None:
         self.rewrites.append(Rewrite(node.name, kind, pos, spaces))
@@ -163,7 +163,8 @@ class Builder:
     def size_read(self, node: fx.Node, x: Any, d: Any) -> SizeRead | dict:
         """``x.size(d)`` / ``x.shape[d]``: remember which space the number is the size of.
         A channel count read as a number is only safe where it feeds the sizes of a
-        view/reshape/expand/unflatten (checked there); any other use freezes it."""
+        view/reshape/expand/unflatten or the normalised shape of a LayerNorm / RMSNorm
+        (checked there); any other use freezes it."""
         if not isinstance(d, int) or shape(x) is None:
             return {}
         d = d + len(shape(x)) if d < 0 else d
@@ -180,4 +181,4 @@ class Builder:
 
 def _is_size_sink(u: fx.Node) -> bool:
     return (u.op == "call_method" and u.target in SIZE_SINK_METHODS) or (
-        u.op == "call_function" and u.target in SIZE_SINK_FUNCTIONS)
+        u.op == "call_function" and u.target in SIZE_SINK_FUNCTIONS | TRAILING_NORM_FUNCTIONS)

@@ -24,10 +24,10 @@ from .layers import (
     conv_module,
     embedding,
     group_norm,
-    layer_norm,
     linear_function,
     linear_module,
     norm_module,
+    trailing_norm,
 )
 from .shapes import cat, expand, getitem, permute, reshape, size, split
 
@@ -45,7 +45,7 @@ MODULE_RULES: list[tuple[type | tuple[type, ...], Rule]] = [
     (ops.CONV + ops.CONV_TRANSPOSE, conv_module),
     (ops.LINEAR, linear_module),
     (ops.CHANNEL_NORM, norm_module),
-    (ops.LAYER_NORM, layer_norm),
+    (ops.TRAILING_NORM, trailing_norm),
     (ops.GROUP_NORM, group_norm),
     (ops.ELEMENTWISE_MODULES, passthrough),
     *[(classes, spatial(k)) for k, classes in ops.POOL_MODULES.items()],
@@ -70,7 +70,7 @@ FUNCTION_RULES: dict[Any, Rule] = {
     **{f: spatial(k) for k, fs in ops.POOL_FUNCTIONS.items() for f in fs},
     F.batch_norm: batch_norm_function,
     F.embedding: embedding,
-    F.layer_norm: layer_norm,
+    **{f: trailing_norm for f in ops.TRAILING_NORM_FUNCTIONS},
     F.group_norm: group_norm,
     F.interpolate: spatial(_spatial_last_all),
     F.pad: spatial(lambda n: len(arg(n, 1, "pad")) // 2),

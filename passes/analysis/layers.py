@@ -12,6 +12,7 @@ import numpy as np
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from ..norms import norm_call
 from ..op_classes import CONV_TRANSPOSE
 from .generic import Dims, arg, freeze_trailing, shape, tensor_args, unknown
 
@@ -204,14 +205,33 @@ def batch_norm_function(b: "Builder", node: fx.Node) -> Dims:
     return channel_norm(b, node, [_attr(t) for t in tensors])
 
 
-def layer_norm(b: "Builder", node: fx.Node) -> Dims:
-    x = tensor_args(node)[0]
-    if node.op == "call_module":
-        k = len(b.modules[node.target].normalized_shape)
-    else:
-        ns = arg(node, 1, "normalized_shape")
-        k = len(ns) if isinstance(ns, (tuple, list)) else 1
-    return _norm_over(b, node, x, k, "LayerNorm normalises over channels")
+def trailing_norm(b: "Builder", node: fx.Node) -> Dims:
+    """LayerNorm / RMSNorm (module or function) over the last dim: a ``"norm"`` read of
+    its channels (the gated model's norm counts only the channels whose gate is on, the
+    compact model's normalises the kept width), the affine tensors carried, the
+    normalised shape rewritten. Over several trailing dims, or with computed affine
+    tensors, the channels it normalises are frozen."""
+    nc = norm_call(node, b.modules)
+    what = "LayerNorm" if nc.kind == "layer" else "RMSNorm"
+    x, tensors = nc.x, [t for t in (nc.weight, nc.bias) if t is not None]
+    names = [t if isinstance(t, str) else _attr(t) for t in tensors]
+    nd = len(shape(x))
+    if nc.ndims != 1:
+        return _norm_over(b, node, x, nc.ndims, f"{what} normalises over {nc.ndims} dims")
+    if None in names:
+        return _norm_over(b, node, x, 1, f"{what} with computed affine tensors")
+    if not node.args or node.args[0] is not x or b.dims_of(x).get(nd - 1) in b.batch:
+        return _norm_over(b, node, x, 1, f"{what} of a tensor passed by keyword or over the batch")
+    s = b.space(x, nd - 1)
+    owner = node.target if node.op == "call_module" else node.name
+    for name in names:
+        b.bind(name, 0, s, "carrier", owner)
+    if node.op == "call_function":  # a size read from a tensor (``x.shape[-1]``) must stay that of ``x``
+        fx.node.map_arg(arg(node, 1, "normalized_shape"), lambda v: b.ties.append((b.size_info(v).space, s, node.name))
+                        if b.size_info(v) is not None and b.size_info(v).space is not None else None)
+    b.read(node, 0, s, nd - 1, kind="norm")
+    b.rewrite(node, "norm", 1, (s,))
+    return {**b.dims_of(x), nd - 1: s}
 
 
 def _norm_over(b: "Builder", node: fx.Node, x: fx.Node, k: int, why: str) -> Dims:

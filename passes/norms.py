@@ -1,0 +1,80 @@
+"""Where a LayerNorm or RMSNorm call keeps its input, affine tensors and epsilon.
+
+The analysis (which dims the norm reads), gate insertion (the gated model's norm with
+masked statistics) and stripping the gates (back to the plain norm) all read a norm call
+through :func:`norm_call`, so the argument layouts of ``nn.LayerNorm``, ``nn.RMSNorm``,
+``F.layer_norm(x, shape, weight, bias, eps)`` and ``F.rms_norm(x, shape, weight, eps)``
+are spelled out once.
+
+Example::
+
+    >>> norm_call(node, modules)         # node: self.norm(x), an nn.LayerNorm(64)
+    NormCall(kind='layer', x=x, ndims=1, weight='norm.weight', bias='norm.bias', eps=1e-05)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .op_classes import RMS_NORM, TRAILING_NORM
+
+__all__ = ["NormCall", "norm_call", "original", "restore_norm"]
+
+
+@dataclass
+class NormCall:
+    """``kind`` "layer" or "rms"; ``ndims`` trailing dims normalised; ``weight`` and
+    ``bias``: the module's tensor path (``call_module``), the argument node (a function
+    call) or None; ``eps`` (None: the dtype's machine epsilon, RMSNorm's default);
+    ``normalized_shape``: the function's argument (None for a module)."""
+
+    kind: str
+    x: fx.Node
+    ndims: int
+    weight: str | fx.Node | None
+    bias: str | fx.Node | None
+    eps: float | None
+    normalized_shape: Any = None
+
+
+def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def norm_call(node: fx.Node, modules: dict[str, nn.Module]) -> NormCall | None:
+    """The parts of a LayerNorm / RMSNorm call (module or function); None for other nodes."""
+    if node.op == "call_module" and isinstance(modules.get(node.target), TRAILING_NORM):
+        m = modules[node.target]
+        w = f"{node.target}.weight" if getattr(m, "weight", None) is not None else None
+        b = f"{node.target}.bias" if getattr(m, "bias", None) is not None else None
+        return NormCall("rms" if isinstance(m, RMS_NORM) else "layer", node.args[0], len(m.normalized_shape), w, b, m.eps)
+    if node.op == "call_function" and node.target in (F.layer_norm, F.rms_norm):
+        ns = _arg(node, 1, "normalized_shape")
+        k = len(ns) if isinstance(ns, (tuple, list)) else 1
+        x = _arg(node, 0, "input")
+        if node.target is F.layer_norm:
+            return NormCall("layer", x, k, _arg(node, 2, "weight"), _arg(node, 3, "bias"), _arg(node, 4, "eps", 1e-5), ns)
+        return NormCall("rms", x, k, _arg(node, 2, "weight"), None, _arg(node, 3, "eps"), ns)
+    return None
+
+
+def original(node: fx.Node, modules: dict[str, nn.Module]) -> dict[str, Any]:
+    """What :func:`restore_norm` needs, besides the tensors, to turn the node back into the
+    norm call it is now (constants only: it is kept in ``node.meta``, which graph copies share)."""
+    return {"op": node.op, "target": node.target, "eps": norm_call(node, modules).eps}
+
+
+def restore_norm(node: fx.Node, spec: dict[str, Any], x: fx.Node, weight: fx.Node | None,
+                 bias: fx.Node | None, normalized_shape: Any) -> None:
+    """Make ``node`` the plain norm call ``spec`` (from :func:`original`) again, on ``x``."""
+    node.op, node.target, node.kwargs = spec["op"], spec["target"], {}
+    if spec["op"] == "call_module":
+        node.args = (x,)
+    elif spec["target"] is F.layer_norm:
+        node.args = (x, normalized_shape, weight, bias, spec["eps"])
+    else:
+        node.args = (x, normalized_shape, weight, spec["eps"])

@@ -1,0 +1,182 @@
+"""LayerNorm and RMSNorm over a prunable channel group: the gated model's norm counts only
+the channels whose gate is on, so the residual stream of a transformer is prunable and the
+compact model (the plain norm over the kept width) equals the gated one."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from train_loop import train_steps
+
+import fxprune
+from fxprune.gates import GateNorm
+from fxprune.state import UnitGate, gate_bank, state_of, theta_of
+from fxprune.testing import implied_param_count, random_masks
+
+
+class FunctionalNorm(nn.Module):
+    """A norm written with ``F.layer_norm`` / ``F.rms_norm`` (as timm's norm layers are)."""
+
+    def __init__(self, c: int, rms: bool) -> None:
+        super().__init__()
+        self.rms = rms
+        self.weight = nn.Parameter(torch.rand(c) + 0.5)
+        self.bias = None if rms else nn.Parameter(torch.randn(c) * 0.1)
+
+    def forward(self, x):
+        if self.rms:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, 1e-6)
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, 1e-5)
+
+
+def make_norm(kind: str, c: int) -> nn.Module:
+    return {
+        "layer": lambda: nn.LayerNorm(c),
+        "layer_noaffine": lambda: nn.LayerNorm(c, elementwise_affine=False),
+        "rms": lambda: nn.RMSNorm(c),
+        "f_layer": lambda: FunctionalNorm(c, rms=False),
+        "f_rms": lambda: FunctionalNorm(c, rms=True),
+    }[kind]()
+
+
+NORMS = ["layer", "layer_noaffine", "rms", "f_layer", "f_rms"]
+
+
+class Block(nn.Module):
+    def __init__(self, c: int, hidden: int, norm: str, post: bool) -> None:
+        super().__init__()
+        self.norm, self.post = make_norm(norm, c), post
+        self.fc1, self.fc2 = nn.Linear(c, hidden), nn.Linear(hidden, c)
+
+    def forward(self, x):
+        if self.post:
+            return self.norm(x + self.fc2(F.gelu(self.fc1(x))))
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class TokenNet(nn.Module):
+    """[batch, tokens, features] -> embed -> blocks -> norm -> mean over tokens -> head."""
+
+    def __init__(self, norm: str = "layer", post: bool = False, d: int = 5, c: int = 12, hidden: int = 16,
+                 depth: int = 2, out: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Linear(d, c)
+        self.blocks = nn.Sequential(*[Block(c, hidden, norm, post) for _ in range(depth)])
+        self.norm, self.head = make_norm(norm, c), nn.Linear(c, out)
+        with torch.no_grad():  # affine tensors away from 1 and 0, so a wrong slice shows
+            for m in self.modules():
+                if isinstance(m, (nn.LayerNorm, nn.RMSNorm)) and m.weight is not None:
+                    m.weight.uniform_(0.5, 1.5)
+                    if getattr(m, "bias", None) is not None:
+                        m.bias.normal_(0, 0.1)
+
+    def forward(self, x):
+        return self.head(self.norm(self.blocks(self.embed(x))).mean(1))
+
+
+def stream_group(gated):
+    """The group of the embedding's output channels (the residual stream)."""
+    cg = state_of(gated).graph
+    return next(cg.group_of(b.space) for b in cg.bindings if b.param == "embed.weight" and b.dim == 0)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("post", [False, True], ids=["pre-norm", "post-norm"])
+def test_residual_stream_normalised_by_a_norm_is_prunable(norm, post):
+    x = torch.randn(4, 7, 5)
+    gated = fxprune.prepare(TokenNet(norm, post), (x,))
+    group = stream_group(gated)
+    assert group.prunable, group.frozen
+    assert group.id in state_of(gated).layout.units
+    prunable, total = state_of(gated).graph.prunable_share()
+    assert prunable == total - 3  # everything but the head's 3 logits
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("post", [False, True], ids=["pre-norm", "post-norm"])
+@pytest.mark.parametrize("keep", [0.25, 0.5, 0.75])
+def test_compact_model_with_the_plain_norm_equals_the_gated_one(norm, post, keep):
+    torch.manual_seed(0)
+    x = torch.randn(4, 7, 5)
+    gated = random_masks(fxprune.prepare(TokenNet(norm, post), (x,)), keep=keep, seed=3).eval()
+    kept = int(theta_of(gated, UnitGate(stream_group(gated).id)).ge(0.5).sum())
+    assert 0 < kept < 12
+    compact = fxprune.convert(gated).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)
+    assert sum(p.numel() for p in compact.parameters()) == implied_param_count(gated)
+    norms = [m for m in compact.modules() if isinstance(m, (nn.LayerNorm, nn.RMSNorm))]
+    assert all(m.normalized_shape == (kept,) for m in norms)
+    assert not any(isinstance(m, GateNorm) for m in compact.modules())
+    torch.export.export(compact, (x,))
+
+
+def test_masking_matters_the_plain_norm_over_the_gated_width_would_differ():
+    """The gated model's norm is not the plain norm applied to gated inputs."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 7, 5)
+    gated = random_masks(fxprune.prepare(TokenNet("layer"), (x,)), keep=0.5, seed=3).eval()
+    norm = next(m for m in gated.modules() if isinstance(m, GateNorm))
+    h = torch.randn(4, 7, 12)
+    mask = torch.zeros(norm.index.max() + 1)
+    mask[norm.index[:6]] = 1
+    masked = norm(h, mask)
+    plain = F.layer_norm(h * norm.channel_mask(h, mask), (12,))
+    assert not torch.allclose(masked[..., :6], plain[..., :6], atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_per_example_masks_give_each_example_the_norm_over_its_own_kept_channels(kind):
+    torch.manual_seed(0)
+    c, batch = 10, 6
+    norm = GateNorm(np.arange(c), dim=2, batch_dim=0, group=0, space=0, kind=kind, eps=1e-5)
+    x, w, b = torch.randn(batch, 3, c), torch.rand(c) + 0.5, torch.randn(c)
+    mask = (torch.rand(batch, c) < 0.5).float()
+    mask[0] = 0  # an example with every channel off gets zeros, not NaN
+    y = norm(x, mask, w, b if kind == "layer" else None)
+    assert torch.isfinite(y).all()
+    for i in range(1, batch):
+        k = mask[i].bool()
+        if kind == "layer":
+            ref = F.layer_norm(x[i][:, k], (int(k.sum()),), w[k], b[k], 1e-5)
+        else:
+            ref = F.rms_norm(x[i][:, k], (int(k.sum()),), w[k], 1e-5)
+        torch.testing.assert_close(y[i][:, k], ref, rtol=1e-5, atol=1e-5)
+    assert (y[0] == (0 if kind == "rms" else b)).all()
+
+
+def test_gated_norm_gradient_reaches_the_stream_thetas():
+    torch.manual_seed(0)
+    x = torch.randn(8, 7, 5)
+    gated = fxprune.prepare(TokenNet("rms"), (x,), fxprune.PruneConfig(gamma=1.0)).train()
+    bank = gate_bank(gated)
+    bank.theta.requires_grad_(True)
+    gated(x).square().mean().backward()
+    grad = bank.theta.grad[state_of(gated).layout.units[stream_group(gated).id]]
+    assert grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("norm", ["layer", "f_rms"])
+def test_transformer_stream_trains_through_live_removals_and_converts(norm):
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 7, 5), torch.randint(0, 3, (32,))
+    gated = fxprune.prepare(TokenNet(norm), (x,), fxprune.PruneConfig("units", gamma=1.0, check_every=10**6))
+    opt = torch.optim.Adam(gated.parameters(), lr=1e-2)
+    pruner = fxprune.Pruner(gated, opt)
+    gid = stream_group(gated).id
+    for step in range(6):
+        train_steps(gated, opt, pruner, [(x, y)])
+        if step in (1, 3):  # switch off two channels of the stream and remove them
+            theta = theta_of(gated, UnitGate(gid))
+            with torch.no_grad():
+                theta[:2] = 0.0
+            drop = np.zeros(theta.numel(), dtype=bool)
+            drop[:2] = True
+            pruner.remove({gid: drop}, set())
+    assert theta_of(gated, UnitGate(gid)).numel() == 12 - 4
+    assert gated.embed.weight.shape[0] == 8
+    compact = fxprune.convert(gated.eval())
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)
+    assert all(m.normalized_shape == (8,) for m in compact.modules() if isinstance(m, (nn.LayerNorm, nn.RMSNorm)))
