@@ -34,9 +34,12 @@ class Sizes:
     first_dim: int
 
 
-def _normalise(d: int, node: fx.Node) -> int:
+def _unflattened(d: int, node: fx.Node, n_sizes: int) -> int:
+    """The output dim the first of ``n_sizes`` sizes lands on when ``node`` unflattens
+    input dim ``d`` (a negative ``d`` counts from the end of the input, which has
+    ``n_sizes - 1`` dims fewer than the output)."""
     tm = node.meta.get("tensor_meta")
-    return d + len(tm.shape) if d < 0 and tm is not None else d
+    return d + len(tm.shape) - (n_sizes - 1) if d < 0 and tm is not None else d
 
 
 def sizes_of(node: fx.Node, modules: dict[str, nn.Module]) -> Sizes | None:
@@ -53,10 +56,10 @@ def sizes_of(node: fx.Node, modules: dict[str, nn.Module]) -> Sizes | None:
             node.op == "call_function" and node.target is torch.unflatten):
         dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
         sizes = node.args[2] if len(node.args) > 2 else node.kwargs["sizes"]
-        return Sizes(list(sizes), _normalise(dim, node))
+        return Sizes(list(sizes), _unflattened(dim, node, len(sizes)))
     if node.op == "call_module" and isinstance(modules.get(node.target), nn.Unflatten):
         m = modules[node.target]
-        return Sizes(list(m.unflattened_size), _normalise(m.dim, node))
+        return Sizes(list(m.unflattened_size), _unflattened(m.dim, node, len(m.unflattened_size)))
     return None
 
 

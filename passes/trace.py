@@ -14,6 +14,8 @@
 * Submodules that cannot be traced become leaves, and custom autograd.Functions stay one
   node (:mod:`.tracer`); a model whose top level cannot be traced gets a
   :class:`TraceError` naming it and the failing line.
+* ``nn.MultiheadAttention`` self-attention is written out as the ops it computes
+  (:mod:`.decompose`), so the analysis sees its heads.
 
 Example::
 
@@ -32,6 +34,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
+from .decompose import DecomposeAttention
 from .modes import FollowModuleMode, first_difference
 from .shape_prop import ShapePropError, propagate_shapes
 from .tracer import LEAVES_META, LeafTracer, TraceError, reason
@@ -143,6 +146,8 @@ def trace(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, kwar
         gm.eval()
         try:
             propagate_shapes(gm, tuple(values))
+            if DecomposeAttention()(gm).modified:  # its heads written out: shapes for the new nodes
+                propagate_shapes(gm, tuple(values))
         except ShapePropError as exc:
             node = exc.node
             where = f"module '{node.target}'" if node.op == "call_module" else f"node '{node.name}'"

@@ -6,7 +6,8 @@ cat/split/chunk, channel slices, functional convs with their own parameters, gro
 transposed conv, a shape read used to reshape the same or another tensor, literal channel
 counts in expand/unflatten, tied weights), then one of several heads (flatten into Linear with literal view sizes,
 global pooling, transformer blocks over tokens (pre- or post-norm, LayerNorm or RMSNorm as
-modules or functions, MLP, attention), Linear on the last dim of a 4-D tensor via permute).
+modules or functions, MLP, attention: nn.MultiheadAttention, or heads viewed out of packed
+or separate projections into scaled_dot_product_attention), Linear on the last dim of a 4-D tensor via permute).
 """
 
 from __future__ import annotations
@@ -171,18 +172,45 @@ def make_norm(kind: str, c: int) -> nn.Module:
             "f_layer": lambda: FunctionalNorm(c, False), "f_rms": lambda: FunctionalNorm(c, True)}[kind]()
 
 
+class HeadsAttention(nn.Module):
+    """Multi-head attention written out: one packed qkv projection reshaped to
+    (3, heads, head_dim) with literal sizes (timm's layout), or q, k, v projections viewed
+    with a -1 head dim (language models'), then ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, c: int, packed: bool) -> None:
+        super().__init__()
+        self.heads = 2 if c % 2 == 0 else 1
+        self.head_dim, self.packed = c // self.heads, packed
+        self.qkv = nn.Linear(c, 3 * c) if packed else nn.ModuleList(nn.Linear(c, c) for _ in range(3))
+        self.proj = nn.Linear(c, c)
+
+    def forward(self, t):
+        B, N, C = t.shape
+        if self.packed:
+            q, k, v = self.qkv(t).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = (p(t).view(B, N, self.heads, -1).transpose(1, 2) for p in self.qkv)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(B, N, self.heads * self.head_dim))
+
+
 class TransformerBlock(nn.Module):
     """Pre-norm ``x + mlp(norm(x))`` or post-norm ``norm(x + mlp(x))``, with an optional
-    attention sub-block (``nn.MultiheadAttention``) before it, normalised the same way."""
+    attention sub-block before it, normalised the same way: ``nn.MultiheadAttention``
+    ("mha"), or heads written out ("packed", "split")."""
 
-    def __init__(self, c: int, hidden: int, norm: str, post: bool, attention: bool) -> None:
+    def __init__(self, c: int, hidden: int, norm: str, post: bool, attention: str | None) -> None:
         super().__init__()
         self.post, self.norm1, self.norm2 = post, make_norm(norm, c), make_norm(norm, c)
-        self.attn = nn.MultiheadAttention(c, 2 if c % 2 == 0 else 1, batch_first=True) if attention else None
+        self.kind = attention
+        if attention == "mha":
+            self.attn = nn.MultiheadAttention(c, 2 if c % 2 == 0 else 1, batch_first=True)
+        else:
+            self.attn = HeadsAttention(c, attention == "packed") if attention else None
         self.fc1, self.fc2 = nn.Linear(c, hidden), nn.Linear(hidden, c)
 
     def _attn(self, t):
-        return self.attn(t, t, t, need_weights=False)[0]
+        return self.attn(t, t, t, need_weights=False)[0] if self.kind == "mha" else self.attn(t)
 
     def forward(self, t):
         if self.attn is not None:
@@ -195,7 +223,7 @@ class TokenHead(nn.Module):
     """[N, C, H, W] -> tokens [N, L, C] -> (Linear embedding) -> transformer blocks ->
     final norm -> mean over tokens -> Linear."""
 
-    def __init__(self, c: int, hidden: int, out: int, attention: bool, norm: str = "layer", post: bool = False,
+    def __init__(self, c: int, hidden: int, out: int, attention: str | None, norm: str = "layer", post: bool = False,
                  depth: int = 1, embed: int | None = None) -> None:
         super().__init__()
         e = embed or c
@@ -312,7 +340,8 @@ def networks(draw) -> tuple[nn.Module, torch.Tensor]:
     elif head_kind == "pool":
         head = PoolHead(c, out)
     elif head_kind in ("tokens", "attention"):
-        head = TokenHead(c, draw(widths), out, attention=head_kind == "attention",
+        head = TokenHead(c, draw(widths), out,
+                         attention=draw(st.sampled_from(["mha", "packed", "split"])) if head_kind == "attention" else None,
                          norm=draw(st.sampled_from(["layer", "rms", "f_layer", "f_rms"])), post=draw(st.booleans()),
                          depth=draw(st.integers(1, 2)), embed=draw(st.sampled_from([None, 8, 12])))
     else:

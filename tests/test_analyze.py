@@ -7,6 +7,7 @@ import torchvision
 from torch import nn
 
 import fxprune
+from fxprune.testing import random_masks
 
 
 def analyze(model, x):
@@ -99,15 +100,16 @@ def test_layernorm_over_the_last_dim_is_a_norm_read_and_over_two_dims_is_frozen_
     assert not g.prunable and "LayerNorm normalises over 2 dims" in g.frozen[0]
 
 
-def test_multihead_attention_is_frozen_not_guessed():
+def test_multihead_attention_it_cannot_write_out_is_frozen_not_guessed():
     class M(nn.Module):
         def __init__(self):
             super().__init__()
-            self.fc, self.attn = nn.Linear(4, 8), nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc, self.mem = nn.Linear(4, 8), nn.Linear(4, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
 
         def forward(self, x):
-            t = self.fc(x)
-            return self.attn(t, t, t)[0]
+            t, m = self.fc(x), self.mem(x)
+            return self.attn(t, m, m)[0]  # cross-attention: key and value are not the query
 
     cg = analyze(M(), torch.randn(2, 3, 4))
     assert "MultiheadAttention" in group_of_producer(cg, "fc").frozen[0]
@@ -152,3 +154,34 @@ def test_size_of_channel_dim_used_in_arithmetic_freezes():
 
     cg = analyze(M(), torch.randn(1, 3, 4, 4))
     assert "size of channel dim" in group_of_producer(cg, "a").frozen[0]
+
+
+class _LayerScale(nn.Module):
+    """ConvNeXt-style layer scale read directly and reshaped, and a ViT-style class token
+    expanded over the batch and concatenated with the tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.gamma = nn.Conv2d(3, 8, 3, padding=1), nn.Parameter(torch.rand(8) + 0.5)
+        self.cls = nn.Parameter(torch.randn(1, 1, 8))
+        self.fc, self.head = nn.Linear(8, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        y = self.conv(x) * self.gamma.reshape(1, -1, 1, 1)
+        t = y.flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1)
+        return self.head(self.fc(t)[:, 0])
+
+
+def test_a_parameter_reshaped_or_expanded_carries_the_channels_it_is_indexed_by():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4)
+    gated = fxprune.prepare(_LayerScale(), (x,))
+    cg = fxprune.channel_graph(gated)
+    g = group_of_producer(cg, "conv")
+    assert g.prunable, g.frozen
+    assert {b.param for b in cg.bindings if cg.spaces[b.space].group == g.id} >= {"gamma", "cls", "conv.weight"}
+    compact = fxprune.convert(random_masks(gated, keep=0.5, seed=1).eval())
+    assert compact.gamma.shape == (4,) and compact.cls.shape == (1, 1, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), gated(x), rtol=1e-5, atol=1e-6)

@@ -98,6 +98,16 @@ class Builder:
         d = self.dims.get(x.name) if isinstance(x, fx.Node) else None
         return d if isinstance(d, dict) else {}
 
+    def tensor_dims(self, x: Any) -> dict[int, int]:
+        """:meth:`dims_of`, where a parameter or buffer read directly (``get_attr``) first
+        gets a carrier space for each of its dims of size > 1: a layer scale reshaped to
+        ``[1, C, 1, 1]`` or a class token expanded over the batch carries its channels."""
+        if isinstance(x, fx.Node) and x.op == "get_attr" and shape(x) is not None:
+            for d, n in enumerate(shape(x)):
+                if n > 1:
+                    self.space(x, d)
+        return self.dims_of(x)
+
     def batch_dim(self, x: Any) -> int | None:
         """The dim of ``x`` that indexes examples, if the analysis followed it to ``x``."""
         return next((d for d, s in self.dims_of(x).items() if s in self.batch), None)

@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from .. import op_classes as ops
 from ..tracer import autograd_function_of
+from .attention import sdpa
 from .generic import Rule, along_dim, arg, broadcast, mix_along, no_tensor, passthrough, reduce, shape, spatial, unknown
 from .layers import (
     batch_norm_function,
@@ -29,7 +30,7 @@ from .layers import (
     norm_module,
     trailing_norm,
 )
-from .shapes import cat, expand, getitem, permute, reshape, size, split
+from .shapes import cat, expand, getitem, permute, reshape, size, split, unbind
 
 if TYPE_CHECKING:  # pragma: no cover
     from .builder import Builder
@@ -80,7 +81,8 @@ FUNCTION_RULES: dict[Any, Rule] = {
     torch.unflatten: reshape,
     torch.permute: permute, torch.transpose: permute,
     torch.cat: cat, torch.concat: cat, torch.concatenate: cat,
-    torch.split: split, torch.chunk: split,
+    torch.split: split, torch.chunk: split, torch.unbind: unbind,
+    F.scaled_dot_product_attention: sdpa,
     torch.mean: reduce, torch.sum: reduce, torch.amax: reduce,
     operator.getitem: getitem,
     getattr: _getattr,
@@ -103,7 +105,7 @@ METHOD_RULES: dict[str, Rule] = {
     "unsqueeze": reshape,
     "permute": permute, "transpose": permute,
     "expand": expand,
-    "split": split, "chunk": split,
+    "split": split, "chunk": split, "unbind": unbind,
     "mean": reduce, "sum": reduce, "amax": reduce,
     "softmax": along_dim("dim", 1, "softmax"), "log_softmax": along_dim("dim", 1, "log_softmax"),
     "size": size,

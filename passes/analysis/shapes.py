@@ -48,10 +48,15 @@ def _batch_position(ins: tuple[int, ...], outs: tuple[int, ...], d: int) -> int 
 
 
 def reshape(b: "Builder", node: fx.Node) -> Dims:
-    """view/reshape/flatten/unflatten/squeeze/unsqueeze, from the recorded shapes."""
+    """view/reshape/flatten/unflatten/squeeze/unsqueeze, from the recorded shapes.
+
+    Dims merged into one channel dim tie each merged channel to its source channel. One
+    channel dim split into several (``[B, N, 3 * H * D] -> [B, N, 3, H, D]``) carries
+    its channels on the dim just outside the innermost one (H): each of its indices is a
+    block of channels (a head: its q, k and v rows), the other dims keep their sizes."""
     x = tensor_args(node)[0]
     ins, outs = shape(x), shape(node)
-    dims = b.dims_of(x)
+    dims = b.tensor_dims(x)
     out: Dims = {}
     for d, s in dims.items():
         if s in b.batch and (o := _batch_position(ins, outs, d)) is not None:
@@ -61,12 +66,18 @@ def reshape(b: "Builder", node: fx.Node) -> Dims:
         tracked = [d for d in bi if d in channels]
         if not tracked:
             continue
-        if len(bo) > 1 or len(tracked) > 1:
+        if (len(bo) > 1 and len(bi) > 1) or len(tracked) > 1:
             for d in tracked:
                 b.freeze(channels[d], f"'{node.name}' ({describe(b, node)}) splits or interleaves channel dim {d}")
             continue
         d, o = tracked[0], bo[0]
-        if len(bi) == 1:
+        if len(bo) > 1:  # one channel dim split into several: (..., heads, head_dim), (..., 3, heads, head_dim)
+            o = bo[-2]  # the dim just outside the innermost carries the channels, in blocks; the others keep their sizes
+            inner = math.prod(outs[k] for k in bo if k > o)
+            idx = np.arange(ins[d])
+            out[o] = b.new(node, o, outs[o])
+            b.link(channels[d], out[o], (idx, (idx // inner) % outs[o]))
+        elif len(bi) == 1:
             out[o] = channels[d]
         else:
             inner = math.prod(ins[k] for k in bi if k > d)
@@ -142,7 +153,7 @@ def expand(b: "Builder", node: fx.Node) -> Dims:
     x = tensor_args(node)[0]
     lead = len(shape(node)) - len(shape(x))
     out = {}
-    for d, s in b.dims_of(x).items():
+    for d, s in b.tensor_dims(x).items():
         if shape(x)[d] == shape(node)[d + lead]:
             out[d + lead] = s
         else:
@@ -247,3 +258,15 @@ def size(b: "Builder", node: fx.Node) -> Any:
     if node.op == "call_method" and d is not None:
         return b.size_read(node, x, d)
     return ShapeOf(x)
+
+
+def unbind(b: "Builder", node: fx.Node) -> list[Dims]:
+    """``x.unbind(dim)``: one tensor per index of ``dim``, which must carry no channels."""
+    x = tensor_args(node)[0]
+    nd = len(shape(x))
+    dim = norm_dim(arg(node, 1, "dim", 0), nd)
+    dims = b.dims_of(x)
+    if dim in dims and dims[dim] not in b.batch:
+        b.freeze(dims[dim], f"'{node.name}' unbinds channel dim {dim}")
+    one = {d - (d > dim): s for d, s in dims.items() if d != dim}
+    return [dict(one) for _ in range(shape(x)[dim])]

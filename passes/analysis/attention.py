@@ -1,0 +1,64 @@
+"""Rules for attention: ``F.scaled_dot_product_attention`` over heads.
+
+Attention is computed per head: the leading dims of q, k and v (batch, heads) index the
+same examples and heads, so a head's channels in q, k and v are tied and a whole head can
+be removed. The query-key dot product sums over q's and k's last dim (head_dim: frozen
+there), the key tokens are mixed, and v's last dim passes to the output.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import fx
+
+from .generic import Dims, arg, shape, unknown
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .builder import Builder
+
+
+def sdpa(b: "Builder", node: fx.Node) -> Dims:
+    q, k, v = arg(node, 0, "query"), arg(node, 1, "key"), arg(node, 2, "value")
+    mask = arg(node, 3, "attn_mask")
+    what = f"'{node.name}' (scaled_dot_product_attention)"
+    if not all(isinstance(t, fx.Node) and shape(t) is not None for t in (q, k, v)):
+        return unknown(b, node)
+    nd = len(shape(q))
+    if len(shape(k)) != nd or len(shape(v)) != nd or arg(node, 7, "enable_gqa", False):
+        return unknown(b, node, f"{what} with grouped-query heads or broadcast q/k/v is not pruned")
+    dq, dk, dv = b.dims_of(q), b.dims_of(k), b.dims_of(v)
+    out: Dims = {}
+    for d in range(nd - 2):  # batch and heads: the same in q, k and v
+        spaces = [x.get(d) for x in (dq, dk, dv)]
+        tracked = [s for s in spaces if s is not None]
+        if not tracked:
+            continue
+        if any(s in b.batch for s in tracked):
+            out[d] = spaces[0] if spaces[0] is not None else tracked[0]
+            continue
+        if len(tracked) < 3 or len({b.spaces[s].size for s in tracked}) > 1:
+            for s in tracked:
+                b.freeze(s, f"{what} attends along dim {d}, which carries channels in only some of q, k and v")
+            continue
+        for s in spaces[1:]:
+            if s != spaces[0]:
+                b.link(spaces[0], s)
+        out[d] = spaces[0]
+    if nd - 2 in dq:
+        out[nd - 2] = dq[nd - 2]
+    for x in (dk, dv):
+        s = x.get(nd - 2)
+        if s is not None and s not in b.batch:
+            b.freeze(s, f"{what} mixes values across the key tokens")
+    for x in (dq, dk):
+        s = x.get(nd - 1)
+        if s is not None and s not in b.batch:
+            b.freeze(s, f"{what}: the query-key dot product sums over the head dim (head_dim units are not pruned)")
+    if nd - 1 in dv:
+        out[nd - 1] = dv[nd - 1]
+    if isinstance(mask, fx.Node):
+        for s in b.dims_of(mask).values():
+            if s not in b.batch:
+                b.freeze(s, f"{what} adds a mask with channels to the attention scores")
+    return out

@@ -1,0 +1,183 @@
+"""Attention heads: q/k/v viewed into (heads, head_dim) and attended with
+``F.scaled_dot_product_attention`` are pruned a whole head at a time (q, k, v rows and the
+output projection's columns together); the compact model has fewer heads and equals the
+gated one."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from train_loop import train_steps
+
+import fxprune
+from fxprune.state import UnitGate, state_of, theta_of
+from fxprune.testing import implied_param_count, random_masks
+
+
+class PackedAttention(nn.Module):
+    """timm's layout: one qkv projection reshaped to (3, heads, head_dim), literal sizes."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, self.heads * self.head_dim))
+
+
+class SplitAttention(nn.Module):
+    """Separate q, k and v projections viewed with a -1 head dim, as most language models do."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = (p(x).view(B, N, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(B, N, -1))
+
+
+class Transformer(nn.Module):
+    def __init__(self, attention: type, d: int = 5, dim: int = 16, heads: int = 4, depth: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Linear(d, dim)
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(2 * depth))
+        self.attns = nn.ModuleList(attention(dim, heads) for _ in range(depth))
+        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+                                  for _ in range(depth))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for i, (attn, mlp) in enumerate(zip(self.attns, self.mlps)):
+            x = x + attn(self.norms[2 * i](x))
+            x = x + mlp(self.norms[2 * i + 1](x))
+        return self.head(x.mean(1))
+
+
+def head_group(gated, layer):
+    cg = state_of(gated).graph
+    return next(cg.group_of(b.space) for b in cg.bindings if b.owner == layer and b.role == "producer")
+
+
+@pytest.mark.parametrize("attention", [PackedAttention, SplitAttention])
+def test_whole_heads_are_units_tied_across_q_k_v_and_the_output_projection(attention):
+    x = torch.randn(2, 6, 5)
+    gated = fxprune.prepare(Transformer(attention), (x,))
+    first = "attns.0.qkv" if attention is PackedAttention else "attns.0.q"
+    g = head_group(gated, first)
+    assert g.prunable and g.num_units == 4, g.frozen
+    if attention is SplitAttention:
+        assert head_group(gated, "attns.0.k") is g is head_group(gated, "attns.0.v")
+    cg = state_of(gated).graph
+    consumers = {b.owner for b in cg.bindings if cg.spaces[b.space].group == g.id and b.role == "consumer"}
+    assert consumers == {"attns.0.proj" if attention is PackedAttention else "attns.0.o"}
+    prunable, total = cg.prunable_share()
+    assert prunable == total - 3  # all but the logits: heads, the residual stream, the MLP units
+
+
+@pytest.mark.parametrize("attention", [PackedAttention, SplitAttention])
+@pytest.mark.parametrize("keep", [0.25, 0.5, 0.75])
+def test_compact_model_with_fewer_heads_equals_the_gated_one(attention, keep):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5)
+    gated = random_masks(fxprune.prepare(Transformer(attention), (x,)), keep=keep, seed=2).eval()
+    compact = fxprune.convert(gated).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)
+    assert sum(p.numel() for p in compact.parameters()) == implied_param_count(gated)
+    ep = torch.export.export(compact, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), gated(x), rtol=1e-4, atol=1e-5)
+
+
+def test_packed_attention_keeps_its_literal_head_count_in_step_with_the_heads_kept():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5)
+    gated = fxprune.prepare(Transformer(PackedAttention), (x,))
+    g = head_group(gated, "attns.0.qkv")
+    theta = theta_of(gated, UnitGate(g.id))
+    with torch.no_grad():
+        theta[[0, 2]] = 0.0
+    compact = fxprune.convert(gated.eval())
+    assert compact.get_submodule("attns.0.qkv").out_features == 3 * 2 * 4
+    assert "3, 2, 4)" in compact.code  # reshape(B, N, 3, heads, head_dim) with the heads kept
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_transformer_trains_through_live_head_removal_and_converts():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 6, 5), torch.randint(0, 3, (32,))
+    gated = fxprune.prepare(Transformer(SplitAttention), (x,), fxprune.PruneConfig("units", gamma=1.0, check_every=10**6))
+    opt = torch.optim.AdamW(gated.parameters(), lr=1e-2, weight_decay=0.0)
+    pruner = fxprune.Pruner(gated, opt)
+    gid = head_group(gated, "attns.1.q").id
+    for step in range(5):
+        train_steps(gated, opt, pruner, [(x, y)])
+        if step == 1:  # switch off one head of the second block and remove it
+            theta = theta_of(gated, UnitGate(gid))
+            with torch.no_grad():
+                theta[1] = 0.0
+            drop = np.zeros(4, dtype=bool)
+            drop[1] = True
+            pruner.remove({gid: drop}, set())
+    assert gated.get_submodule("attns.1.q").out_features == 12 and gated.get_submodule("attns.1.o").in_features == 12
+    compact = fxprune.convert(gated.eval())
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)
+
+
+class MHABlock(nn.Module):
+    """Self-attention with nn.MultiheadAttention (torchvision's ViT layout), and optionally
+    a cross-attention to a second, fixed memory, which is kept whole."""
+
+    def __init__(self, batch_first: bool, cross: bool = False) -> None:
+        super().__init__()
+        self.batch_first, self.cross = batch_first, cross
+        self.embed, self.head = nn.Linear(5, 16), nn.Linear(16, 3)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+        self.memory = nn.Parameter(torch.randn(1, 3, 16))
+        self.xattn = nn.MultiheadAttention(16, 2, batch_first=True) if cross else None
+
+    def forward(self, x):
+        t = self.embed(x)
+        t = t + self.attn(t, t, t, need_weights=False)[0]
+        if self.cross:
+            m = self.memory.expand(t.shape[0], -1, -1)
+            t = t + self.xattn(t, m, m)[0]
+        return self.head(t.mean(1 if self.batch_first else 0))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_self_attention_is_written_out_and_pruned_by_heads(batch_first):
+    torch.manual_seed(0)
+    model = MHABlock(batch_first).eval()
+    x = torch.randn(3, 6, 5) if batch_first else torch.randn(6, 3, 5)
+    gated = fxprune.prepare(model, (x,), fxprune.PruneConfig("units"), batch_dim=0 if batch_first else 1).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(gated(x), model(x), rtol=1e-5, atol=1e-6)
+    cg = state_of(gated).graph
+    g = next(cg.group_of(b.space) for b in cg.bindings if b.param == "attn.in_proj_weight" and b.dim == 0)
+    assert g.prunable and g.num_units == 4
+    random_masks(gated, keep=0.5, seed=0)
+    compact = fxprune.convert(gated).eval()
+    assert compact.attn.in_proj_weight.shape[0] == 3 * 2 * 4
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)
+
+
+def test_cross_attention_with_multihead_attention_is_kept_whole_and_says_so():
+    x = torch.randn(3, 6, 5)
+    cg = state_of(fxprune.prepare(MHABlock(True, cross=True), (x,))).graph
+    g = next(cg.group_of(b.space) for b in cg.bindings if b.param == "embed.weight" and b.dim == 0)
+    assert not g.prunable and any("nn.MultiheadAttention 'xattn'" in why for why in g.frozen)
