@@ -9,14 +9,14 @@ PYTEST  := $(PYTHON) -m pytest
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
-	$(PYTHON) -m pip install -q -c constraints.txt -e ".[test,bench,digits,plot]"
+	$(PYTHON) -m pip install -q -c constraints.txt -e ".[test,bench,digits,plot,timm]"
 	touch $(STAMP)
 
 # Train and prune a ResNet on the built-in digits data: table, compact model, gate picture, latency.
 demo: $(STAMP)
 	$(VENV)/bin/fxprune demo --out out/demo
 
-# The unit and property tests, then the torchvision zoo sweep (every classifier, numerically checked).
+# The unit and property tests, then the zoo sweeps (every torchvision classifier and a sample of timm's, numerically checked).
 test: $(STAMP)
 	$(PYTEST) -q -m "not zoo"
 	$(PYTEST) -q -m zoo
@@ -26,6 +26,7 @@ test-fast: $(STAMP)
 
 zoo: $(STAMP)
 	$(VENV)/bin/fxprune zoo
+	$(VENV)/bin/fxprune zoo --source timm
 
 bench: $(STAMP)
 	$(VENV)/bin/fxprune bench analyze

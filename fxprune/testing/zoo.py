@@ -1,9 +1,12 @@
-"""Model-zoo sweep: every torchvision classifier, pruned at random and checked numerically.
+"""Model-zoo sweep: every torchvision classifier (or one or two models of every timm
+family), pruned at random and checked numerically.
 
 For each model: ``prepare`` -> ``random_masks(keep)`` -> ``convert``; the compact model's
 outputs must equal the gated model's (eval mode) within ``rtol`` of the output scale,
 its parameter count must equal the one the masks imply, and ``torch.export.export`` of
-it must run and give the same outputs. Run as ``python -m fxprune.zoo`` or ``fxprune zoo``.
+it must run and give the same outputs. A model that cannot be prepared (traced) is
+listed with its reason, apart from the ones that fail after it. Run as ``fxprune zoo``
+(``--source timm`` for timm, an optional extra: random init, nothing downloaded).
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import gc
+import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +25,7 @@ import torchvision
 from ..api import channel_graph, convert, prepare
 from .masks import implied_param_count, random_masks
 
-__all__ = ["ZooResult", "check_model", "classification_models", "input_size", "main"]
+__all__ = ["ZooResult", "check_model", "classification_models", "timm_models", "input_size", "summary", "main"]
 
 #: Models that only accept one input resolution, or need a larger one than the default.
 _SIZES = {"vit_*": 224, "maxvit_t": 224, "inception_v3": 96, "swin*": 64}
@@ -29,6 +34,40 @@ DEFAULT_SIZE = 64
 
 def classification_models() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
+
+
+#: name parts of small variants, smallest first (a timm family's sweep model is its smallest)
+_SMALL = ("atto", "femto", "pico", "nano", "xxs", "tiny", "xs", "mini", "small", "_t", "_s", "18", "b0", "s0", "lite")
+_LARGE = ("giant", "gigantic", "huge", "large", "xxl", "_xl", "448", "512", "384", "_h_", "_g_", "_e_", "_l_", "_b_")
+
+
+def _size_rank(name: str) -> tuple[int, int, int]:
+    small = next((i for i, k in enumerate(_SMALL) if k in name), len(_SMALL))
+    return (any(k in name for k in _LARGE), small, len(name))
+
+
+def timm_models(second_from: int = 10) -> list[str]:
+    """One model per timm family (module), its smallest variant by name, and a second one
+    for families of at least ``second_from`` models: about 130 models."""
+    import timm
+
+    out = []
+    for module in timm.list_modules():
+        names = sorted(timm.list_models(module=module), key=_size_rank)
+        out += names[:2 if len(names) >= second_from else 1]
+    return out
+
+
+def _build(name: str, source: str, seed: int, batch: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(seed)
+    if source == "timm":
+        import timm
+
+        model = timm.create_model(name, pretrained=False)
+        size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+        return perturb(model.eval(), seed), torch.randn(batch, *size)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    return perturb(model, seed), torch.randn(batch, 3, input_size(name), input_size(name))
 
 
 def input_size(name: str) -> int:
@@ -49,6 +88,8 @@ class ZooResult:
     reasons: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     error: str = ""
+    #: where it failed: "build" (the model itself), "prepare" (tracing, analysis) or "convert" (or later)
+    stage: str = ""
 
     @property
     def prunable_fraction(self) -> float:
@@ -60,7 +101,8 @@ class ZooResult:
 
     def line(self) -> str:
         if self.error:
-            return f"{self.name:<24} FAIL  {self.error}"
+            verdict = "not prepared" if self.stage in ("build", "prepare") else "FAIL"
+            return f"{self.name:<24} {verdict}  ({self.stage}) {self.error}"
         return (
             f"{self.name:<24} {'ok  ' if self.ok else 'FAIL'}  err {self.max_rel_err:8.1e}  "
             f"params {self.params_before / 1e6:8.2f}M -> {self.params_after / 1e6:7.2f}M  "
@@ -97,15 +139,20 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
-def check_model(name: str, keep: float = 0.5, seed: int = 0, rtol: float = 1e-4, batch: int = 2) -> ZooResult:
-    """Prepare, randomly mask, convert and export torchvision model ``name``."""
+def check_model(name: str, keep: float = 0.5, seed: int = 0, rtol: float = 1e-4, batch: int = 2,
+                source: str = "torchvision") -> ZooResult:
+    """Prepare, randomly mask, convert and export model ``name`` of ``source``
+    ("torchvision" or "timm")."""
     res, t0 = ZooResult(name), time.perf_counter()
     try:
-        torch.manual_seed(seed)
-        model = perturb(torchvision.models.get_model(name, weights=None).eval(), seed)
-        x = torch.randn(batch, 3, input_size(name), input_size(name))
+        res.stage = "build"
+        model, x = _build(name, source, seed, batch)
         res.params_before = sum(p.numel() for p in model.parameters())
-        gated = prepare(model, (x,), mode="eval", inplace=True)  # an eval-mode sweep over models it owns
+        res.stage = "prepare"
+        with warnings.catch_warnings():  # the sweep reports the prunable share and its reasons itself
+            warnings.simplefilter("ignore")
+            gated = prepare(model, (x,), mode="eval", inplace=True)  # an eval-mode sweep over models it owns
+        res.stage = "convert"
         cg = channel_graph(gated)
         res.prunable, res.channels = cg.prunable_share()
         res.reasons = cg.frozen_reasons()
@@ -119,6 +166,7 @@ def check_model(name: str, keep: float = 0.5, seed: int = 0, rtol: float = 1e-4,
             res.equivalent = res.max_rel_err <= rtol
             ep = torch.export.export(compact, (x,))
             res.exported = _rel_err(ep.module()(x), ref) <= rtol
+        res.stage = ""
     except Exception as exc:  # noqa: BLE001 - the sweep reports every failure and goes on
         res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
     res.seconds = time.perf_counter() - t0
@@ -128,19 +176,33 @@ def check_model(name: str, keep: float = 0.5, seed: int = 0, rtol: float = 1e-4,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fxprune zoo", description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="*", help="names or glob patterns (default: every classification model)")
+    p.add_argument("--source", choices=["torchvision", "timm"], default="torchvision",
+                   help="torchvision: every classifier; timm (optional extra): one or two models per family")
+    p.add_argument("--models", nargs="*", help="names or glob patterns (default: the whole sweep)")
     p.add_argument("--keep", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    names = classification_models()
+    if args.source == "timm":
+        try:
+            import timm  # noqa: F401
+        except ImportError:
+            p.error("--source timm needs timm: pip install 'fxprune[timm]'")
+        names = timm_models()
+    else:
+        names = classification_models()
     if args.models:
-        names = [n for n in names if any(fnmatch.fnmatch(n, pat) for pat in args.models)]
-        if not names:
-            p.error(f"no torchvision classification model matches {args.models}")
+        wanted = [n for n in names if any(fnmatch.fnmatch(n, pat) for pat in args.models)]
+        if args.source == "timm":  # any timm model may be named, not only the sweep's
+            import timm
+
+            wanted = sorted(set(wanted) | {n for pat in args.models for n in timm.list_models(pat)})
+        if not wanted:
+            p.error(f"no {args.source} model matches {args.models}")
+        names = wanted
     torch.set_num_threads(max(1, torch.get_num_threads()))
     results = []
     for name in names:
-        results.append(check_model(name, keep=args.keep, seed=args.seed))
+        results.append(check_model(name, keep=args.keep, seed=args.seed, source=args.source))
         print(results[-1].line(), flush=True)
     low = [r for r in results if not r.error and r.prunable_fraction < 0.5]
     if low:
@@ -149,9 +211,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {r.name} ({100 * r.prunable_fraction:.1f}%):")
             for reason, n in list(r.reasons.items())[:4]:
                 print(f"    {n:>6} channels: {reason}")
-    n_ok = sum(r.ok for r in results)
-    print(f"{n_ok}/{len(results)} models equivalent")
-    return 0 if n_ok == len(results) else 1
+    print(summary(results))
+    return 0 if all(r.ok or r.stage in ("build", "prepare") for r in results) else 1
+
+
+def summary(results: list[ZooResult]) -> str:
+    """Counts (equivalent, not prepared, failed after prepare) and the median prunable share."""
+    prepared = [r for r in results if r.stage not in ("build", "prepare")]
+    ok = [r for r in prepared if r.ok]
+    shares = sorted(r.prunable_fraction for r in prepared if r.channels)
+    median = f"{100 * statistics.median(shares):.1f} %" if shares else "-"
+    lines = [f"{len(ok)}/{len(results)} models equivalent; {len(results) - len(prepared)} not prepared; "
+             f"{len(prepared) - len(ok)} prepared but not equivalent; median prunable share {median}"]
+    for r in results:
+        if r.stage in ("build", "prepare"):
+            lines.append(f"  not prepared: {r.name}: {r.error}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

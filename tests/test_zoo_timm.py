@@ -1,0 +1,41 @@
+"""A sample of the timm sweep (marked ``zoo``; `fxprune zoo --source timm` runs all of it).
+
+timm is an optional extra that `make test` installs; without it the module is skipped,
+and pytest's summary says so."""
+
+import pytest
+
+from fxprune.testing.zoo import check_model, summary, timm_models
+
+timm = pytest.importorskip("timm", reason="the timm sweep needs the optional extra: pip install 'fxprune[timm]'")
+
+#: one model of each kind of timm building block: ViT/DeiT/EVA (class token, attention),
+#: ConvNeXt (LayerNorm2d, layer scale), Swin, PVT, LeViT, MobileViT, EfficientViT, ResNet-D
+SAMPLE = ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "eva02_tiny_patch14_224", "convnext_atto",
+          "swinv2_cr_tiny_224", "pvt_v2_b0", "levit_128", "mobilevit_xxs", "efficientvit_b0", "resnet18d"]
+
+
+def test_sweep_takes_one_or_two_models_of_every_family_and_at_least_100():
+    names = timm_models()
+    assert len(names) >= 100 and len(set(names)) == len(names)
+    for module in timm.list_modules():
+        assert 1 <= len(set(timm.list_models(module=module)) & set(names)) <= 2, module
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", SAMPLE)
+def test_timm_model_prunes_equivalently(name):
+    r = check_model(name, keep=0.5, seed=0, source="timm")
+    print(r.line())
+    assert not r.error, r.line()
+    assert r.equivalent, f"max relative error {r.max_rel_err:.2e}"
+    assert r.params_after == r.params_implied < r.params_before
+    assert r.exported
+    assert r.reasons  # the head's logits at least: every frozen channel is explained
+
+
+def test_a_model_that_cannot_be_prepared_is_listed_with_its_reason_not_as_a_failure():
+    r = check_model("crossvit_tiny_240", source="timm")
+    assert r.stage == "prepare" and "CrossVit" in r.error
+    assert "not prepared" in r.line()
+    assert "1 not prepared" in summary([r]) and "crossvit_tiny_240" in summary([r])
