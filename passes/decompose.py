@@ -44,7 +44,8 @@ def _decomposable(node: fx.Node, m: nn.MultiheadAttention) -> bool:
         m._qkv_same_embed_dim and m.bias_k is None and m.bias_v is None and not m.add_zero_attn and m.dropout == 0.0
         and a.get("key") is x and a.get("value") is x and tm is not None and len(tm.shape) == 3
         and a.get("key_padding_mask") is None and a.get("attn_mask") is None and not a.get("is_causal", False)
-        and all(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0 for u in node.users)
+        and all(u.op == "call_function" and u.target is operator.getitem and (u.args[1] == 0 or not u.users)
+                for u in node.users)  # the output; the attention weights only where nothing reads them
     )
 
 
@@ -78,7 +79,8 @@ class DecomposeAttention(PassBase):
                 out_bias = get("out_proj.bias") if m.out_proj.bias is not None else None
                 out = graph.call_function(F.linear, (y, get("out_proj.weight"), out_bias))
             for user in list(node.users):
-                user.replace_all_uses_with(out)
+                if user.args[1] == 0:
+                    user.replace_all_uses_with(out)
                 graph.erase_node(user)
             graph.erase_node(node)
             self.decomposed.append(t)

@@ -151,7 +151,8 @@ class MHABlock(nn.Module):
 
     def forward(self, x):
         t = self.embed(x)
-        t = t + self.attn(t, t, t, need_weights=False)[0]
+        y, _ = self.attn(t, t, t, need_weights=False)  # torchvision's spelling: the weights unpacked, unused
+        t = t + y
         if self.cross:
             m = self.memory.expand(t.shape[0], -1, -1)
             t = t + self.xattn(t, m, m)[0]
@@ -169,6 +170,8 @@ def test_multihead_attention_self_attention_is_written_out_and_pruned_by_heads(b
     cg = state_of(gated).graph
     g = next(cg.group_of(b.space) for b in cg.bindings if b.param == "attn.in_proj_weight" and b.dim == 0)
     assert g.prunable and g.num_units == 4
+    prunable, total = cg.prunable_share()
+    assert (prunable, total) == (16 + 48 + 16, 16 + 48 + 16 + 3)  # embed, in_proj, out_proj (counted once); the logits
     random_masks(gated, keep=0.5, seed=0)
     compact = fxprune.convert(gated).eval()
     assert compact.attn.in_proj_weight.shape[0] == 3 * 2 * 4

@@ -84,13 +84,19 @@ def _all_channels(gm: fx.GraphModule, b: Builder) -> int:
     """Output channels of every convolution and linear layer: modules (each once, leaves'
     children included) and functional calls."""
     total = 0
+    functional = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in CONV_FUNCTIONS | LINEAR_FUNCTIONS]
+    # a module whose weight a functional call reads (nn.MultiheadAttention's out_proj, written out) counts there
+    read = {id(b.tensors[w.target]) for n in functional for w in n.args[1:2]
+            if isinstance(w, fx.Node) and w.op == "get_attr" and w.target in b.tensors}
     for m in {id(m): m for m in b.modules.values()}.values():
+        if isinstance(m, CONV + CONV_TRANSPOSE + LINEAR) and id(m.weight) in read:
+            continue
         if isinstance(m, CONV + CONV_TRANSPOSE):
             total += m.out_channels
         elif isinstance(m, LINEAR):
             total += m.out_features
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target in CONV_FUNCTIONS | LINEAR_FUNCTIONS and shape(n):
+    for n in functional:
+        if shape(n):
             total += shape(n)[1 if n.target in CONV_FUNCTIONS else -1]
     return total
 
