@@ -184,3 +184,31 @@ def test_cross_attention_with_multihead_attention_is_kept_whole_and_says_so():
     cg = state_of(fxprune.prepare(MHABlock(True, cross=True), (x,))).graph
     g = next(cg.group_of(b.space) for b in cg.bindings if b.param == "embed.weight" and b.dim == 0)
     assert not g.prunable and any("nn.MultiheadAttention 'xattn'" in why for why in g.frozen)
+
+
+class BiasedAttention(SplitAttention):
+    """A relative-position-style bias per head, gathered from a parameter table and given
+    to SDPA as its mask (timm's MaxViT / CoAtNet)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__(dim, heads)
+        self.table = nn.Parameter(torch.randn(11, heads))
+        self.register_buffer("index", torch.randint(0, 11, (6, 6)), persistent=False)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = (p(x).view(B, N, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        bias = self.table[self.index.view(-1)].view(N, N, -1).permute(2, 0, 1).unsqueeze(0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.o(y.transpose(1, 2).reshape(B, N, -1))
+
+
+def test_a_per_head_mask_the_analysis_cannot_follow_keeps_the_heads_whole():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5)
+    gated = fxprune.prepare(Transformer(BiasedAttention), (x,), mode="eval")
+    g = head_group(gated, "attns.0.q")
+    assert not g.prunable and any("does not track" in why for why in g.frozen), g.frozen
+    compact = fxprune.convert(random_masks(gated, keep=0.5, seed=0).eval())
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)

@@ -57,8 +57,19 @@ def sdpa(b: "Builder", node: fx.Node) -> Dims:
             b.freeze(s, f"{what}: the query-key dot product sums over the head dim (head_dim units are not pruned)")
     if nd - 1 in dv:
         out[nd - 1] = dv[nd - 1]
-    if isinstance(mask, fx.Node):
-        for s in b.dims_of(mask).values():
-            if s not in b.batch:
-                b.freeze(s, f"{what} adds a mask with channels to the attention scores")
+    if isinstance(mask, fx.Node) and shape(mask) is not None:
+        # the mask (a relative position bias) broadcasts against the scores [..., heads, L, S]: where it has
+        # a dim of its own over the heads, that dim must keep the same heads (or the heads stay whole)
+        lead = nd - len(shape(mask))
+        for md, size in enumerate(shape(mask)):
+            d = md + lead
+            s = out.get(d)
+            if d < nd - 2 and size > 1 and s is not None and s not in b.batch:
+                ms = b.space(mask, md)
+                if b.spaces[ms].size == b.spaces[s].size and ms not in b.batch:
+                    b.link(s, ms)
+                else:
+                    b.freeze(s, f"{what} adds a mask whose dim {md} does not follow the heads")
+            elif d >= nd - 2 and b.dims_of(mask).get(md) is not None and b.dims_of(mask)[md] not in b.batch:
+                b.freeze(b.dims_of(mask)[md], f"{what} adds a mask with channels to the attention scores")
     return out
