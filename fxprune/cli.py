@@ -64,6 +64,7 @@ BENCHES = {
     "latency": "dense vs compact latency against the FLOPs ratio",
     "step": "a training step with gates against without",
     "tradeoff": "what gamma, beta and alpha do, and unit/layer/combined gates",
+    "zoo": "the zoo check side by side with Torch-Pruning on the same models (timm by default)",
 }
 
 
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_arguments(d)
     d.set_defaults(func=cmd_demo, passes_rest=False)
     # zoo and bench parse their own options (``fxprune zoo --help``): the rest is handed on
-    z = sub.add_parser("zoo", help="prune every torchvision classifier at random and check equivalence", add_help=False)
+    z = sub.add_parser("zoo", help="prune every torchvision classifier (or timm's families: --source timm) at random and check equivalence", add_help=False)
     z.set_defaults(func=cmd_zoo, passes_rest=True)
     b = sub.add_parser("bench", add_help=False,
                        help="benchmarks: " + "; ".join(f"'{k}' ({v})" for k, v in BENCHES.items()))

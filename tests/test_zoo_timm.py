@@ -39,3 +39,12 @@ def test_a_model_that_cannot_be_prepared_is_listed_with_its_reason_not_as_a_fail
     assert r.stage == "prepare" and "CrossVit" in r.error
     assert "not prepared" in r.line()
     assert "1 not prepared" in summary([r]) and "crossvit_tiny_240" in summary([r])
+
+
+def test_torch_pruning_side_by_side_runs_it_once_and_reports_a_hang_as_one():
+    pytest.importorskip("torch_pruning", reason="the comparison needs the bench extra")
+    from fxprune.benchmarks.zoo import _attempt_in_child, torch_pruning_attempt
+
+    r = torch_pruning_attempt("resnet18d", "timm")
+    assert r["ok"] and 0.1 < r["params"] < 0.5
+    assert _attempt_in_child("resnet18d", "timm", timeout=0.01) == {"ok": False, "error": "hang (no result in 0 s)"}
