@@ -421,7 +421,8 @@ class ChannelGraph:
         return prunable, max(self.all_channels, understood)
 
     def frozen_reasons(self) -> dict[str, int]:
-        """Distinct reasons for frozen producer channels, with how many channels each freezes."""
+        """Distinct reasons for frozen producer channels, with how many channels each freezes
+        (the layers inside submodules kept whole, which the analysis never saw, included)."""
         out: dict[str, int] = {}
         seen: set[tuple[str, int]] = set()
         for b in self.bindings:
@@ -430,4 +431,8 @@ class ChannelGraph:
             seen.add((b.owner, b.space))
             for reason in self.group_of(b.space).frozen[:1]:
                 out[reason] = out.get(reason, 0) + self.spaces[b.space].size
+        unseen = self.all_channels - self.producer_channels()[1]  # layers the analysis never saw: inside leaves
+        if unseen > 0:
+            why = "; ".join(f"'{path}': {reason}" for path, reason in self.leaves.items()) or "not analysed"
+            out[f"inside submodules kept whole ({why})"] = unseen
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))

@@ -185,3 +185,26 @@ def test_a_parameter_reshaped_or_expanded_carries_the_channels_it_is_indexed_by(
     assert compact.gamma.shape == (4,) and compact.cls.shape == (1, 1, 4)
     with torch.no_grad():
         torch.testing.assert_close(compact(x), gated(x), rtol=1e-5, atol=1e-6)
+
+
+def test_channels_inside_a_submodule_kept_whole_are_counted_among_the_frozen_with_its_reason():
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 16)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum() > 0 else -self.fc(x)  # control flow on a tensor value
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.head = Untraceable(), nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.head(self.inner(x))
+
+    cg = analyze(M(), torch.randn(2, 4))
+    reasons = cg.frozen_reasons()
+    assert sum(reasons.values()) == cg.prunable_share()[1] - cg.prunable_share()[0] == 18
+    assert any("'inner'" in why and n == 16 for why, n in reasons.items()), reasons
