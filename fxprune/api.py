@@ -172,7 +172,7 @@ def prepare(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, co
                                 cg.spaces[r.space].group, r.space),
         layer=lambda br: LayerGateApply(layout.layers[br.id], br.batch_dim, br.id),
         norm=lambda r, nc: GateNorm(read_index(cg, layout.units, cg.spaces[r.space].group, r.space), r.dim,
-                                    r.batch_dim, cg.spaces[r.space].group, r.space, nc.kind, nc.eps),
+                                    r.batch_dim, cg.spaces[r.space].group, r.space, nc.kind, nc.eps, nc.groups),
     )(gm)
     bank.set_structure(*bank_structure(cg, layout.units, layout.size))
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]

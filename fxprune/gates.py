@@ -139,7 +139,8 @@ class GateRead(nn.Module):
 
 
 class GateNorm(GateRead):
-    """A LayerNorm (``kind="layer"``) or RMSNorm (``"rms"``) over ``dim`` whose statistics
+    """A LayerNorm (``kind="layer"``) or RMSNorm (``"rms"``) over ``dim``, or a GroupNorm
+    (``"group"``, ``groups`` groups over dim 1, statistics per group), whose statistics
     count only the channels whose gate is on: with ``m`` the channels' mask entries and
     ``n = sum(m)``, ``mean = sum(m x) / n``, ``var = sum(m (x - mean)^2) / n`` (RMSNorm:
     ``sum(m x^2) / n``). With a 0/1 mask this is exactly the plain norm over the kept
@@ -149,12 +150,14 @@ class GateNorm(GateRead):
     under autocast. An example whose channels are all off gets zeros."""
 
     def __init__(self, index: np.ndarray, dim: int, batch_dim: int | None, group: int, space: int, kind: str,
-                 eps: float | None) -> None:
+                 eps: float | None, groups: int | None = None) -> None:
         super().__init__(index, dim, batch_dim, group, space)
-        self.kind, self.eps = kind, eps
+        self.kind, self.eps, self.groups = kind, eps, groups
 
     def forward(self, x: Tensor, mask: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
                 normalized_shape: object = None) -> Tensor:  # the plain call's argument, unused: the dim is ``dim``
+        if self.kind == "group":
+            return self._group(x, self.channel_mask(x, mask).float(), weight, bias)
         m = self.channel_mask(x, mask).float()
         xf = x.float()
         n = m.sum(self.dim, keepdim=True)
@@ -167,6 +170,24 @@ class GateNorm(GateRead):
             y = y * weight.float()
         if bias is not None:
             y = y + bias.float()
+        out = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return y.to(out)
+
+    def _group(self, x: Tensor, m: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        """GroupNorm over dim 1 (the batch on dim 0): statistics per example and group over
+        the group's kept channels and every position."""
+        shape, g = x.shape, self.groups
+        xg = x.float().reshape(shape[0], g, -1)
+        mg = m.expand(m.shape[0], *shape[1:]).reshape(m.shape[0], g, -1)
+        n = mg.sum(-1, keepdim=True)
+        nz = n.clamp_min(1.0)
+        xg = xg - (mg * xg).sum(-1, keepdim=True) / nz
+        y = (xg * torch.rsqrt((mg * xg * xg).sum(-1, keepdim=True) / nz + self.eps) * (n > 0)).reshape(shape)
+        affine = [1, -1] + [1] * (x.dim() - 2)
+        if weight is not None:
+            y = y * weight.float().reshape(affine)
+        if bias is not None:
+            y = y + bias.float().reshape(affine)
         out = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
         return y.to(out)
 

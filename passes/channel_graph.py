@@ -431,8 +431,10 @@ class ChannelGraph:
             seen.add((b.owner, b.space))
             for reason in self.group_of(b.space).frozen[:1]:
                 out[reason] = out.get(reason, 0) + self.spaces[b.space].size
-        unseen = self.all_channels - self.producer_channels()[1]  # layers the analysis never saw: inside leaves
+        unseen = self.all_channels - self.producer_channels()[1]  # layers the analysis did not read as layers
         if unseen > 0:
-            why = "; ".join(f"'{path}': {reason}" for path, reason in self.leaves.items()) or "not analysed"
-            out[f"inside submodules kept whole ({why})"] = unseen
+            leaves = "; ".join(f"'{path}': {reason}" for path, reason in self.leaves.items())
+            why = f"inside submodules kept whole ({leaves}), or " if leaves else ""
+            out[f"{why}in conv/linear layers the analysis could not read (computed weights, or groups it does not "
+                "prune)"] = unseen
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from .op_classes import CHANNEL_NORM, CONV, CONV_TRANSPOSE, INPLACE_OPERATORS, LINEAR, TRAILING_NORM
+from .op_classes import CHANNEL_NORM, CONV, CONV_TRANSPOSE, GROUP_NORM, INPLACE_OPERATORS, LINEAR, TRAILING_NORM
 
 __all__ = [
     "index_tensor", "set_data", "refresh_module", "skeleton", "copy_module", "replace_tensor", "reached_tensors",
@@ -69,6 +69,8 @@ def refresh_module(m: nn.Module, depthwise: bool = False) -> None:
             m.out_channels = w.shape[0]
     elif isinstance(m, LINEAR):
         m.out_features, m.in_features = m.weight.shape
+    elif isinstance(m, GROUP_NORM) and m.weight is not None:
+        m.num_channels = m.weight.shape[0]
     elif isinstance(m, TRAILING_NORM) and m.weight is not None:
         m.normalized_shape = (m.weight.shape[0],)
     elif isinstance(m, CHANNEL_NORM):

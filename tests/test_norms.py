@@ -180,3 +180,51 @@ def test_transformer_stream_trains_through_live_removals_and_converts(norm):
     with torch.no_grad():
         torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)
     assert all(m.normalized_shape == (8,) for m in compact.modules() if isinstance(m, (nn.LayerNorm, nn.RMSNorm)))
+
+
+class ConvGroupNorm(nn.Module):
+    def __init__(self, functional: bool = False, affine: bool = True) -> None:
+        super().__init__()
+        self.functional = functional
+        self.conv1, self.conv2 = nn.Conv2d(3, 12, 3, padding=1), nn.Conv2d(12, 4, 1)
+        self.gn = nn.GroupNorm(3, 12, affine=affine)
+        if affine:
+            with torch.no_grad():
+                self.gn.weight.uniform_(0.5, 1.5)
+                self.gn.bias.normal_(0, 0.3)
+
+    def forward(self, x):
+        h = self.conv1(x)
+        h = F.group_norm(h, 3, self.gn.weight, self.gn.bias, 1e-5) if self.functional else self.gn(h)
+        return self.conv2(F.silu(h)).mean((2, 3))
+
+
+@pytest.mark.parametrize("functional,affine", [(False, True), (True, True), (False, False)])
+def test_group_norm_prunes_the_same_position_in_every_group_and_compacts_exactly(functional, affine):
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 5, 5)
+    gated = fxprune.prepare(ConvGroupNorm(functional, affine), (x,))
+    cg = state_of(gated).graph
+    g = next(cg.group_of(b.space) for b in cg.bindings if b.param == "conv1.weight" and b.dim == 0)
+    assert g.prunable and g.num_units == 4, g.frozen  # 12 channels in 3 groups: 4 positions
+    random_masks(gated, keep=0.5, seed=1).eval()
+    compact = fxprune.convert(gated).eval()
+    assert compact.conv1.out_channels == 6
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)
+    assert sum(p.numel() for p in compact.parameters()) == implied_param_count(gated)
+
+
+def test_group_norm_per_example_masks_give_each_example_its_own_kept_channels():
+    torch.manual_seed(0)
+    c, groups, batch = 8, 2, 4
+    norm = GateNorm(np.tile(np.arange(4), 2), dim=1, batch_dim=0, group=0, space=0, kind="group", eps=1e-5,
+                    groups=groups)
+    x, w, b = torch.randn(batch, c, 3, 3), torch.rand(c) + 0.5, torch.randn(c)
+    mask = (torch.rand(batch, 4) < 0.6).float()
+    mask[:, 0] = 1
+    y = norm(x, mask, w, b)
+    for i in range(batch):
+        k = mask[i].bool().repeat(2)
+        ref = F.group_norm(x[i:i + 1, k], groups, w[k], b[k], 1e-5)
+        torch.testing.assert_close(y[i:i + 1, k], ref, rtol=1e-5, atol=1e-5)

@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize
 
 from ..norms import norm_call
 from ..op_classes import CONV_TRANSPOSE
-from .generic import Dims, arg, freeze_trailing, shape, tensor_args, unknown
+from .generic import Dims, arg, freeze_trailing, shape, unknown
 
 if TYPE_CHECKING:  # pragma: no cover
     from .builder import Builder
@@ -239,5 +239,32 @@ def _norm_over(b: "Builder", node: fx.Node, x: fx.Node, k: int, why: str) -> Dim
 
 
 def group_norm(b: "Builder", node: fx.Node) -> Dims:
-    x = tensor_args(node)[0]
-    return _norm_over(b, node, x, len(shape(x)) - 1, "GroupNorm normalises over groups of channels")
+    """GroupNorm over dim 1 in ``groups`` groups: a ``"norm"`` read whose statistics (per
+    group) count only the channels whose gate is on. The same position is pruned in every
+    group (a unit is one position, in all groups), so the groups stay equal and the compact
+    model's plain GroupNorm, with the same number of groups, groups the kept channels as
+    the gated model did."""
+    nc = norm_call(node, b.modules)
+    x = nc.x
+    names = [t if isinstance(t, str) else _attr(t) for t in (nc.weight, nc.bias) if t is not None]
+    why = "GroupNorm normalises over groups of channels"
+    nd, groups = len(shape(x)), nc.groups
+    if nd < 2 or not isinstance(groups, int) or None in names or not node.args or node.args[0] is not x \
+            or b.batch_dim(x) not in (0, None) or b.dims_of(x).get(1) in b.batch:
+        return _norm_over(b, node, x, nd - 1, f"{why} (with computed affine tensors, a computed group count or the "
+                                              "batch elsewhere than dim 0)")
+    c = shape(x)[1]
+    s = b.space(x, 1)
+    per = c // groups
+    if groups > 1:  # position j of every group is one unit
+        b.link(s, s, (np.arange(c - per), np.arange(per, c)))
+    owner = node.target if node.op == "call_module" else node.name
+    for name in names:
+        b.bind(name, 0, s, "carrier", owner)
+    b.read(node, 0, s, 1, kind="norm")
+    dims = {d: sp for d, sp in b.dims_of(x).items() if d < 2}
+    for d, sp in b.dims_of(x).items():
+        if d >= 2:  # statistics are taken over the spatial dims too
+            b.freeze(sp, f"{why} ('{node.name}') and over dim {d}")
+    dims[1] = s
+    return dims
