@@ -212,3 +212,27 @@ def test_a_per_head_mask_the_analysis_cannot_follow_keeps_the_heads_whole():
     compact = fxprune.convert(random_masks(gated, keep=0.5, seed=0).eval())
     with torch.no_grad():
         torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_transformer_resumes_from_a_checkpoint_after_removals_on_the_same_trajectory(tmp_path):
+    from fxprune.checkpoint import load_checkpoint, save_checkpoint
+
+    config = fxprune.PruneConfig("both", gamma=200.0, theta_lr=2.0, warmup=0, check_every=2, patience=1, w_tol=1e3)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 6, 5, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(10)]
+
+    def build():
+        torch.manual_seed(0)
+        gated = fxprune.prepare(Transformer(PackedAttention), (data[0][0],), config)
+        opt = torch.optim.Adam(gated.parameters(), lr=1e-2)
+        return gated, opt, fxprune.Pruner(gated, opt)
+
+    whole = train_steps(*build(), data)
+    gated, opt, pruner = build()
+    first = train_steps(gated, opt, pruner, data[:5])
+    assert pruner.removals, "the config must remove structures before the checkpoint"
+    save_checkpoint(tmp_path / "run.ckpt", gated, opt, pruner, step=5)
+    gated2, opt2, pruner2 = build()
+    load_checkpoint(tmp_path / "run.ckpt", gated2, opt2, pruner2)
+    rest = train_steps(gated2, opt2, pruner2, data[5:])
+    assert first + rest == pytest.approx(whole, rel=1e-6, abs=1e-7)
