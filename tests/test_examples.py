@@ -12,6 +12,7 @@ RUNS = {
     "prune_while_training.py": ["--epochs", "2"],
     "layer_pruning_vgg.py": ["--epochs", "1"],
     "inspect_model.py": [],
+    "prune_transformer.py": ["--epochs", "2"],
 }
 
 
