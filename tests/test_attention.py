@@ -236,3 +236,50 @@ def test_a_transformer_resumes_from_a_checkpoint_after_removals_on_the_same_traj
     load_checkpoint(tmp_path / "run.ckpt", gated2, opt2, pruner2)
     rest = train_steps(gated2, opt2, pruner2, data[5:])
     assert first + rest == pytest.approx(whole, rel=1e-6, abs=1e-7)
+
+
+class GroupedQueryAttention(nn.Module):
+    """4 query heads sharing 2 key/value heads, by ``repeat_interleave`` or SDPA's ``enable_gqa``."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int = 2, native: bool = False) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim, self.native = heads, kv_heads, dim // heads, native
+        self.q, self.o = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.k, self.v = nn.Linear(dim, kv_heads * self.head_dim), nn.Linear(dim, kv_heads * self.head_dim)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q = self.q(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)
+        k, v = (p(x).view(B, N, self.kv_heads, self.head_dim).transpose(1, 2) for p in (self.k, self.v))
+        if self.native:
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        else:
+            rep = self.heads // self.kv_heads
+            y = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1))
+        return self.o(y.transpose(1, 2).reshape(B, N, self.heads * self.head_dim))
+
+
+class NativeGQA(GroupedQueryAttention):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__(dim, heads, native=True)
+
+
+@pytest.mark.parametrize("attention", [GroupedQueryAttention, NativeGQA], ids=["repeat_interleave", "enable_gqa"])
+def test_grouped_query_heads_are_pruned_with_the_query_heads_that_share_them(attention):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5)
+    gated = fxprune.prepare(Transformer(attention), (x,), fxprune.PruneConfig("units"))
+    g = head_group(gated, "attns.0.q")
+    assert g.prunable and g.num_units == 2, g.frozen  # a unit: one k/v head and its two query heads
+    assert head_group(gated, "attns.0.k") is g is head_group(gated, "attns.0.v")
+    theta = theta_of(gated, UnitGate(g.id))
+    with torch.no_grad():
+        theta[0] = 0.0
+    compact = fxprune.convert(gated.eval())
+    assert compact.get_submodule("attns.0.q").out_features == 8 and compact.get_submodule("attns.0.k").out_features == 4
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)
+    random_masks(gated, keep=0.5, seed=3)
+    compact = fxprune.convert(gated.eval())
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)

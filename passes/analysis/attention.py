@@ -2,7 +2,9 @@
 
 Attention is computed per head: the leading dims of q, k and v (batch, heads) index the
 same examples and heads, so a head's channels in q, k and v are tied and a whole head can
-be removed. The query-key dot product sums over q's and k's last dim (head_dim: frozen
+be removed. With grouped-query attention (``enable_gqa=True``, or k and v repeated with
+``repeat_interleave`` along the heads) each k/v head is one unit with the q heads that
+share it, so the groups stay equal. The query-key dot product sums over q's and k's last dim (head_dim: frozen
 there), the key tokens are mixed, and v's last dim passes to the output.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 from torch import fx
 
 from .generic import Dims, arg, shape, unknown
@@ -25,8 +28,9 @@ def sdpa(b: "Builder", node: fx.Node) -> Dims:
     if not all(isinstance(t, fx.Node) and shape(t) is not None for t in (q, k, v)):
         return unknown(b, node)
     nd = len(shape(q))
-    if len(shape(k)) != nd or len(shape(v)) != nd or arg(node, 7, "enable_gqa", False):
-        return unknown(b, node, f"{what} with grouped-query heads or broadcast q/k/v is not pruned")
+    if len(shape(k)) != nd or len(shape(v)) != nd:
+        return unknown(b, node, f"{what} with broadcast q/k/v is not pruned")
+    gqa = bool(arg(node, 7, "enable_gqa", False))
     dq, dk, dv = b.dims_of(q), b.dims_of(k), b.dims_of(v)
     out: Dims = {}
     for d in range(nd - 2):  # batch and heads: the same in q, k and v
@@ -37,13 +41,21 @@ def sdpa(b: "Builder", node: fx.Node) -> Dims:
         if any(s in b.batch for s in tracked):
             out[d] = spaces[0] if spaces[0] is not None else tracked[0]
             continue
-        if len(tracked) < 3 or len({b.spaces[s].size for s in tracked}) > 1:
+        sizes = [b.spaces[s].size for s in tracked]
+        grouped = gqa and d == nd - 3 and len(tracked) == 3 and sizes[1] == sizes[2] and sizes[0] % sizes[1] == 0
+        if len(tracked) < 3 or (len(set(sizes)) > 1 and not grouped):
             for s in tracked:
                 b.freeze(s, f"{what} attends along dim {d}, which carries channels in only some of q, k and v")
             continue
-        for s in spaces[1:]:
-            if s != spaces[0]:
-                b.link(spaces[0], s)
+        if grouped and sizes[0] != sizes[1]:  # grouped-query: q head h reads k/v head h // (q heads / k/v heads)
+            h = np.arange(sizes[0])
+            b.link(spaces[0], spaces[1], (h, h // (sizes[0] // sizes[1])))
+            if spaces[2] != spaces[1]:
+                b.link(spaces[1], spaces[2])
+        else:
+            for s in spaces[1:]:
+                if s != spaces[0]:
+                    b.link(spaces[0], s)
         out[d] = spaces[0]
     if nd - 2 in dq:
         out[nd - 2] = dq[nd - 2]

@@ -30,7 +30,7 @@ from .layers import (
     norm_module,
     trailing_norm,
 )
-from .shapes import cat, expand, getitem, permute, reshape, size, split, unbind
+from .shapes import cat, expand, getitem, permute, repeat_interleave, reshape, size, split, unbind
 
 if TYPE_CHECKING:  # pragma: no cover
     from .builder import Builder
@@ -82,7 +82,7 @@ FUNCTION_RULES: dict[Any, Rule] = {
     torch.permute: permute, torch.transpose: permute,
     torch.cat: cat, torch.concat: cat, torch.concatenate: cat,
     torch.split: split, torch.chunk: split, torch.unbind: unbind,
-    F.scaled_dot_product_attention: sdpa,
+    F.scaled_dot_product_attention: sdpa, torch.repeat_interleave: repeat_interleave,
     torch.mean: reduce, torch.sum: reduce, torch.amax: reduce,
     operator.getitem: getitem,
     getattr: _getattr,
@@ -105,7 +105,7 @@ METHOD_RULES: dict[str, Rule] = {
     "unsqueeze": reshape,
     "permute": permute, "transpose": permute,
     "expand": expand,
-    "split": split, "chunk": split, "unbind": unbind,
+    "split": split, "chunk": split, "unbind": unbind, "repeat_interleave": repeat_interleave,
     "mean": reduce, "sum": reduce, "amax": reduce,
     "softmax": along_dim("dim", 1, "softmax"), "log_softmax": along_dim("dim", 1, "log_softmax"),
     "size": size,

@@ -270,3 +270,23 @@ def unbind(b: "Builder", node: fx.Node) -> list[Dims]:
         b.freeze(dims[dim], f"'{node.name}' unbinds channel dim {dim}")
     one = {d - (d > dim): s for d, s in dims.items() if d != dim}
     return [dict(one) for _ in range(shape(x)[dim])]
+
+
+def repeat_interleave(b: "Builder", node: fx.Node) -> Dims:
+    """``x.repeat_interleave(r, dim)`` with an int ``r`` (grouped-query attention's k/v heads
+    repeated for the q heads): output index i of ``dim`` is input index i // r."""
+    x = tensor_args(node)[0]
+    reps, dim = arg(node, 1, "repeats"), arg(node, 2, "dim")
+    dims = dict(b.dims_of(x))
+    if not isinstance(reps, int) or not isinstance(dim, int):
+        return unknown(b, node, f"'{node.name}' repeats by a tensor or over the flattened input")
+    dim = norm_dim(dim, len(shape(x)))
+    s = dims.get(dim)
+    if s is not None and s not in b.batch:
+        idx = np.arange(shape(node)[dim])
+        dims[dim] = b.new(node, dim, shape(node)[dim])
+        b.link(s, dims[dim], (idx // reps, idx))
+    elif s is not None:
+        b.freeze(s, f"'{node.name}' repeats the batch")
+        dims.pop(dim)
+    return dims
