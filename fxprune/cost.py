@@ -16,7 +16,9 @@ linear in the gates of its group (``n = sum_u m(u) xi_u``, ``m(u)`` the channels
 A term inside residual branches is multiplied by their layer gates' theta. The FLOPs of
 a weight are its kept size times the FLOPs per entry the analysis recorded
 (:attr:`fxprune.passes.channel_graph.Param.flops`, as ``FlopCounterMode`` counts them);
-FLOPs of ops without weights (attention products) are a constant. Everything reads the
+FLOPs of ops without weights (attention products) are a constant measured on the dense
+model (none where ``FlopCounterMode`` does not count a fused attention kernel, as on the
+CPU): pruning attention heads lowers them, and the cost does not see it. Everything reads the
 ChannelGraph (parameters by identity: a tied weight is one term) and is evaluated with
 ``index_add`` and gathers over the flat theta buffer: no Python loop per step.
 """

@@ -7,7 +7,7 @@ transposed conv, a shape read used to reshape the same or another tensor, litera
 counts in expand/unflatten, tied weights), then one of several heads (flatten into Linear with literal view sizes,
 global pooling, transformer blocks over tokens (pre- or post-norm, LayerNorm or RMSNorm as
 modules or functions, MLP, attention: nn.MultiheadAttention, or heads viewed out of packed
-or separate projections into scaled_dot_product_attention), Linear on the last dim of a 4-D tensor via permute).
+or separate projections, grouped-query k/v repeated, into scaled_dot_product_attention), Linear on the last dim of a 4-D tensor via permute).
 """
 
 from __future__ import annotations
@@ -177,11 +177,12 @@ class HeadsAttention(nn.Module):
     (3, heads, head_dim) with literal sizes (timm's layout), or q, k, v projections viewed
     with a -1 head dim (language models'), then ``F.scaled_dot_product_attention``."""
 
-    def __init__(self, c: int, packed: bool) -> None:
+    def __init__(self, c: int, packed: bool, grouped: bool = False) -> None:
         super().__init__()
         self.heads = 2 if c % 2 == 0 else 1
-        self.head_dim, self.packed = c // self.heads, packed
-        self.qkv = nn.Linear(c, 3 * c) if packed else nn.ModuleList(nn.Linear(c, c) for _ in range(3))
+        self.head_dim, self.packed, self.grouped = c // self.heads, packed, grouped
+        kv = self.head_dim if grouped else c  # grouped-query: one k/v head for every query head
+        self.qkv = nn.Linear(c, 3 * c) if packed else nn.ModuleList(nn.Linear(c, n) for n in (c, kv, kv))
         self.proj = nn.Linear(c, c)
 
     def forward(self, t):
@@ -189,7 +190,9 @@ class HeadsAttention(nn.Module):
         if self.packed:
             q, k, v = self.qkv(t).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         else:
-            q, k, v = (p(t).view(B, N, self.heads, -1).transpose(1, 2) for p in self.qkv)
+            q, k, v = (p(t).view(B, N, -1, self.head_dim).transpose(1, 2) for p in self.qkv)
+            if self.grouped:
+                k, v = k.repeat_interleave(self.heads, dim=1), v.repeat_interleave(self.heads, dim=1)
         y = F.scaled_dot_product_attention(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(B, N, self.heads * self.head_dim))
 
@@ -206,7 +209,7 @@ class TransformerBlock(nn.Module):
         if attention == "mha":
             self.attn = nn.MultiheadAttention(c, 2 if c % 2 == 0 else 1, batch_first=True)
         else:
-            self.attn = HeadsAttention(c, attention == "packed") if attention else None
+            self.attn = HeadsAttention(c, attention == "packed", attention == "gqa") if attention else None
         self.fc1, self.fc2 = nn.Linear(c, hidden), nn.Linear(hidden, c)
 
     def _attn(self, t):
@@ -341,7 +344,7 @@ def networks(draw) -> tuple[nn.Module, torch.Tensor]:
         head = PoolHead(c, out)
     elif head_kind in ("tokens", "attention"):
         head = TokenHead(c, draw(widths), out,
-                         attention=draw(st.sampled_from(["mha", "packed", "split"])) if head_kind == "attention" else None,
+                         attention=draw(st.sampled_from(["mha", "packed", "split", "gqa"])) if head_kind == "attention" else None,
                          norm=draw(st.sampled_from(["layer", "rms", "f_layer", "f_rms"])), post=draw(st.booleans()),
                          depth=draw(st.integers(1, 2)), embed=draw(st.sampled_from([None, 8, 12])))
     else:
