@@ -156,40 +156,23 @@ class GateNorm(GateRead):
 
     def forward(self, x: Tensor, mask: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
                 normalized_shape: object = None) -> Tensor:  # the plain call's argument, unused: the dim is ``dim``
-        if self.kind == "group":
-            return self._group(x, self.channel_mask(x, mask).float(), weight, bias)
-        m = self.channel_mask(x, mask).float()
-        xf = x.float()
-        n = m.sum(self.dim, keepdim=True)
+        m, xs, over = self.channel_mask(x, mask).float(), x.float(), self.dim
+        if self.kind == "group":  # statistics per example and group, over its channels and every position
+            m = m.expand(m.shape[0], *x.shape[1:]).reshape(m.shape[0], self.groups, -1)
+            xs, over = xs.reshape(x.shape[0], self.groups, -1), -1
+        n = m.sum(over, keepdim=True)
         nz = n.clamp_min(1.0)
+        if self.kind != "rms":
+            xs = xs - (m * xs).sum(over, keepdim=True) / nz
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
-        if self.kind == "layer":
-            xf = xf - (m * xf).sum(self.dim, keepdim=True) / nz
-        y = xf * torch.rsqrt((m * xf * xf).sum(self.dim, keepdim=True) / nz + eps) * (n > 0)
-        if weight is not None:
-            y = y * weight.float()
-        if bias is not None:
-            y = y + bias.float()
-        out = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
-        return y.to(out)
-
-    def _group(self, x: Tensor, m: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-        """GroupNorm over dim 1 (the batch on dim 0): statistics per example and group over
-        the group's kept channels and every position."""
-        shape, g = x.shape, self.groups
-        xg = x.float().reshape(shape[0], g, -1)
-        mg = m.expand(m.shape[0], *shape[1:]).reshape(m.shape[0], g, -1)
-        n = mg.sum(-1, keepdim=True)
-        nz = n.clamp_min(1.0)
-        xg = xg - (mg * xg).sum(-1, keepdim=True) / nz
-        y = (xg * torch.rsqrt((mg * xg * xg).sum(-1, keepdim=True) / nz + self.eps) * (n > 0)).reshape(shape)
-        affine = [1, -1] + [1] * (x.dim() - 2)
+        y = (xs * torch.rsqrt((m * xs * xs).sum(over, keepdim=True) / nz + eps) * (n > 0)).reshape(x.shape)
+        affine = [1] * x.dim()
+        affine[self.dim] = -1
         if weight is not None:
             y = y * weight.float().reshape(affine)
         if bias is not None:
             y = y + bias.float().reshape(affine)
-        out = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
-        return y.to(out)
+        return y.to(torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.kind}, dim={self.dim}, eps={self.eps}, batch_dim={self.batch_dim}, group={self.group}"
