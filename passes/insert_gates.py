@@ -75,6 +75,7 @@ class InsertGates(PassBase):
         mask.meta[GATE_META] = "bank"
 
         order = {n.name: i for i, n in enumerate(graph.nodes)}
+        modules = dict(gm.named_modules())
         gated: dict[tuple[str, int], fx.Node] = {}
         reads = gm.get_submodule(READS)
         for r in sorted(cg.reads, key=lambda r: order[r.node]):
@@ -82,7 +83,7 @@ class InsertGates(PassBase):
                 continue
             consumer = nodes[r.node]
             if r.kind == "norm":
-                self._mask_norm(gm, consumer, r, mask, reads)
+                self._mask_norm(gm, modules, consumer, r, mask, reads)
                 continue
             src = consumer.args[r.arg]
             key = (src.name, r.space)
@@ -107,16 +108,16 @@ class InsertGates(PassBase):
         gm.recompile()
         return PassResult(gm, True)
 
-    def _mask_norm(self, gm: fx.GraphModule, node: fx.Node, r: Read, mask: fx.Node, reads: nn.ModuleDict) -> None:
+    def _mask_norm(self, gm: fx.GraphModule, modules: dict[str, nn.Module], node: fx.Node, r: Read, mask: fx.Node,
+                   reads: nn.ModuleDict) -> None:
         """Turn the norm call ``node`` into the gate module ``make_norm`` builds, called as
         ``(x, mask, weight, bias, normalized_shape)`` (the last one is only kept for the
         plain call, None for a module); the node keeps its name, and what it was is kept
         in ``node.meta[NORM_META]`` for :func:`strip_gate_nodes`."""
         if self.make_norm is None:
             raise ValueError(f"'{node.name}' normalises a gated channel group: InsertGates needs a norm constructor")
-        modules = dict(gm.named_modules())
         nc = norm_call(node, modules)
-        spec = original(node, modules)
+        spec = original(node, nc)
         name = f"n{len(reads)}"
         reads[name] = self.make_norm(r, nc)
         tensors = []

@@ -72,10 +72,10 @@ def norm_call(node: fx.Node, modules: dict[str, nn.Module]) -> NormCall | None:
     return None
 
 
-def original(node: fx.Node, modules: dict[str, nn.Module]) -> dict[str, Any]:
-    """What :func:`restore_norm` needs, besides the tensors, to turn the node back into the
-    norm call it is now (constants only: it is kept in ``node.meta``, which graph copies share)."""
-    nc = norm_call(node, modules)
+def original(node: fx.Node, nc: NormCall) -> dict[str, Any]:
+    """What :func:`restore_norm` needs, besides the tensors, to turn ``node`` (the norm call
+    ``nc`` read) back into that call (constants only: it is kept in ``node.meta``, which
+    graph copies share)."""
     return {"op": node.op, "target": node.target, "eps": nc.eps, "groups": nc.groups}
 
 
