@@ -21,7 +21,7 @@ import time
 
 from tabulate import tabulate
 
-from ..testing.zoo import _build, check_model, classification_models, timm_models
+from ..testing.zoo import build_model, check_model, classification_models, timm_models
 
 __all__ = ["torch_pruning_attempt", "main"]
 
@@ -33,7 +33,7 @@ def torch_pruning_attempt(name: str, source: str, ratio: float = 0.5) -> dict:
 
     from .baseline import _last_called
 
-    model, x = _build(name, source, 0, 2)
+    model, x = build_model(name, source, 0, 2)
     try:
         head = model.get_submodule(_last_called(model, x))
         before = sum(p.numel() for p in model.parameters())

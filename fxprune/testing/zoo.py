@@ -25,7 +25,7 @@ import torchvision
 from ..api import channel_graph, convert, prepare
 from .masks import implied_param_count, random_masks
 
-__all__ = ["ZooResult", "check_model", "classification_models", "timm_models", "input_size", "summary", "main"]
+__all__ = ["ZooResult", "check_model", "classification_models", "timm_models", "build_model", "input_size", "summary", "main"]
 
 #: Models that only accept one input resolution, or need a larger one than the default.
 _SIZES = {"vit_*": 224, "maxvit_t": 224, "inception_v3": 96, "swin*": 64}
@@ -58,7 +58,9 @@ def timm_models(second_from: int = 10) -> list[str]:
     return out
 
 
-def _build(name: str, source: str, seed: int, batch: int) -> tuple[torch.nn.Module, torch.Tensor]:
+def build_model(name: str, source: str, seed: int, batch: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """Model ``name`` of ``source`` ("torchvision" or "timm"), random init, perturbed, in eval
+    mode, and an example input of ``batch`` examples at the sweep's size."""
     torch.manual_seed(seed)
     if source == "timm":
         import timm
@@ -146,7 +148,7 @@ def check_model(name: str, keep: float = 0.5, seed: int = 0, rtol: float = 1e-4,
     res, t0 = ZooResult(name), time.perf_counter()
     try:
         res.stage = "build"
-        model, x = _build(name, source, seed, batch)
+        model, x = build_model(name, source, seed, batch)
         res.params_before = sum(p.numel() for p in model.parameters())
         res.stage = "prepare"
         with warnings.catch_warnings():  # the sweep reports the prunable share and its reasons itself

@@ -227,8 +227,11 @@ def trailing_norm(b: "Builder", node: fx.Node) -> Dims:
     for name in names:
         b.bind(name, 0, s, "carrier", owner)
     if node.op == "call_function":  # a size read from a tensor (``x.shape[-1]``) must stay that of ``x``
-        fx.node.map_arg(arg(node, 1, "normalized_shape"), lambda v: b.ties.append((b.size_info(v).space, s, node.name))
-                        if b.size_info(v) is not None and b.size_info(v).space is not None else None)
+        sizes: list = []
+        fx.node.map_arg(arg(node, 1, "normalized_shape"), sizes.append)
+        for info in filter(None, map(b.size_info, sizes)):
+            if info.space is not None:
+                b.ties.append((info.space, s, node.name))
     b.read(node, 0, s, nd - 1, kind="norm")
     b.rewrite(node, "norm", 1, (s,))
     return {**b.dims_of(x), nd - 1: s}
