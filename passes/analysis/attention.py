@@ -72,7 +72,7 @@ def sdpa(b: "Builder", node: fx.Node) -> Dims:
     if isinstance(mask, fx.Node) and shape(mask) is not None:
         # the mask (a relative position bias) broadcasts against the scores [..., heads, L, S]: where it has
         # a dim of its own over the heads, that dim must keep the same heads (or the heads stay whole)
-        lead = nd - len(shape(mask))
+        lead, mdims = nd - len(shape(mask)), b.dims_of(mask)
         for md, size in enumerate(shape(mask)):
             d = md + lead
             s = out.get(d)
@@ -82,6 +82,6 @@ def sdpa(b: "Builder", node: fx.Node) -> Dims:
                     b.link(s, ms)
                 else:
                     b.freeze(s, f"{what} adds a mask whose dim {md} does not follow the heads")
-            elif d >= nd - 2 and b.dims_of(mask).get(md) is not None and b.dims_of(mask)[md] not in b.batch:
-                b.freeze(b.dims_of(mask)[md], f"{what} adds a mask with channels to the attention scores")
+            elif d >= nd - 2 and mdims.get(md) is not None and mdims[md] not in b.batch:
+                b.freeze(mdims[md], f"{what} adds a mask with channels to the attention scores")
     return out
