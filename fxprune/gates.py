@@ -75,11 +75,12 @@ class GateBank(nn.Module):
         self.theta = theta.detach().to(self.segments.device).requires_grad_(theta.requires_grad)
         return self
 
-    def deterministic(self) -> Tensor:
-        """``1[theta >= 0.5]``, plus the best units of any segment that would keep fewer
-        than ``min_units`` (at least one: no channel dimension becomes empty)."""
+    def deterministic(self, level: float | Tensor = 0.5) -> Tensor:
+        """``1[theta >= level]`` (what eval mode keeps at the default 0.5), plus the best
+        units of any segment that would keep fewer than ``min_units`` (at least one: no
+        channel dimension becomes empty)."""
         theta = self.theta.detach()
-        return floor_keep(theta >= 0.5, theta, self.segments, self.min_units).to(theta.dtype)
+        return floor_keep(theta >= level, theta, self.segments, self.min_units).to(theta.dtype)
 
     def forward(self, ref: Tensor) -> Tensor:
         theta = self.theta

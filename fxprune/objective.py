@@ -154,7 +154,13 @@ class Objective:
     def fractions(self, alpha: float = 1.0) -> dict[str, Tensor]:
         """Expected FLOPs and parameters as fractions of the dense model's (what a budget
         ``target_flops`` / ``target_params`` is compared with)."""
-        flops, params = self.expected(alpha)
+        return self.fractions_at(self.scaled_theta(alpha))
+
+    def fractions_at(self, theta: Tensor) -> dict[str, Tensor]:
+        """:meth:`fractions` at the given thetas; at 0/1 thetas, the fractions of the
+        compact model those gates make."""
+        flops, params = self.complexity.expected(theta)
+        flops = flops + self.other_flops
         return {"flops": flops / max(self.reference.flops, 1), "params": params / max(self.reference.params, 1)}
 
     def penalty(self, gamma: float | None = None, multipliers: dict[str, Tensor] | None = None,

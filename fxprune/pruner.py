@@ -27,8 +27,9 @@ from . import distributed, live_compaction, optim_state
 from .config import PruneConfig
 from .cost import forward_flops
 from .decisions import decisions_record
+from .gates import GateBank
 from .objective import Objective
-from .passes.channel_graph import ChannelGraph
+from .passes.channel_graph import ChannelGraph, floor_keep
 from .state import gate_bank, state_of
 
 __all__ = ["Pruner", "describe_removal"]
@@ -75,6 +76,7 @@ def describe_removal(cg: ChannelGraph, record: live_compaction.Removal) -> str:
 
 #: steps after which a loop that never adds penalty() or never calls step() is warned about
 _NAG_AFTER = 20
+_DECIDE_TOLERANCE = 0.05  # a relative miss of the budget the decision accepts from rounding at 0.5
 
 
 class Pruner:
@@ -271,14 +273,68 @@ class Pruner:
         return bool(self._decide) and self.steps >= self._decide
 
     def _decide_gates(self) -> live_compaction.Removal | None:
-        """Round every theta to what eval mode keeps, and remove the rest now. Eval mode
-        computes the same function before and after; training stops sampling masks."""
+        """Round every theta to what eval mode keeps, and remove the rest now; training
+        stops sampling masks. Under a budget, when that rounding misses it by more than
+        ``_DECIDE_TOLERANCE`` (the thetas still fractional at the decision can each weigh
+        several per cent of the FLOPs: a ResNet's blocks), the structures of highest theta
+        are kept instead, so that the fixed model is the closest to the budget; otherwise
+        eval mode computes the same function before and after."""
         bank = gate_bank(self.gated)
-        self.theta.copy_(bank.deterministic())
+        keep = bank.deterministic()
+        if self.multipliers:
+            keep = self._closest_to_budget(bank, keep)
+        self.theta.copy_(keep)
         log.info("step %d: gates decided, %d of %d kept", self.steps, int(self.theta.sum()), self.theta.numel())
         off = (self.theta <= self.config.theta_tol).cpu().numpy()
         self.below = np.where(off, np.maximum(self.below, self.config.patience - 1), self.below)
         return self.check()
+
+    def _closest_to_budget(self, bank: GateBank, keep: Tensor) -> Tensor:
+        """``keep``, or when it misses a budget by more than ``_DECIDE_TOLERANCE`` (relative),
+        the structures of highest score at the cut whose compact model is the closest to
+        every budget (the largest relative miss, over the budgets, is the smallest). The
+        score is theta, ties (the gates a sharp dual step has just switched off, all at 0
+        but not yet removed) broken by the weights' RMS. The fractions only grow as the cut
+        falls, so a bisection over the distinct scores finds the two cuts around the budget
+        in a few evaluations of the cost."""
+        targets = self.config.targets
+
+        def fractions(k: Tensor) -> dict[str, float]:
+            with torch.no_grad():
+                return {n: float(v) for n, v in self.objective.fractions_at(k).items()}
+
+        def over(k: Tensor) -> float:  # the largest signed relative miss: > 0 is over a budget
+            f = fractions(k)
+            return max((f[n] - t) / t for n, t in targets.items())
+
+        def miss(k: Tensor) -> float:
+            f = fractions(k)
+            return max(abs(f[n] - t) / t for n, t in targets.items())
+
+        if miss(keep) <= _DECIDE_TOLERANCE:
+            return keep
+        theta = self.theta.detach()
+        with torch.no_grad():
+            sq = self.objective.squared_norms()[1].to(torch.float64)
+            rms = (sq / self.objective.elems.to(sq).clamp_min(1)).sqrt()
+        score = theta.to(torch.float64) + 1e-6 * rms / rms.max().clamp_min(1e-30)
+        levels = torch.unique(score)  # ascending
+        at = lambda i: floor_keep(score >= levels[i], score, bank.segments, bank.min_units).to(theta.dtype)  # noqa: E731
+        lo, hi = 0, levels.numel() - 1  # the cut at lo keeps the most, at hi the least
+        if over(at(hi)) > 0:  # the fewest structures are still over: keep them
+            lo = hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if over(at(mid)) > 0:
+                lo = mid
+            else:
+                hi = mid
+        best = min((at(i) for i in {lo, hi}), key=miss)
+        if miss(best) < miss(keep):
+            log.info("step %d: rounding at 0.5 misses the budget by %.1f%%; the %d structures of highest theta miss "
+                     "it by %.1f%%", self.steps, 100 * miss(keep), int(best.sum()), 100 * miss(best))
+            return best
+        return keep
 
     # ----------------------------------------------------------------- pruning conditions
     @torch.no_grad()

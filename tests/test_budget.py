@@ -126,7 +126,9 @@ def test_theta_condition_removes_large_weights_and_keeps_the_function():
 def test_decision_rounds_thetas_removes_and_fixes_them_keeping_the_function():
     torch.manual_seed(0)
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
-    config = fxprune.PruneConfig("units", target_flops=0.3, warmup=0, budget_steps=10, decide=30, check_every=1000)
+    # a fixed strength: rounding at 0.5 is the decision (under a budget too, when it lands
+    # near the budget: test_decision_lands_at_the_budget...)
+    config = fxprune.PruneConfig("units", gamma=3.0, warmup=0, decide=30, check_every=1000)
     gated = fxprune.prepare(mlp(), (x,), config)
     opt = torch.optim.SGD(gated.parameters(), lr=0.05)
     pruner = fxprune.Pruner(gated, opt)
@@ -159,3 +161,68 @@ def test_decision_rounds_thetas_removes_and_fixes_them_keeping_the_function():
         train_step()
         pruner.step()
     assert (pruner.theta.detach() == 1).all()
+
+
+def test_decision_lands_at_the_budget_when_rounding_at_one_half_would_miss_it():
+    """Rounding every theta at 0.5 can miss the budget by far (a ResNet's blocks, each a few
+    per cent of the FLOPs, all just under 0.5 at the decision). The decision keeps the
+    structures of highest theta so that the model it fixes is the closest to the budget."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 6)
+    config = fxprune.PruneConfig("units", target_flops=0.5, warmup=0, budget_steps=1, decide=2, check_every=1000)
+    gated = fxprune.prepare(nn.Sequential(nn.Linear(6, 64), nn.ReLU(), nn.Linear(64, 6)), (x,), config)
+    pruner = fxprune.Pruner(gated, torch.optim.SGD(gated.parameters(), lr=0.0))
+    dense_weight = dict(gated.named_parameters())["0.weight"].detach().clone()
+    theta = pruner.theta.detach()
+    ranks = torch.randperm(theta.numel(), generator=torch.Generator().manual_seed(1)).to(theta)
+    theta.copy_(0.2 + 0.25 * ranks / theta.numel())  # every gate under 0.5: rounding would keep one unit
+    pruner.step()
+    pruner.step()
+    assert pruner.decided
+    compact = fxprune.convert(gated)
+    weight = dict(compact.named_parameters())["0.weight"]
+    assert abs(weight.shape[0] - 32) <= 1, f"{weight.shape[0]} of 64 units kept for a FLOPs budget of one half"
+    top = ranks.argsort(descending=True)[: weight.shape[0]].sort().values
+    torch.testing.assert_close(weight, dense_weight[top], msg="the units kept are those of highest theta")
+
+
+def test_decision_keeps_what_eval_mode_keeps_when_that_lands_near_the_budget():
+    torch.manual_seed(0)
+    x = torch.randn(8, 6)
+    config = fxprune.PruneConfig("units", target_flops=0.5, warmup=0, budget_steps=1, decide=2, check_every=1000)
+    gated = fxprune.prepare(nn.Sequential(nn.Linear(6, 64), nn.ReLU(), nn.Linear(64, 6)), (x,), config)
+    pruner = fxprune.Pruner(gated, torch.optim.SGD(gated.parameters(), lr=0.0))
+    theta = pruner.theta.detach()
+    theta.copy_(torch.linspace(0.05, 0.95, theta.numel())[torch.randperm(theta.numel())])  # half of them >= 0.5
+    gated.eval()
+    with torch.no_grad():
+        before = gated(x)
+    pruner.step()
+    pruner.step()
+    assert pruner.decided and pruner.theta.numel() == 32
+    with torch.no_grad():
+        torch.testing.assert_close(gated(x), before, rtol=1e-5, atol=1e-6)
+
+
+def test_decision_breaks_ties_among_switched_off_gates_by_their_weights():
+    """A sharp dual step can switch off most gates a few steps before the decision (theta 0,
+    not yet removed): the decision keeps those of largest weights to meet the budget."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 6)
+    config = fxprune.PruneConfig("units", target_flops=0.5, warmup=0, budget_steps=1, decide=2, check_every=1000)
+    gated = fxprune.prepare(nn.Sequential(nn.Linear(6, 64), nn.ReLU(), nn.Linear(64, 6)), (x,), config)
+    pruner = fxprune.Pruner(gated, torch.optim.SGD(gated.parameters(), lr=0.0))
+    with torch.no_grad():
+        scale = torch.rand(64, 1) + 0.1
+        params = dict(gated.named_parameters())
+        params["0.weight"].copy_(torch.randn(64, 6).sign() * scale)  # every weight of unit i is +-scale_i
+        params["0.bias"].copy_(scale.flatten())
+        params["2.weight"].copy_(torch.randn(6, 64).sign() * scale.T)
+    dense_weight = dict(gated.named_parameters())["0.weight"].detach().clone()
+    pruner.theta.detach().zero_()
+    pruner.step()
+    pruner.step()
+    weight = dict(fxprune.convert(gated).named_parameters())["0.weight"]
+    assert abs(weight.shape[0] - 32) <= 1
+    top = scale.flatten().argsort(descending=True)[: weight.shape[0]].sort().values
+    torch.testing.assert_close(weight, dense_weight[top])
