@@ -175,10 +175,13 @@ def make_norm(kind: str, c: int) -> nn.Module:
 class HeadsAttention(nn.Module):
     """Multi-head attention written out: one packed qkv projection reshaped to
     (3, heads, head_dim) with literal sizes (timm's layout), or q, k, v projections viewed
-    with a -1 head dim (language models'), then ``F.scaled_dot_product_attention``."""
+    with a -1 head dim (language models'), then ``F.scaled_dot_product_attention``, or
+    written out as ``softmax(q @ k^T * scale) @ v`` (``explicit``, timm's and Swin's
+    non-fused path)."""
 
-    def __init__(self, c: int, packed: bool, grouped: bool = False) -> None:
+    def __init__(self, c: int, packed: bool, grouped: bool = False, explicit: bool = False) -> None:
         super().__init__()
+        self.explicit = explicit
         self.heads = 2 if c % 2 == 0 else 1
         self.head_dim, self.packed, self.grouped = c // self.heads, packed, grouped
         kv = self.head_dim if grouped else c  # grouped-query: one k/v head for every query head
@@ -193,7 +196,10 @@ class HeadsAttention(nn.Module):
             q, k, v = (p(t).view(B, N, -1, self.head_dim).transpose(1, 2) for p in self.qkv)
             if self.grouped:
                 k, v = k.repeat_interleave(self.heads, dim=1), v.repeat_interleave(self.heads, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v)
+        if self.explicit:
+            y = (q @ k.transpose(-2, -1) * self.head_dim ** -0.5).softmax(dim=-1) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(B, N, self.heads * self.head_dim))
 
 
@@ -209,7 +215,8 @@ class TransformerBlock(nn.Module):
         if attention == "mha":
             self.attn = nn.MultiheadAttention(c, 2 if c % 2 == 0 else 1, batch_first=True)
         else:
-            self.attn = HeadsAttention(c, attention == "packed", attention == "gqa") if attention else None
+            self.attn = HeadsAttention(c, attention in ("packed", "matmul"), attention == "gqa",
+                                       attention == "matmul") if attention else None
         self.fc1, self.fc2 = nn.Linear(c, hidden), nn.Linear(hidden, c)
 
     def _attn(self, t):
@@ -344,7 +351,7 @@ def networks(draw) -> tuple[nn.Module, torch.Tensor]:
         head = PoolHead(c, out)
     elif head_kind in ("tokens", "attention"):
         head = TokenHead(c, draw(widths), out,
-                         attention=draw(st.sampled_from(["mha", "packed", "split", "gqa"])) if head_kind == "attention" else None,
+                         attention=draw(st.sampled_from(["mha", "packed", "split", "gqa", "matmul"])) if head_kind == "attention" else None,
                          norm=draw(st.sampled_from(["layer", "rms", "f_layer", "f_rms"])), post=draw(st.booleans()),
                          depth=draw(st.integers(1, 2)), embed=draw(st.sampled_from([None, 8, 12])))
     else:

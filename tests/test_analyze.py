@@ -208,3 +208,31 @@ def test_channels_inside_a_submodule_kept_whole_are_counted_among_the_frozen_wit
     reasons = cg.frozen_reasons()
     assert sum(reasons.values()) == cg.prunable_share()[1] - cg.prunable_share()[0] == 18
     assert any("'inner'" in why and n == 16 for why, n in reasons.items()), reasons
+
+
+class PadTokens(nn.Module):
+    """Swin's window padding: ``F.pad`` of H and W of a ``[B, H, W, C]`` tensor, C untouched;
+    ``channel=True`` pads C instead."""
+
+    def __init__(self, channel: bool) -> None:
+        super().__init__()
+        self.channel = channel
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8 + 2 * channel, 3)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        y = F.pad(y, (1, 1) if self.channel else (0, 0, 0, 1, 0, 1))
+        return self.b(y).mean((1, 2))
+
+
+def test_a_pad_that_leaves_the_channel_dim_alone_keeps_it_prunable():
+    x = torch.randn(2, 3, 3, 4)
+    gated = fxprune.prepare(PadTokens(channel=False), (x,))
+    cg = fxprune.channel_graph(gated)
+    assert cg.prunable_share()[0] == 8
+    random_masks(gated, keep=0.5, seed=0).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fxprune.convert(gated).eval()(x), gated(x))
+    frozen = fxprune.channel_graph(fxprune.prepare(PadTokens(channel=True), (x,)))
+    assert frozen.prunable_share()[0] == 0
+    assert any("pads channel dim 3" in r for r in frozen.frozen_reasons())

@@ -46,6 +46,17 @@ class SplitAttention(nn.Module):
         return self.o(y.transpose(1, 2).reshape(B, N, -1))
 
 
+class ExplicitAttention(PackedAttention):
+    """timm's non-fused path (and Swin's): ``softmax(q @ k^T * scale) @ v`` with matmuls."""
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
+        x = attn.softmax(dim=-1) @ v
+        return self.proj(x.transpose(1, 2).reshape(B, N, self.heads * self.head_dim))
+
+
 class Transformer(nn.Module):
     def __init__(self, attention: type, d: int = 5, dim: int = 16, heads: int = 4, depth: int = 2) -> None:
         super().__init__()
@@ -69,23 +80,23 @@ def head_group(gated, layer):
     return next(cg.group_of(b.space) for b in cg.bindings if b.owner == layer and b.role == "producer")
 
 
-@pytest.mark.parametrize("attention", [PackedAttention, SplitAttention])
+@pytest.mark.parametrize("attention", [PackedAttention, SplitAttention, ExplicitAttention])
 def test_whole_heads_are_units_tied_across_q_k_v_and_the_output_projection(attention):
     x = torch.randn(2, 6, 5)
     gated = fxprune.prepare(Transformer(attention), (x,))
-    first = "attns.0.qkv" if attention is PackedAttention else "attns.0.q"
+    first = "attns.0.q" if attention is SplitAttention else "attns.0.qkv"
     g = head_group(gated, first)
     assert g.prunable and g.num_units == 4, g.frozen
     if attention is SplitAttention:
         assert head_group(gated, "attns.0.k") is g is head_group(gated, "attns.0.v")
     cg = state_of(gated).graph
     consumers = {b.owner for b in cg.bindings if cg.spaces[b.space].group == g.id and b.role == "consumer"}
-    assert consumers == {"attns.0.proj" if attention is PackedAttention else "attns.0.o"}
+    assert consumers == {"attns.0.o" if attention is SplitAttention else "attns.0.proj"}
     prunable, total = cg.prunable_share()
     assert prunable == total - 3  # all but the logits: heads, the residual stream, the MLP units
 
 
-@pytest.mark.parametrize("attention", [PackedAttention, SplitAttention])
+@pytest.mark.parametrize("attention", [PackedAttention, SplitAttention, ExplicitAttention])
 @pytest.mark.parametrize("keep", [0.25, 0.5, 0.75])
 def test_compact_model_with_fewer_heads_equals_the_gated_one(attention, keep):
     torch.manual_seed(0)

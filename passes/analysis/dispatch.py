@@ -18,7 +18,20 @@ from torch import fx, nn
 from .. import op_classes as ops
 from ..tracer import autograd_function_of
 from .attention import sdpa
-from .generic import Rule, along_dim, arg, broadcast, mix_along, no_tensor, passthrough, reduce, shape, spatial, unknown
+from .generic import (
+    Rule,
+    along_dim,
+    broadcast,
+    matmul,
+    mix_along,
+    no_tensor,
+    pad,
+    passthrough,
+    reduce,
+    shape,
+    spatial,
+    unknown,
+)
 from .layers import (
     batch_norm_function,
     conv_function,
@@ -74,7 +87,7 @@ FUNCTION_RULES: dict[Any, Rule] = {
     **{f: trailing_norm for f in ops.TRAILING_NORM_FUNCTIONS},
     F.group_norm: group_norm,
     F.interpolate: spatial(_spatial_last_all),
-    F.pad: spatial(lambda n: len(arg(n, 1, "pad")) // 2),
+    F.pad: pad,
     F.softmax: along_dim("dim", 1, "softmax"), F.log_softmax: along_dim("dim", 1, "log_softmax"),
     torch.softmax: along_dim("dim", 1, "softmax"), torch.log_softmax: along_dim("dim", 1, "log_softmax"),
     torch.flatten: reshape, torch.reshape: reshape, torch.squeeze: reshape, torch.unsqueeze: reshape,
@@ -84,6 +97,7 @@ FUNCTION_RULES: dict[Any, Rule] = {
     torch.split: split, torch.chunk: split, torch.unbind: unbind,
     F.scaled_dot_product_attention: sdpa, torch.repeat_interleave: repeat_interleave,
     torch.mean: reduce, torch.sum: reduce, torch.amax: reduce,
+    torch.matmul: matmul, operator.matmul: matmul, torch.bmm: matmul,
     operator.getitem: getitem,
     getattr: _getattr,
     torch._assert: no_tensor,
@@ -107,6 +121,7 @@ METHOD_RULES: dict[str, Rule] = {
     "expand": expand,
     "split": split, "chunk": split, "unbind": unbind, "repeat_interleave": repeat_interleave,
     "mean": reduce, "sum": reduce, "amax": reduce,
+    "matmul": matmul, "bmm": matmul,
     "softmax": along_dim("dim", 1, "softmax"), "log_softmax": along_dim("dim", 1, "log_softmax"),
     "size": size,
     "dim": no_tensor,

@@ -96,6 +96,43 @@ def broadcast(b: "Builder", node: fx.Node) -> Dims:
     return out
 
 
+def matmul(b: "Builder", node: fx.Node) -> Dims:
+    """``a @ b`` with ``a: [..., n, k]``, ``b: [..., k, m]`` -> ``[..., n, m]``: the leading
+    dims broadcast (attention's heads: ``q @ k^T`` and ``attn @ v`` tie the heads of q, k
+    and v), ``n`` comes from ``a`` and ``m`` from ``b``, and the contracted ``k`` of ``a`` is
+    tied to that of ``b`` (an index removed from both removes one term of the sum, which
+    the gate made 0). One-dimensional operands are not read."""
+    ts = tensor_args(node)
+    out_shape = shape(node)
+    if len(ts) != 2 or out_shape is None or len(shape(ts[0])) < 2 or len(shape(ts[1])) < 2:
+        return unknown(b, node)
+    x, y = ts
+    nd, out = len(out_shape), {}
+    for d in range(nd - 2):  # leading dims: as an element-wise op's
+        cands = []
+        for t in (x, y):
+            k = d - (nd - len(shape(t)))
+            if k >= 0 and not (shape(t)[k] == 1 and out_shape[d] != 1):
+                cands.append((t, k))
+        tracked = [b.tensor_dims(t)[k] for t, k in cands if k in b.tensor_dims(t)]
+        if tracked:
+            for t, k in cands:
+                if b.space(t, k) != tracked[0]:
+                    b.link(tracked[0], b.space(t, k))
+            out[d] = tracked[0]
+    xd, yd = b.tensor_dims(x), b.tensor_dims(y)
+    nx, ny = len(shape(x)), len(shape(y))
+    if nx - 2 in xd:
+        out[nd - 2] = xd[nx - 2]
+    if ny - 1 in yd:
+        out[nd - 1] = yd[ny - 1]
+    if nx - 1 in xd or ny - 2 in yd:  # the contracted dim
+        sx, sy = b.space(x, nx - 1), b.space(y, ny - 2)
+        if sx != sy:
+            b.link(sx, sy)
+    return out
+
+
 def spatial(k: int | Callable[[fx.Node], int]) -> Rule:
     """Ops acting on the trailing ``k`` dims only (pooling, interpolation, padding)."""
 
@@ -105,6 +142,22 @@ def spatial(k: int | Callable[[fx.Node], int]) -> Rule:
         return freeze_trailing(b, x, k(node) if callable(k) else k, lambda d: f"{why} {d}")
 
     return rule
+
+
+def pad(b: "Builder", node: fx.Node) -> Dims:
+    """``F.pad(x, pad)``: ``pad`` holds a (before, after) pair per trailing dim, the last dim
+    first. A dim padded by (0, 0) is untouched (Swin pads H and W of a ``[B, H, W, C]``
+    tensor and passes C through); a padded channel dim is frozen."""
+    x = tensor_args(node)[0]
+    widths = list(arg(node, 1, "pad"))
+    nd, out = len(shape(x)), {}
+    padded = {nd - 1 - i for i in range(len(widths) // 2) if widths[2 * i] != 0 or widths[2 * i + 1] != 0}
+    for d, s in b.dims_of(x).items():
+        if d in padded:
+            b.freeze(s, f"'{node.name}' ({describe(b, node)}) pads channel dim {d}")
+        else:
+            out[d] = s
+    return out
 
 
 def freeze_trailing(b: "Builder", x: fx.Node, k: int, why: Callable[[int], str]) -> Dims:
