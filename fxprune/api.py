@@ -122,7 +122,7 @@ def _warn_if_little_prunable(model: nn.Module, cg: ChannelGraph) -> None:
 
 def prepare(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, config: PruneConfig | None = None, *,
             kwargs: dict[str, Any] | None = None, batch_dim: int | Sequence[int | None] | None = 0,
-            mode: str = "both", inplace: bool = False) -> fx.GraphModule:
+            mode: str = "both", front_end: str = "auto", inplace: bool = False) -> fx.GraphModule:
     """Trace ``model``, analyze its channel dependencies and insert gates.
 
     The example inputs are bound to ``forward`` like a call ``model(*example_inputs,
@@ -136,6 +136,11 @@ def prepare(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, co
     forward and refuses a model whose two differ (training-only code such as auxiliary
     heads), naming where; ``"train"`` or ``"eval"`` gates the forward of that mode (used in
     both modes). Functional dropout follows the gated model's mode either way.
+
+    ``front_end``: ``"auto"`` (default) traces with ``torch.fx`` symbolic tracing and, when
+    that fails (a forward that branches on shapes or values), with ``torch.export``;
+    ``"symbolic"`` or ``"export"`` takes only that one. :func:`fxprune.front_end_of`
+    tells which one a gated model came from, and why.
 
     The gated model works on a copy of ``model`` (``inplace=False``): the caller's model
     is never changed, live removal included. ``inplace=True`` shares its modules and
@@ -154,10 +159,10 @@ def prepare(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, co
     doubled = _two_examples(tuple(values), dims)
     if doubled is not None:
         try:
-            gm = trace(model, doubled, mode=mode)
+            gm = trace(model, doubled, mode=mode, front_end=front_end)
         except ValueError:  # the model only runs with one example: analyse it as it is
             gm = None
-    gm = gm or trace(model, tuple(values), mode=mode)
+    gm = gm or trace(model, tuple(values), mode=mode, front_end=front_end)
     cg = analyze(gm, dims)
     if config.units:
         _warn_if_little_prunable(model, cg)

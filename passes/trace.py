@@ -35,14 +35,18 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
 from .decompose import DecomposeAttention
+from .export_front import FRONT_END_META, export_trace
 from .modes import FollowModuleMode, first_difference
 from .shape_prop import ShapePropError, propagate_shapes
 from .tracer import LEAVES_META, LeafTracer, TraceError, reason
 
-__all__ = ["TraceError", "LeafTracer", "trace", "bind_inputs", "LEAVES_META", "MODES"]
+__all__ = ["TraceError", "LeafTracer", "trace", "bind_inputs", "LEAVES_META", "MODES", "FRONT_ENDS", "FRONT_END_META",
+           "front_end_of"]
 
 #: what ``trace`` and ``prepare`` accept as ``mode``
 MODES = ("eval", "train", "both")
+#: what ``trace`` and ``prepare`` accept as ``front_end``
+FRONT_ENDS = ("auto", "symbolic", "export")
 
 
 def _holds_tensor(value: Any) -> bool:
@@ -100,19 +104,68 @@ def _symbolic_trace(model: nn.Module, concrete: dict[str, Any]) -> fx.GraphModul
     return gm
 
 
-def _graph_module(model: nn.Module, concrete: dict[str, Any], training: bool) -> fx.GraphModule:
+def _forward_names(model: nn.Module, n: int) -> list[str]:
+    params = list(inspect.signature(model.forward).parameters.values())
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return [f"args_{i}" for i in range(n)]
+    return [p.name for p in params[:n]]
+
+
+def _same_outputs(model: nn.Module, gm: fx.GraphModule, values: list[Any]) -> None:
+    """The exported graph computes what the model computes, on the example inputs, in eval
+    mode (the rewrite of ATen ops into torch calls is checked, not trusted)."""
+    model.eval()
+    gm.eval()
+    with torch.no_grad():
+        want, got = tree_leaves(model(*values)), tree_leaves(gm(*values))
+    tensors = [(w, g) for w, g in zip(want, got) if isinstance(w, torch.Tensor)]
+    if len(want) != len(got) or any(w.shape != g.shape for w, g in tensors) or any(
+            not torch.allclose(g.float(), w.float(), rtol=1e-4, atol=1e-5 * max(float(w.float().abs().max()), 1.0))
+            for w, g in tensors if w.numel()):
+        raise TraceError(f"the graph torch.export gave for '{type(model).__name__}' does not compute what the model "
+                         "computes on the example inputs: please report it, with the model")
+
+
+def _graph_module(model: nn.Module, concrete: dict[str, Any], training: bool, values: list[Any],
+                  front_end: str = "auto") -> fx.GraphModule:
     model.train(training)
     if isinstance(model, fx.GraphModule):  # already traced: a new graph, so the caller's is not changed
         gm = fx.GraphModule(model, copy.deepcopy(model.graph), type(model).__name__)
-        gm.meta.update({k: v for k, v in model.meta.items() if k == LEAVES_META})
+        gm.meta.update({k: v for k, v in model.meta.items() if k in (LEAVES_META, FRONT_END_META)})
         gm.meta.setdefault(LEAVES_META, {})
+        gm.meta.setdefault(FRONT_END_META, ("symbolic", "a GraphModule given"))
         FollowModuleMode()(gm)
         return gm
-    return _symbolic_trace(model, concrete)
+    why = "front_end='export'"
+    if front_end != "export":
+        try:
+            gm = _symbolic_trace(model, concrete)
+            gm.meta[FRONT_END_META] = ("symbolic", "")
+            return gm
+        except TraceError as exc:
+            if front_end == "symbolic":
+                raise
+            why = str(exc).split(". Make its forward")[0]
+    try:
+        gm = export_trace(model, values, _forward_names(model, len(values)))
+    except TraceError as exc:
+        raise TraceError(f"{why}; {exc}" if front_end == "auto" else str(exc)) from exc
+    gm.meta[LEAVES_META] = {}
+    gm.meta[FRONT_END_META] = ("export", why)
+    FollowModuleMode()(gm)
+    _same_outputs(model, gm, values)
+    model.train(training)
+    return gm
+
+
+def front_end_of(gm: fx.GraphModule) -> tuple[str, str]:
+    """``(front end, why)``: ``"symbolic"`` (``torch.fx`` symbolic tracing) or ``"export"``
+    (``torch.export``, taken when symbolic tracing failed, or asked for), and why."""
+    return gm.meta.get(FRONT_END_META, ("symbolic", ""))
 
 
 def trace(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, kwargs: dict[str, Any] | None = None,
-          *, mode: str = "eval") -> fx.GraphModule:
+          *, mode: str = "eval", front_end: str = "auto") -> fx.GraphModule:
     """Trace ``model`` (in ``mode``: ``"eval"``, ``"train"`` or ``"both"``, see the
     module docstring) and propagate shapes with the example inputs (``kwargs`` are
     keyword inputs). Returns a ``GraphModule`` whose tensor nodes carry
@@ -125,12 +178,15 @@ def trace(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, kwar
         raise TypeError(f"fxprune.trace expects an nn.Module, got {type(model).__name__}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if front_end not in FRONT_ENDS:
+        raise ValueError(f"front_end must be one of {FRONT_ENDS}, got {front_end!r}")
     values, concrete = bind_inputs(model, tuple(example_inputs), kwargs)
     was_training = model.training
     try:
-        gm = _graph_module(model, concrete, mode != "eval")
+        gm = _graph_module(model, concrete, mode != "eval", values, front_end)
         if mode == "both":
-            difference = first_difference(gm, _graph_module(model, concrete, False))
+            other = "export" if front_end_of(gm)[0] == "export" else front_end  # both modes through one front end
+            difference = first_difference(gm, _graph_module(model, concrete, False, values, other))
             if difference:
                 raise TraceError(
                     f"{type(model).__name__}'s forward takes another path in training than in eval mode: {difference}. "

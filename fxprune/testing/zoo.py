@@ -23,6 +23,7 @@ import torch
 import torchvision
 
 from ..api import channel_graph, convert, prepare
+from ..passes import front_end_of
 from .masks import implied_param_count, random_masks
 
 __all__ = ["ZooResult", "check_model", "classification_models", "timm_models", "build_model", "input_size", "summary", "main"]
@@ -92,6 +93,8 @@ class ZooResult:
     error: str = ""
     #: where it failed: "build" (the model itself), "prepare" (tracing, analysis) or "convert" (or later)
     stage: str = ""
+    #: the tracing front end prepare took: "symbolic" or "export" (when symbolic tracing failed, or asked for)
+    front_end: str = ""
 
     @property
     def prunable_fraction(self) -> float:
@@ -110,6 +113,7 @@ class ZooResult:
             f"params {self.params_before / 1e6:8.2f}M -> {self.params_after / 1e6:7.2f}M  "
             f"prunable {100 * self.prunable_fraction:5.1f}% of {self.channels} channels  "
             f"export {'ok' if self.exported else 'FAIL'}  {self.seconds:5.1f}s"
+            + ("  (traced by torch.export)" if self.front_end == "export" else "")
         )
 
 
@@ -142,9 +146,9 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check_model(name: str, keep: float = 0.5, seed: int = 0, rtol: float = 1e-4, batch: int = 2,
-                source: str = "torchvision") -> ZooResult:
-    """Prepare, randomly mask, convert and export model ``name`` of ``source``
-    ("torchvision" or "timm")."""
+                source: str = "torchvision", front_end: str = "auto") -> ZooResult:
+    """Prepare (through ``front_end``), randomly mask, convert and export model ``name`` of
+    ``source`` ("torchvision" or "timm")."""
     res, t0 = ZooResult(name), time.perf_counter()
     try:
         res.stage = "build"
@@ -153,7 +157,8 @@ def check_model(name: str, keep: float = 0.5, seed: int = 0, rtol: float = 1e-4,
         res.stage = "prepare"
         with warnings.catch_warnings():  # the sweep reports the prunable share and its reasons itself
             warnings.simplefilter("ignore")
-            gated = prepare(model, (x,), mode="eval", inplace=True)  # an eval-mode sweep over models it owns
+            gated = prepare(model, (x,), mode="eval", front_end=front_end, inplace=True)  # an eval-mode sweep
+        res.front_end = front_end_of(gated)[0]
         res.stage = "convert"
         cg = channel_graph(gated)
         res.prunable, res.channels = cg.prunable_share()
@@ -183,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="*", help="names or glob patterns (default: the whole sweep)")
     p.add_argument("--keep", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--front-end", choices=["auto", "symbolic", "export"], default="auto",
+                   help="auto: symbolic tracing, torch.export where it fails; or only one of them")
     args = p.parse_args(argv)
     if args.source == "timm":
         try:
@@ -204,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     results = []
     for name in names:
-        results.append(check_model(name, keep=args.keep, seed=args.seed, source=args.source))
+        results.append(check_model(name, keep=args.keep, seed=args.seed, source=args.source, front_end=args.front_end))
         print(results[-1].line(), flush=True)
     low = [r for r in results if not r.error and r.prunable_fraction < 0.5]
     if low:
