@@ -209,8 +209,9 @@ def getitem(b: "Builder", node: fx.Node) -> Dims:
 
 
 def cat(b: "Builder", node: fx.Node) -> Dims:
-    ts = [t for t in arg(node, 0, "tensors") if is_tensor(t)]
     nd = len(shape(node))
+    # torch.cat skips an empty 1-D tensor whatever the other shapes (an empty KV cache)
+    ts = [t for t in arg(node, 0, "tensors") if is_tensor(t) and (nd == 1 or tuple(shape(t)) != (0,))]
     cd = norm_dim(arg(node, 1, "dim", 0), nd)
     out: Dims = {}
     dims = [b.dims_of(t) for t in ts]
