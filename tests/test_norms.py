@@ -30,8 +30,25 @@ class FunctionalNorm(nn.Module):
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, 1e-5)
 
 
+class HandRMSNorm(nn.Module):
+    """RMSNorm written out, as transformers' Llama, Mistral and Qwen write it."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(c) + 0.5)
+        self.variance_epsilon = 1e-6
+
+    def forward(self, hidden_states):
+        dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(dtype)
+
+
 def make_norm(kind: str, c: int) -> nn.Module:
     return {
+        "hand_rms": lambda: HandRMSNorm(c),
         "layer": lambda: nn.LayerNorm(c),
         "layer_noaffine": lambda: nn.LayerNorm(c, elementwise_affine=False),
         "rms": lambda: nn.RMSNorm(c),
@@ -40,7 +57,7 @@ def make_norm(kind: str, c: int) -> nn.Module:
     }[kind]()
 
 
-NORMS = ["layer", "layer_noaffine", "rms", "f_layer", "f_rms"]
+NORMS = ["layer", "layer_noaffine", "rms", "f_layer", "f_rms", "hand_rms"]
 
 
 class Block(nn.Module):
@@ -228,3 +245,25 @@ def test_group_norm_per_example_masks_give_each_example_its_own_kept_channels():
         k = mask[i].bool().repeat(2)
         ref = F.group_norm(x[i:i + 1, k], groups, w[k], b[k], 1e-5)
         torch.testing.assert_close(y[i:i + 1, k], ref, rtol=1e-5, atol=1e-5)
+
+
+class SumOfSquares(nn.Module):
+    """Looks like RMSNorm but divides by the root of the sum, not the mean: not a norm of
+    the kept channels alone, so it must not be read as one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) + 1e-6))
+
+
+def test_a_pattern_that_is_not_exactly_rmsnorm_is_left_alone_and_freezes():
+    x = torch.randn(4, 5)
+    gated = fxprune.prepare(SumOfSquares(), (x,))
+    assert not any(n.target is F.rms_norm for n in gated.graph.nodes)
+    cg = state_of(gated).graph
+    assert cg.prunable_share()[0] == 0
+    assert any("reduces over channel dim" in r for r in cg.frozen_reasons())
