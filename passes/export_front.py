@@ -3,8 +3,8 @@
 Symbolic tracing refuses a forward that branches on a shape or a value
 (``if H != self.img_size: ...``, ``for i in range(x.shape[1])``); ``torch.export``
 (non-strict, the training IR that PT2E quantization-aware training uses) runs the
-forward on fake tensors and records the ATen ops it reaches, with the batch dim kept
-symbolic where the model allows it. :func:`export_trace` turns that ATen graph into a
+forward on fake tensors and records the ATen ops it reaches, with the inputs' dims kept
+symbolic where the model allows it (batch size, sequence length). :func:`export_trace` turns that ATen graph into a
 ``GraphModule`` over the model's own parameters:
 
 * every ATen op of :data:`ATEN_RULES` is written as the torch call it stands for
@@ -122,7 +122,8 @@ ATEN_RULES: dict[Any, Write] = {
     aten.softplus.default: _call(F.softplus),
     aten.silu_.default: lambda g, a, k: g.call_function(F.silu, a, {"inplace": True}),
     aten.hardswish_.default: lambda g, a, k: g.call_function(F.hardswish, a, {"inplace": True}),
-    **{getattr(op, o): _call(fn) for op, fn in _BINARY.items() for o in ("Tensor", "Scalar") if hasattr(op, o)},
+    **{getattr(op, o): _call(fn) for op, fn in _BINARY.items()
+       for o in ("Tensor", "Scalar", "Tensor_Scalar", "Tensor_Tensor") if hasattr(op, o)},
     **{getattr(op, o): _call(fn, 2) for op, fn in _IN_PLACE_BINARY.items() for o in ("Tensor", "Scalar")
        if hasattr(op, o)},
     aten.clamp.default: _call(torch.clamp), aten.square.default: _call(torch.square),
@@ -230,8 +231,11 @@ def _as_module_call(op: Any, args: tuple, names: dict[fx.Node, str], model: nn.M
 
 
 # ---------------------------------------------------------------- the front end
-def _dynamic_batch(values: list[Any]) -> tuple:
-    return tuple({0: Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() > 0 else
+def _dynamic_dims(values: list[Any]) -> tuple:
+    """Every dim of every tensor input symbolic where the model allows it (``Dim.AUTO``:
+    export specialises a dim the model needs static): the graph then runs on other batch
+    sizes and sequence lengths than the example's."""
+    return tuple(dict.fromkeys(range(v.dim()), Dim.AUTO) if isinstance(v, torch.Tensor) and v.dim() > 0 else
                  pytree.tree_map(lambda _: None, v) for v in values)
 
 
@@ -240,7 +244,7 @@ def export_trace(model: nn.Module, values: list[Any], param_names: list[str]) ->
     training flag as it is) and written back as a ``GraphModule`` over its parameters."""
     name = type(model).__name__
     try:
-        ep = torch.export.export(model, tuple(values), dynamic_shapes=_dynamic_batch(values), strict=False)
+        ep = torch.export.export(model, tuple(values), dynamic_shapes=_dynamic_dims(values), strict=False)
     except Exception as exc:  # noqa: BLE001 - export raises many kinds; one clear message
         raise TraceError(f"torch.export cannot export '{name}' either: {reason(exc)}") from exc
     sig = ep.graph_signature
@@ -284,6 +288,9 @@ def export_trace(model: nn.Module, values: list[Any], param_names: list[str]) ->
             out.meta["val"] = n.meta.get("val")
             out.meta["nn_module_stack"] = n.meta.get("nn_module_stack", {})
             env[n] = out
+        elif n.op == "get_attr":  # the body of a higher-order op (autocast or no_grad regions): kept as it is
+            attrs[n.target] = getattr(ep.graph_module, n.target)
+            env[n] = graph.get_attr(n.target)
         elif n.op == "output":
             outs = list(n.args[0])
             kinds = [s.kind for s in sig.output_specs]

@@ -12,10 +12,16 @@
   ``training`` flag becomes a dropout module that follows ``train()``/``eval()``
   (:mod:`.modes`).
 * Submodules that cannot be traced become leaves, and custom autograd.Functions stay one
-  node (:mod:`.tracer`); a model whose top level cannot be traced gets a
-  :class:`TraceError` naming it and the failing line.
+  node (:mod:`.tracer`).
+* Front ends (``front_end="auto"``): a model whose top level symbolic tracing cannot
+  trace, or in which it had to keep submodules whole, is traced with ``torch.export``
+  instead (:mod:`.export_front`; checked against the model on the example inputs). Where
+  export fails too, the symbolic trace with its leaves stands, or, when there is none, a
+  :class:`TraceError` names the model and both failures. ``front_end_of(gm)`` says which
+  front end a graph came from and why.
 * ``nn.MultiheadAttention`` self-attention is written out as the ops it computes
-  (:mod:`.decompose`), so the analysis sees its heads.
+  (:mod:`.decompose`), so the analysis sees its heads, and RMSNorm written out by hand
+  becomes ``F.rms_norm`` (:mod:`.recognize`), so the analysis reads it as a norm.
 
 Example::
 
@@ -37,6 +43,7 @@ from torch.utils._pytree import tree_leaves
 from .decompose import DecomposeAttention
 from .export_front import FRONT_END_META, export_trace
 from .modes import FollowModuleMode, first_difference
+from .recognize import RecognizeRMSNorm
 from .shape_prop import ShapePropError, propagate_shapes
 from .tracer import LEAVES_META, LeafTracer, TraceError, reason
 
@@ -139,16 +146,26 @@ def _graph_module(model: nn.Module, concrete: dict[str, Any], training: bool, va
     why = "front_end='export'"
     if front_end != "export":
         try:
-            gm = _symbolic_trace(model, concrete)
-            gm.meta[FRONT_END_META] = ("symbolic", "")
-            return gm
+            symbolic = _symbolic_trace(model, concrete)
         except TraceError as exc:
             if front_end == "symbolic":
                 raise
-            why = str(exc).split(". Make its forward")[0]
+            symbolic, why = None, str(exc).split(". Make its forward")[0]
+        if symbolic is not None:
+            leaves = symbolic.meta[LEAVES_META]
+            if front_end == "symbolic" or not leaves:
+                symbolic.meta[FRONT_END_META] = ("symbolic", "")
+                return symbolic
+            first = next(iter(leaves))  # submodules kept whole: torch.export may read into them
+            why = (f"symbolic tracing kept {len(leaves)} submodule(s) whole ('{first}': "
+                   f"{leaves[first].split(' at ')[0]})")
     try:
         gm = export_trace(model, values, _forward_names(model, len(values)))
     except TraceError as exc:
+        if front_end == "auto" and symbolic is not None:  # the symbolic trace, with its leaves, stands
+            symbolic.meta[FRONT_END_META] = ("symbolic", f"{why}; torch.export failed too: {exc}")
+            model.train(training)
+            return symbolic
         raise TraceError(f"{why}; {exc}" if front_end == "auto" else str(exc)) from exc
     gm.meta[LEAVES_META] = {}
     gm.meta[FRONT_END_META] = ("export", why)
@@ -202,7 +219,8 @@ def trace(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, kwar
         gm.eval()
         try:
             propagate_shapes(gm, tuple(values))
-            if DecomposeAttention()(gm).modified:  # its heads written out: shapes for the new nodes
+            rewritten = [DecomposeAttention()(gm).modified, RecognizeRMSNorm()(gm).modified]
+            if any(rewritten):  # heads written out, hand-written norms recognised: shapes for the new nodes
                 propagate_shapes(gm, tuple(values))
         except ShapePropError as exc:
             node = exc.node

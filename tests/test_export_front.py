@@ -163,3 +163,105 @@ def test_convert_equals_gated_model_through_torch_export(net, keep, seed):
     with torch.no_grad():
         assert rel_err(compact(x), gated(x)) <= 1e-4
     assert sum(p.numel() for p in compact.parameters()) == implied_param_count(gated)
+
+
+class Inner(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        for i in range(x.shape[1] // 8):  # symbolic tracing cannot iterate over a size
+            x = x + self.fc(x) * i
+        return x
+
+
+class WithLeaf(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.inner, self.b = nn.Linear(4, 8), Inner(), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.b(F.relu(self.inner(self.a(x))))
+
+
+def test_submodules_symbolic_tracing_keeps_whole_are_read_through_torch_export():
+    """Symbolic tracing keeps an untraceable submodule whole (a leaf, every channel it touches
+    frozen); auto takes torch.export, which reads into it."""
+    x = torch.randn(3, 4)
+    symbolic = fxprune.prepare(WithLeaf(), (x,), front_end="symbolic")
+    assert fxprune.front_end_of(symbolic)[0] == "symbolic"
+    assert fxprune.channel_graph(symbolic).prunable_share()[0] == 0
+    gated = fxprune.prepare(WithLeaf(), (x,))
+    front, why = fxprune.front_end_of(gated)
+    assert front == "export" and "kept 1 submodule(s) whole ('inner'" in why
+    assert fxprune.channel_graph(gated).prunable_share()[0] == 16
+    random_masks(gated, keep=0.5, seed=0).eval()
+    with torch.no_grad():
+        assert rel_err(fxprune.convert(gated).eval()(x), gated(x)) <= 1e-5
+
+
+class DataLeaf(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.odd = ValueBranch()
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(x))) + self.odd(x[:, :4]).sum()
+
+
+def test_where_torch_export_fails_too_the_symbolic_trace_with_its_leaves_stands():
+    gated = fxprune.prepare(DataLeaf(), (torch.randn(3, 4),))
+    front, why = fxprune.front_end_of(gated)
+    assert front == "symbolic" and "torch.export failed too" in why
+    assert fxprune.channel_graph(gated).prunable_share()[0] == 8
+
+
+# ---------------------------------------------------------------- transformers' models
+transformers = pytest.importorskip("transformers")
+
+
+class Logits(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).logits
+
+
+def _tiny(kind: str):
+    T = transformers
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    if kind == "llama":
+        return T.LlamaForCausalLM(T.LlamaConfig(vocab_size=50, num_key_value_heads=2, **common)), torch.randint(0, 50, (2, 7))
+    if kind == "bert":
+        return T.BertForSequenceClassification(T.BertConfig(vocab_size=50, **common)), torch.randint(0, 50, (2, 7))
+    return (T.ViTForImageClassification(T.ViTConfig(image_size=16, patch_size=4, **common)), torch.randn(2, 3, 16, 16))
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert", "vit"])
+def test_transformers_models_symbolic_tracing_cannot_read_are_pruned_through_torch_export(kind):
+    """transformers' models fail symbolic tracing inside (masks built with Python control
+    flow, sizes unpacked from shapes): through torch.export their heads, MLP units and
+    residual width (Llama's hand-written RMSNorm recognised) are prunable, and the compact
+    model equals the gated one, on another batch and sequence length too."""
+    torch.manual_seed(0)
+    model, x = _tiny(kind)
+    model.config._attn_implementation = "sdpa"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gated = fxprune.prepare(Logits(model.eval()), (x,), mode="eval")
+    assert fxprune.front_end_of(gated)[0] == "export"
+    cg = fxprune.channel_graph(gated)
+    prunable, channels = cg.prunable_share()
+    assert all(r.startswith("model output") for r in cg.frozen_reasons()), cg.frozen_reasons()
+    assert prunable > 0.9 * channels - 50  # all but the logits
+    random_masks(gated, keep=0.5, seed=0).eval()
+    compact = fxprune.convert(gated).eval()
+    with torch.no_grad():
+        assert rel_err(compact(x), gated(x)) <= 1e-5
+        other = torch.randint(0, 50, (3, 11)) if kind != "vit" else torch.randn(3, 3, 16, 16)
+        assert rel_err(compact(other), gated(other)) <= 1e-5
+    assert sum(p.numel() for p in compact.parameters()) == implied_param_count(gated)
