@@ -153,6 +153,9 @@ ATEN_RULES: dict[Any, Write] = {
     aten.max_pool2d.default: _call(F.max_pool2d), aten.avg_pool2d.default: _call(F.avg_pool2d),
     aten.pad.default: _call(F.pad),
     aten.sym_size.int: _method("size"),
+    aten.roll.default: _call(torch.roll),
+    aten.index.Tensor: lambda g, a, k: g.call_function(
+        operator.getitem, (a[0], tuple(slice(None) if i is None else i for i in a[1]))),
 }
 
 #: ops that only check or constrain shapes: left out of the graph

@@ -236,3 +236,57 @@ def test_a_pad_that_leaves_the_channel_dim_alone_keeps_it_prunable():
     frozen = fxprune.channel_graph(fxprune.prepare(PadTokens(channel=True), (x,)))
     assert frozen.prunable_share()[0] == 0
     assert any("pads channel dim 3" in r for r in frozen.frozen_reasons())
+
+
+class WindowBias(nn.Module):
+    """Swin's pieces: a window shift (``torch.roll`` over H and W), a per-head bias read from
+    a table with a tensor index, added to attention scores, and a crop with computed bounds."""
+
+    def __init__(self, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(8, 3 * 8), nn.Linear(8, 8)
+        self.table = nn.Parameter(torch.randn(7, heads))
+        self.register_buffer("index", torch.randint(0, 7, (9,)))
+
+    def forward(self, x):  # x: [B, 3, 3, 8]
+        B, H, W, C = x.shape
+        x = torch.roll(x, shifts=(1, 1), dims=(1, 2))
+        t = x.reshape(B, H * W, C)
+        q, k, v = self.qkv(t).reshape(B, H * W, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.table[self.index].view(3, 3, -1).permute(2, 0, 1)  # [heads, 3, 3]
+        attn = (q @ k.transpose(-2, -1)).view(B, self.heads, 3, 3, 9)[:, :, :, :, :H * W] + bias.unsqueeze(-1)
+        y = attn.view(B, self.heads, 9, 9).softmax(-1) @ v
+        y = self.proj(y.transpose(1, 2).reshape(B, H * W, 8))
+        return y.view(B, H, W, C)[:, : H - 1].mean((1, 2))
+
+
+def test_roll_tensor_index_and_computed_crops_keep_heads_and_channels_prunable():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 3, 8)
+    gated = fxprune.prepare(WindowBias(), (x,))
+    cg = fxprune.channel_graph(gated)
+    heads = [g for g in cg.prunable_groups if g.num_units == 4]
+    assert heads, cg.frozen_reasons()
+    random_masks(gated, keep=0.5, seed=0).eval()
+    compact = fxprune.convert(gated).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), gated(x), rtol=1e-5, atol=1e-6)
+    assert compact.table.shape[1] < 4, "the bias table lost the removed heads' columns"
+
+
+def test_rolling_or_gathering_the_channel_dim_freezes_it():
+    class Bad(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+            self.register_buffer("perm", torch.randperm(8))
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(torch.roll(h, 1, dims=-1)) + self.b(h[:, self.perm])
+
+    cg = fxprune.channel_graph(fxprune.prepare(Bad(), (torch.randn(2, 4),)))
+    assert cg.prunable_share()[0] == 0
+    reasons = " ".join(cg.frozen_reasons())
+    assert "rolls channel dim 1" in reasons or "gathers along channel dim 1" in reasons

@@ -9,6 +9,7 @@ moving) and :mod:`.layers` (layers with parameters).
 from __future__ import annotations
 
 import operator
+import types
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,6 +29,7 @@ from .generic import (
     pad,
     passthrough,
     reduce,
+    roll,
     shape,
     spatial,
     unknown,
@@ -48,7 +50,7 @@ from .shapes import cat, expand, getitem, permute, repeat_interleave, reshape, s
 if TYPE_CHECKING:  # pragma: no cover
     from .builder import Builder
 
-__all__ = ["rule_for", "MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES"]
+__all__ = ["rule_for", "unread_functions", "MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES"]
 
 
 def _spatial_last_all(n: fx.Node) -> int:
@@ -97,7 +99,7 @@ FUNCTION_RULES: dict[Any, Rule] = {
     torch.split: split, torch.chunk: split, torch.unbind: unbind,
     F.scaled_dot_product_attention: sdpa, torch.repeat_interleave: repeat_interleave,
     torch.mean: reduce, torch.sum: reduce, torch.amax: reduce,
-    torch.matmul: matmul, operator.matmul: matmul, torch.bmm: matmul,
+    torch.matmul: matmul, operator.matmul: matmul, torch.bmm: matmul, torch.roll: roll,
     operator.getitem: getitem,
     getattr: _getattr,
     torch._assert: no_tensor,
@@ -121,7 +123,7 @@ METHOD_RULES: dict[str, Rule] = {
     "expand": expand,
     "split": split, "chunk": split, "unbind": unbind, "repeat_interleave": repeat_interleave,
     "mean": reduce, "sum": reduce, "amax": reduce,
-    "matmul": matmul, "bmm": matmul,
+    "matmul": matmul, "bmm": matmul, "roll": roll,
     "softmax": along_dim("dim", 1, "softmax"), "log_softmax": along_dim("dim", 1, "log_softmax"),
     "size": size,
     "dim": no_tensor,
@@ -151,3 +153,17 @@ def rule_for(b: "Builder", node: fx.Node) -> Rule:
     if node.op == "call_method":
         return METHOD_RULES.get(node.target, unknown)
     return unknown
+
+
+def unread_functions(gm: fx.GraphModule) -> list[str]:
+    """Python functions a symbolic trace kept whole (``torch.fx.wrap``'d, such as
+    torchvision's ``shifted_window_attention``) that no rule reads: the analysis freezes
+    every channel they touch, where ``torch.export`` would see the ops inside."""
+    names = []
+    for node in gm.graph.nodes:
+        fn = node.target
+        if (node.op == "call_function" and isinstance(fn, types.FunctionType) and fn not in FUNCTION_RULES
+                and autograd_function_of(fn) is None
+                and getattr(fn, "__module__", "").split(".")[0] not in ("torch", "operator", "math", "builtins")):
+            names.append(fn.__name__)
+    return sorted(set(names))

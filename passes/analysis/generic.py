@@ -160,6 +160,25 @@ def pad(b: "Builder", node: fx.Node) -> Dims:
     return out
 
 
+def roll(b: "Builder", node: fx.Node) -> Dims:
+    """``torch.roll(x, shifts, dims)``: the rolled dims (Swin's window shift rolls H and W)
+    are frozen where they carry channels, the others pass through; without ``dims`` the
+    tensor is rolled flattened."""
+    x = tensor_args(node)[0]
+    dims = arg(node, 2, "dims")
+    if dims is None or (isinstance(dims, (list, tuple)) and not dims):
+        return unknown(b, node)
+    nd = len(shape(x))
+    rolled = {norm_dim(d, nd) for d in (dims if isinstance(dims, (list, tuple)) else (dims,))}
+    out = {}
+    for d, s in b.dims_of(x).items():
+        if d in rolled:
+            b.freeze(s, f"'{node.name}' rolls channel dim {d}")
+        else:
+            out[d] = s
+    return out
+
+
 def freeze_trailing(b: "Builder", x: fx.Node, k: int, why: Callable[[int], str]) -> Dims:
     """``x``'s channel dims, passed through; those among its trailing ``k`` dims (which the
     op acts across) are frozen with reason ``why(dim)``."""

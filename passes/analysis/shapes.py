@@ -162,6 +162,11 @@ def expand(b: "Builder", node: fx.Node) -> Dims:
     return out
 
 
+def _integer(t: fx.Node) -> bool:
+    dtype = t.meta["tensor_meta"].dtype
+    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+
+
 def getitem(b: "Builder", node: fx.Node) -> Dims:
     x, idx = node.args[0], node.args[1]
     xd = b.dims.get(x.name) if isinstance(x, fx.Node) else None
@@ -171,9 +176,12 @@ def getitem(b: "Builder", node: fx.Node) -> Dims:
         return b.size_read(node, xd.tensor, idx)
     if not is_tensor(x):
         return {}
-    dims, xs = b.dims_of(x), shape(x)
+    dims, xs = b.tensor_dims(x), shape(x)  # a table read directly (get_attr) carries its channels
     items = idx if isinstance(idx, tuple) else (idx,)
     n_real = sum(1 for it in items if it is not None and it is not Ellipsis)
+    n_tensor_items = sum(1 for it in items if is_tensor(it))
+    if any(is_tensor(it) and it.meta.get("tensor_meta") is not None and not _integer(it) for it in items):
+        return unknown(b, node)  # a boolean mask: how many entries it keeps depends on the values
     out, d_in, d_out = {}, 0, 0
     for k, it in enumerate(items):
         if it is Ellipsis:
@@ -187,6 +195,8 @@ def getitem(b: "Builder", node: fx.Node) -> Dims:
             if d_in in dims:
                 b.freeze(dims[d_in], f"'{node.name}' selects a single channel of dim {d_in}")
             d_in += 1
+        elif isinstance(it, slice) and d_in not in dims:  # a dim without channels: any bounds
+            d_in, d_out = d_in + 1, d_out + 1
         elif isinstance(it, slice) and all(isinstance(v, (int, type(None))) for v in (it.start, it.stop, it.step)):
             if d_in in dims:
                 start, stop, step = it.indices(xs[d_in])
@@ -200,6 +210,11 @@ def getitem(b: "Builder", node: fx.Node) -> Dims:
                     b.link(dims[d_in], out[d_out], (start + np.arange(n), np.arange(n)))
                     b.rewrite(node, "slice", k, (dims[d_in],))
             d_in, d_out = d_in + 1, d_out + 1
+        elif is_tensor(it) and not n_tensor_items > 1 and shape(it) is not None:
+            # one integer tensor index: dim d_in is replaced, in place, by the index's dims
+            if d_in in dims:
+                b.freeze(dims[d_in], f"'{node.name}' gathers along channel dim {d_in} with a tensor index")
+            d_in, d_out = d_in + 1, d_out + len(shape(it))
         else:
             return unknown(b, node)
     for d in range(d_in, len(xs)):
