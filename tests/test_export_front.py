@@ -13,6 +13,7 @@ from netgen import networks
 from test_equivalence import rel_err
 from torch import nn
 from train_loop import train_steps
+from wrapped_ops import UsesWrapped
 
 import fxprune
 from fxprune.testing import implied_param_count, random_masks
@@ -265,3 +266,18 @@ def test_transformers_models_symbolic_tracing_cannot_read_are_pruned_through_tor
         other = torch.randint(0, 50, (3, 11)) if kind != "vit" else torch.randn(3, 3, 16, 16)
         assert rel_err(compact(other), gated(other)) <= 1e-5
     assert sum(p.numel() for p in compact.parameters()) == implied_param_count(gated)
+
+
+def test_a_wrapped_function_no_rule_reads_is_read_through_torch_export_when_that_prunes_more():
+    x = torch.randn(3, 4)
+    symbolic = fxprune.prepare(UsesWrapped(), (x,), front_end="symbolic")
+    assert any(n.target.__name__ == "scaled_mix" for n in symbolic.graph.nodes if n.op == "call_function"
+               and hasattr(n.target, "__name__"))
+    assert fxprune.channel_graph(symbolic).prunable_share()[0] == 0
+    gated = fxprune.prepare(UsesWrapped(), (x,))
+    front, why = fxprune.front_end_of(gated)
+    assert front == "export" and "kept scaled_mix whole" in why
+    assert fxprune.channel_graph(gated).prunable_share()[0] == 16
+    random_masks(gated, keep=0.5, seed=0).eval()
+    with torch.no_grad():
+        assert rel_err(fxprune.convert(gated).eval()(x), gated(x)) <= 1e-5

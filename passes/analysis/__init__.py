@@ -25,11 +25,11 @@ from ..channel_graph import Branch, ChannelGraph, Param
 from ..op_classes import CONV, CONV_FUNCTIONS, CONV_TRANSPOSE, LINEAR, LINEAR_FUNCTIONS
 from .branches import find_branches
 from .builder import Builder
-from .dispatch import rule_for
+from .dispatch import rule_for, unread_functions
 from .generic import shape, tensor_args
 from .groups import find_groups, resolve_ties
 
-__all__ = ["analyze", "Builder", "batch_dims_of"]
+__all__ = ["analyze", "Builder", "batch_dims_of", "unread_functions"]
 
 
 def batch_dims_of(gm: fx.GraphModule, batch_dim: int | Sequence[int | None] | None = 0) -> dict[str, int | None]:
