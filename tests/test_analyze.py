@@ -290,3 +290,27 @@ def test_rolling_or_gathering_the_channel_dim_freezes_it():
     assert cg.prunable_share()[0] == 0
     reasons = " ".join(cg.frozen_reasons())
     assert "rolls channel dim 1" in reasons or "gathers along channel dim 1" in reasons
+
+
+class SliceWrite(nn.Module):
+    """A tensor written into a slice (MViTv2's relative position terms): the write reaches
+    the output through the tensor written into, with no edge from the write node."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.table = nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        h = self.a(x)
+        h[:, :3] = h[:, :3] + self.table
+        return self.b(h)
+
+
+def test_parameters_read_only_by_a_write_into_a_tensor_count_as_used():
+    gated = fxprune.prepare(SliceWrite(), (torch.randn(2, 4),))
+    cg = fxprune.channel_graph(gated)
+    assert cg.params["table"].used
+    from fxprune.testing import implied_param_count
+
+    assert implied_param_count(gated) == sum(p.numel() for p in fxprune.convert(gated).parameters())
