@@ -26,7 +26,7 @@ from .passes.analysis import unread_functions
 from .passes.channel_graph import ChannelGraph
 from .passes.insert_gates import strip_gate_nodes
 from .passes.surgery import copy_module, replace_tensor, skeleton
-from .passes.trace import FRONT_END_META, bind_inputs
+from .passes.trace import FRONT_END_META, LEAVES_META, bind_inputs
 from .state import STATE, GateLayout, PruneState, decisions, gate_bank, run_example, state_of
 
 __all__ = ["prepare", "convert", "channel_graph", "config_of", "decisions", "gate_bank", "run_example"]
@@ -121,24 +121,42 @@ def _warn_if_little_prunable(model: nn.Module, cg: ChannelGraph) -> None:
         "fxprune.report.tables.groups_table(fxprune.channel_graph(gated)) lists every frozen group and why", stacklevel=3)
 
 
-def _read_wrapped_functions(model: nn.Module, gm: fx.GraphModule, cg: ChannelGraph, values: tuple, dims: Any,
-                            mode: str) -> tuple[fx.GraphModule, ChannelGraph]:
-    """Where symbolic tracing kept functions whole that no rule reads (``torch.fx.wrap``),
-    trace with ``torch.export`` too and keep the graph with the larger prunable share."""
-    wrapped = unread_functions(gm) if front_end_of(gm)[0] == "symbolic" else []
-    if not wrapped:
+def _kept_whole(gm: fx.GraphModule) -> str:
+    """What a symbolic trace kept whole and no rule reads: submodules that could not be
+    traced (leaves) and ``torch.fx.wrap``'d functions; empty when nothing."""
+    if front_end_of(gm)[0] != "symbolic":
+        return ""
+    leaves, wrapped = gm.meta.get(LEAVES_META, {}), unread_functions(gm)
+    parts = []
+    if leaves:
+        first = next(iter(leaves))
+        parts.append(f"{len(leaves)} submodule(s) ('{first}': {leaves[first].split(' at ')[0]})")
+    if wrapped:
+        parts.append(", ".join(wrapped))
+    return " and ".join(parts)
+
+
+def _more_prunable_front_end(model: nn.Module, gm: fx.GraphModule, cg: ChannelGraph, values: tuple, dims: Any,
+                             mode: str) -> tuple[fx.GraphModule, ChannelGraph]:
+    """Where symbolic tracing kept submodules or functions whole, trace with
+    ``torch.export`` too (it reads into them) and keep the graph with the larger prunable
+    share; ``front_end_of`` records the choice and the shares."""
+    kept = _kept_whole(gm)
+    if not kept:
         return gm, cg
     try:
         other = trace(model, values, mode=mode, front_end="export")
-    except (TraceError, ValueError):
+    except (TraceError, ValueError) as exc:
+        gm.meta[FRONT_END_META] = ("symbolic", f"symbolic tracing kept {kept} whole; torch.export failed: "
+                                               f"{str(exc).splitlines()[0][:300]}")
         return gm, cg
     other_cg = analyze(other, dims)
     (a, n), (b, m) = cg.prunable_share(), other_cg.prunable_share()
+    shares = f"{100 * b / max(m, 1):.1f} % prunable through torch.export against {100 * a / max(n, 1):.1f} %"
     if b / max(m, 1) <= a / max(n, 1):
+        gm.meta[FRONT_END_META] = ("symbolic", f"symbolic tracing kept {kept} whole; {shares}")
         return gm, cg
-    other.meta[FRONT_END_META] = ("export", f"symbolic tracing kept {', '.join(wrapped)} whole; through torch.export "
-                                            f"{100 * b / max(m, 1):.1f} % of the conv/linear channels are prunable, "
-                                            f"against {100 * a / max(n, 1):.1f} %")
+    other.meta[FRONT_END_META] = ("export", f"symbolic tracing kept {kept} whole; {shares}")
     return other, other_cg
 
 
@@ -160,10 +178,10 @@ def prepare(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, co
     both modes). Functional dropout follows the gated model's mode either way.
 
     ``front_end``: ``"auto"`` (default) traces with ``torch.fx`` symbolic tracing and, when
-    that fails (a forward that branches on shapes or values) or keeps submodules whole,
-    with ``torch.export``; where it keeps whole a ``torch.fx.wrap``'d function no rule
-    reads (torchvision's Swin attention), with both, and keeps the graph with the larger
-    prunable share;
+    that fails (a forward that branches on shapes or values), with ``torch.export``;
+    where it keeps submodules whole (transformers' models) or a ``torch.fx.wrap``'d
+    function no rule reads (torchvision's Swin attention), with both, and keeps the graph
+    with the larger prunable share;
     ``"symbolic"`` or ``"export"`` takes only that one. :func:`fxprune.front_end_of`
     tells which one a gated model came from, and why.
 
@@ -190,7 +208,7 @@ def prepare(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, co
     gm = gm or trace(model, tuple(values), mode=mode, front_end=front_end)
     cg = analyze(gm, dims)
     if front_end == "auto":
-        gm, cg = _read_wrapped_functions(model, gm, cg, doubled or tuple(values), dims, mode)
+        gm, cg = _more_prunable_front_end(model, gm, cg, doubled or tuple(values), dims, mode)
     if config.units:
         _warn_if_little_prunable(model, cg)
     no_layer_gate = _excluded(cg, config.exclude)

@@ -14,11 +14,11 @@
 * Submodules that cannot be traced become leaves, and custom autograd.Functions stay one
   node (:mod:`.tracer`).
 * Front ends (``front_end="auto"``): a model whose top level symbolic tracing cannot
-  trace, or in which it had to keep submodules whole, is traced with ``torch.export``
-  instead (:mod:`.export_front`; checked against the model on the example inputs). Where
-  export fails too, the symbolic trace with its leaves stands, or, when there is none, a
-  :class:`TraceError` names the model and both failures. ``front_end_of(gm)`` says which
-  front end a graph came from and why.
+  trace is traced with ``torch.export`` instead (:mod:`.export_front`; checked against
+  the model on the example inputs); where export fails too, a :class:`TraceError` names
+  the model and both failures. ``front_end_of(gm)`` says which front end a graph came
+  from and why. (``prepare`` goes further: where symbolic tracing kept submodules or
+  wrapped functions whole, it traces with both and keeps the more prunable graph.)
 * ``nn.MultiheadAttention`` self-attention is written out as the ops it computes
   (:mod:`.decompose`), so the analysis sees its heads, and RMSNorm written out by hand
   becomes ``F.rms_norm`` (:mod:`.recognize`), so the analysis reads it as a norm.
@@ -146,26 +146,16 @@ def _graph_module(model: nn.Module, concrete: dict[str, Any], training: bool, va
     why = "front_end='export'"
     if front_end != "export":
         try:
-            symbolic = _symbolic_trace(model, concrete)
+            gm = _symbolic_trace(model, concrete)
+            gm.meta[FRONT_END_META] = ("symbolic", "")
+            return gm
         except TraceError as exc:
             if front_end == "symbolic":
                 raise
-            symbolic, why = None, str(exc).split(". Make its forward")[0]
-        if symbolic is not None:
-            leaves = symbolic.meta[LEAVES_META]
-            if front_end == "symbolic" or not leaves:
-                symbolic.meta[FRONT_END_META] = ("symbolic", "")
-                return symbolic
-            first = next(iter(leaves))  # submodules kept whole: torch.export may read into them
-            why = (f"symbolic tracing kept {len(leaves)} submodule(s) whole ('{first}': "
-                   f"{leaves[first].split(' at ')[0]})")
+            why = str(exc).split(". Make its forward")[0]
     try:
         gm = export_trace(model, values, _forward_names(model, len(values)))
     except TraceError as exc:
-        if front_end == "auto" and symbolic is not None:  # the symbolic trace, with its leaves, stands
-            symbolic.meta[FRONT_END_META] = ("symbolic", f"{why}; torch.export failed too: {exc}")
-            model.train(training)
-            return symbolic
         raise TraceError(f"{why}; {exc}" if front_end == "auto" else str(exc)) from exc
     gm.meta[LEAVES_META] = {}
     gm.meta[FRONT_END_META] = ("export", why)
