@@ -3,8 +3,8 @@
 Symbolic tracing refuses a forward that branches on a shape or a value
 (``if H != self.img_size: ...``, ``for i in range(x.shape[1])``); ``torch.export``
 (non-strict, the training IR that PT2E quantization-aware training uses) runs the
-forward on fake tensors and records the ATen ops it reaches, with the inputs' dims kept
-symbolic where the model allows it (batch size, sequence length). :func:`export_trace` turns that ATen graph into a
+forward on fake tensors and records the ATen ops it reaches, with the batch size and
+sequence length kept symbolic where the model allows it. :func:`export_trace` turns that ATen graph into a
 ``GraphModule`` over the model's own parameters:
 
 * every ATen op of :data:`ATEN_RULES` is written as the torch call it stands for
@@ -235,10 +235,15 @@ def _as_module_call(op: Any, args: tuple, names: dict[fx.Node, str], model: nn.M
 
 # ---------------------------------------------------------------- the front end
 def _dynamic_dims(values: list[Any]) -> tuple:
-    """Every dim of every tensor input symbolic where the model allows it (``Dim.AUTO``:
-    export specialises a dim the model needs static): the graph then runs on other batch
-    sizes and sequence lengths than the example's."""
-    return tuple(dict.fromkeys(range(v.dim()), Dim.AUTO) if isinstance(v, torch.Tensor) and v.dim() > 0 else
+    """The batch dim of every tensor input symbolic where the model allows it
+    (``Dim.AUTO``: export specialises a dim the model needs static), and the sequence
+    dim (dim 1) of 2-D and 3-D inputs (token ids ``[B, T]``, tokens ``[B, T, C]``): the
+    graph then runs on other batch sizes and sequence lengths. Image sizes stay static:
+    symbolic H and W cost Swin's export 40 times the time (window padding arithmetic)."""
+    def dims(v: torch.Tensor) -> dict[int, Any]:
+        return dict.fromkeys(range(min(v.dim(), 2) if v.dim() <= 3 else 1), Dim.AUTO)
+
+    return tuple(dims(v) if isinstance(v, torch.Tensor) and v.dim() > 0 else
                  pytree.tree_map(lambda _: None, v) for v in values)
 
 
