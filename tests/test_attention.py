@@ -214,15 +214,19 @@ class BiasedAttention(SplitAttention):
         return self.o(y.transpose(1, 2).reshape(B, N, -1))
 
 
-def test_a_per_head_mask_the_analysis_cannot_follow_keeps_the_heads_whole():
+def test_a_per_head_bias_read_from_a_table_follows_the_heads():
+    """The table's head columns go with the heads (a tensor index carries the table's
+    channels); before, the bias was untracked and kept the heads whole."""
     torch.manual_seed(0)
     x = torch.randn(2, 6, 5)
     gated = fxprune.prepare(Transformer(BiasedAttention), (x,), mode="eval")
     g = head_group(gated, "attns.0.q")
-    assert not g.prunable and any("does not track" in why for why in g.frozen), g.frozen
+    assert g.prunable and g.num_units == 4, g.frozen
     compact = fxprune.convert(random_masks(gated, keep=0.5, seed=0).eval())
     with torch.no_grad():
         torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)
+    kept = int(theta_of(gated, UnitGate(g.id)).ge(0.5).sum())
+    assert compact.get_parameter("attns.0.table").shape == (11, kept)
 
 
 def test_a_transformer_resumes_from_a_checkpoint_after_removals_on_the_same_trajectory(tmp_path):

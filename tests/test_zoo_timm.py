@@ -4,6 +4,7 @@ timm is an optional extra that `make test` installs; without it the module is sk
 and pytest's summary says so."""
 
 import pytest
+import torch
 
 from fxprune.testing.zoo import check_model, summary, timm_models
 
@@ -34,11 +35,30 @@ def test_timm_model_prunes_equivalently(name):
     assert r.reasons  # the head's logits at least: every frozen channel is explained
 
 
-def test_a_model_that_cannot_be_prepared_is_listed_with_its_reason_not_as_a_failure():
-    r = check_model("crossvit_tiny_240", source="timm")
-    assert r.stage == "prepare" and "CrossVit" in r.error
+@pytest.mark.zoo
+def test_a_model_symbolic_tracing_refuses_is_prepared_through_torch_export():
+    r = check_model("crossvit_tiny_240", source="timm")  # "not prepared" before the torch.export front end
+    assert r.ok and r.front_end == "export", r.line()
+    assert "traced by torch.export" in r.line()
+
+
+class _ValueBranch(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.fc(x.mean((2, 3))) if x.sum() > 0 else x.mean((2, 3))
+
+
+def test_a_model_that_cannot_be_prepared_is_listed_with_its_reason_not_as_a_failure(monkeypatch):
+    import fxprune.testing.zoo as zoo
+
+    monkeypatch.setattr(zoo, "build_model", lambda *a: (_ValueBranch(), torch.randn(2, 3, 4, 4)))
+    r = check_model("value_branch", source="timm")  # neither front end reads a branch on a value
+    assert r.stage == "prepare" and "_ValueBranch" in r.error
     assert "not prepared" in r.line()
-    assert "1 not prepared" in summary([r]) and "crossvit_tiny_240" in summary([r])
+    assert "1 not prepared" in summary([r]) and "value_branch" in summary([r])
 
 
 def test_torch_pruning_side_by_side_runs_it_once_and_reports_a_hang_as_one():
