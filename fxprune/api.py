@@ -136,8 +136,8 @@ def _kept_whole(gm: fx.GraphModule) -> str:
     return " and ".join(parts)
 
 
-def _more_prunable_front_end(model: nn.Module, gm: fx.GraphModule, cg: ChannelGraph, values: tuple, dims: Any,
-                             mode: str) -> tuple[fx.GraphModule, ChannelGraph]:
+def pick_front_end(model: nn.Module, gm: fx.GraphModule, cg: ChannelGraph, values: tuple, dims: Any,
+                    mode: str) -> tuple[fx.GraphModule, ChannelGraph]:
     """Where symbolic tracing kept submodules or functions whole, trace with
     ``torch.export`` too (it reads into them) and keep the graph with the larger prunable
     share; ``front_end_of`` records the choice and the shares."""
@@ -208,7 +208,7 @@ def prepare(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, co
     gm = gm or trace(model, tuple(values), mode=mode, front_end=front_end)
     cg = analyze(gm, dims)
     if front_end == "auto":
-        gm, cg = _more_prunable_front_end(model, gm, cg, doubled or tuple(values), dims, mode)
+        gm, cg = pick_front_end(model, gm, cg, doubled or tuple(values), dims, mode)
     if config.units:
         _warn_if_little_prunable(model, cg)
     no_layer_gate = _excluded(cg, config.exclude)

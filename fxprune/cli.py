@@ -24,16 +24,21 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .passes import analyze, trace
+    from .api import pick_front_end
+    from .passes import analyze, front_end_of, trace
     from .report.gate_graph import gate_graph, picture_path, write_gate_graph
     from .report.tables import branches_table, groups_table, summary
 
     if args.graph:
         picture_path(args.graph)  # fail before the work
     model = load_model(args.model).eval()
-    gm = trace(model, (torch.randn(*args.input_shape),))
+    x = (torch.randn(*args.input_shape),)
+    gm = trace(model, x, front_end=args.front_end)
     cg = analyze(gm)
-    print(f"{args.model}: input {tuple(args.input_shape)}")
+    if args.front_end == "auto":  # as prepare chooses
+        gm, cg = pick_front_end(model, gm, cg, x, 0, "eval")
+    front, why = front_end_of(gm)
+    print(f"{args.model}: input {tuple(args.input_shape)}; traced by {front}" + (f" ({why})" if why else ""))
     print(summary(cg))
     print()
     print(groups_table(cg))
@@ -89,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", help="torchvision model name, or package.module:factory")
     i.add_argument("--input-shape", type=_shape, default=(1, 3, 224, 224), help="example input shape (default 1,3,224,224)")
     i.add_argument("--graph", metavar="FILE", help="draw the gate placement to FILE (.png, .svg, .pdf or graphviz .dot)")
+    i.add_argument("--front-end", choices=["auto", "symbolic", "export"], default="auto",
+                   help="auto (default): as prepare chooses; or only torch.fx symbolic tracing, or only torch.export")
     i.set_defaults(func=cmd_inspect, passes_rest=False)
     from .digits.demo import add_arguments as demo_arguments
 

@@ -91,3 +91,11 @@ def test_models_that_default_to_backbone_weights_are_built_without_any(monkeypat
 def test_an_untraceable_model_is_a_one_line_error(capsys):
     assert main(["inspect", "fasterrcnn_mobilenet_v3_large_fpn", "--input-shape", "1,3,64,64"]) == 2
     assert "cannot trace module 'FasterRCNN'" in capsys.readouterr().err
+
+
+def test_inspect_says_which_front_end_traced_the_model_and_why(capsys):
+    assert main(["inspect", "wrapped_ops:UsesWrapped", "--input-shape", "3,4"]) == 0
+    out = capsys.readouterr().out
+    assert "traced by export (symbolic tracing kept scaled_mix whole;" in out
+    assert main(["inspect", "wrapped_ops:UsesWrapped", "--input-shape", "3,4", "--front-end", "symbolic"]) == 0
+    assert "traced by symbolic" in capsys.readouterr().out
