@@ -71,20 +71,18 @@ def no_tensor(b: "Builder", node: fx.Node) -> Dims:
     return {}
 
 
-def broadcast(b: "Builder", node: fx.Node) -> Dims:
-    """Element-wise n-ary ops with broadcasting: full-size operands are tied per dim."""
-    out_shape = shape(node)
-    ts = tensor_args(node)
-    if out_shape is None or not ts:
-        return {}
+def _tie_broadcast(b: "Builder", ts: list[fx.Node], out_shape: Any, n: int,
+                   dims_of: Callable[[fx.Node], dict[int, int]]) -> Dims:
+    """The first ``n`` output dims of a broadcast over ``ts`` (aligned at their ends): the
+    full-size operand dims of each are tied, and the output dim takes their space."""
     nd, out = len(out_shape), {}
-    for d in range(nd):
+    for d in range(n):
         cands = []
         for t in ts:
             k = d - (nd - len(shape(t)))
             if k >= 0 and not (shape(t)[k] == 1 and out_shape[d] != 1):
                 cands.append((t, k))
-        tracked = [b.dims_of(t)[k] for t, k in cands if k in b.dims_of(t)]
+        tracked = [dims_of(t)[k] for t, k in cands if k in dims_of(t)]
         if not tracked:
             continue
         s0 = tracked[0]
@@ -94,6 +92,15 @@ def broadcast(b: "Builder", node: fx.Node) -> Dims:
                 b.link(s0, s)
         out[d] = s0
     return out
+
+
+def broadcast(b: "Builder", node: fx.Node) -> Dims:
+    """Element-wise n-ary ops with broadcasting: full-size operands are tied per dim."""
+    out_shape = shape(node)
+    ts = tensor_args(node)
+    if out_shape is None or not ts:
+        return {}
+    return _tie_broadcast(b, ts, out_shape, len(out_shape), b.dims_of)
 
 
 def matmul(b: "Builder", node: fx.Node) -> Dims:
@@ -107,19 +114,8 @@ def matmul(b: "Builder", node: fx.Node) -> Dims:
     if len(ts) != 2 or out_shape is None or len(shape(ts[0])) < 2 or len(shape(ts[1])) < 2:
         return unknown(b, node)
     x, y = ts
-    nd, out = len(out_shape), {}
-    for d in range(nd - 2):  # leading dims: as an element-wise op's
-        cands = []
-        for t in (x, y):
-            k = d - (nd - len(shape(t)))
-            if k >= 0 and not (shape(t)[k] == 1 and out_shape[d] != 1):
-                cands.append((t, k))
-        tracked = [b.tensor_dims(t)[k] for t, k in cands if k in b.tensor_dims(t)]
-        if tracked:
-            for t, k in cands:
-                if b.space(t, k) != tracked[0]:
-                    b.link(tracked[0], b.space(t, k))
-            out[d] = tracked[0]
+    nd = len(out_shape)
+    out = _tie_broadcast(b, ts, out_shape, nd - 2, b.tensor_dims)  # leading dims: as an element-wise op's
     xd, yd = b.tensor_dims(x), b.tensor_dims(y)
     nx, ny = len(shape(x)), len(shape(y))
     if nx - 2 in xd:
@@ -150,14 +146,9 @@ def pad(b: "Builder", node: fx.Node) -> Dims:
     tensor and passes C through); a padded channel dim is frozen."""
     x = tensor_args(node)[0]
     widths = list(arg(node, 1, "pad"))
-    nd, out = len(shape(x)), {}
+    nd = len(shape(x))
     padded = {nd - 1 - i for i in range(len(widths) // 2) if widths[2 * i] != 0 or widths[2 * i + 1] != 0}
-    for d, s in b.dims_of(x).items():
-        if d in padded:
-            b.freeze(s, f"'{node.name}' ({describe(b, node)}) pads channel dim {d}")
-        else:
-            out[d] = s
-    return out
+    return freeze_dims(b, x, padded, lambda d: f"'{node.name}' ({describe(b, node)}) pads channel dim {d}")
 
 
 def roll(b: "Builder", node: fx.Node) -> Dims:
@@ -170,10 +161,16 @@ def roll(b: "Builder", node: fx.Node) -> Dims:
         return unknown(b, node)
     nd = len(shape(x))
     rolled = {norm_dim(d, nd) for d in (dims if isinstance(dims, (list, tuple)) else (dims,))}
+    return freeze_dims(b, x, rolled, lambda d: f"'{node.name}' rolls channel dim {d}")
+
+
+def freeze_dims(b: "Builder", x: fx.Node, frozen: set[int], why: Callable[[int], str]) -> Dims:
+    """``x``'s channel dims, passed through; those in ``frozen`` (which the op acts
+    across) are frozen with reason ``why(dim)``."""
     out = {}
     for d, s in b.dims_of(x).items():
-        if d in rolled:
-            b.freeze(s, f"'{node.name}' rolls channel dim {d}")
+        if d in frozen:
+            b.freeze(s, why(d))
         else:
             out[d] = s
     return out
@@ -182,13 +179,8 @@ def roll(b: "Builder", node: fx.Node) -> Dims:
 def freeze_trailing(b: "Builder", x: fx.Node, k: int, why: Callable[[int], str]) -> Dims:
     """``x``'s channel dims, passed through; those among its trailing ``k`` dims (which the
     op acts across) are frozen with reason ``why(dim)``."""
-    nd, out = len(shape(x)), {}
-    for d, s in b.dims_of(x).items():
-        if d >= nd - k:
-            b.freeze(s, why(d))
-        else:
-            out[d] = s
-    return out
+    nd = len(shape(x))
+    return freeze_dims(b, x, set(range(nd - k, nd)), why)
 
 
 def along_dim(name: str, pos: int, what: str) -> Rule:
