@@ -299,19 +299,16 @@ class Pruner:
         in a few evaluations of the cost."""
         targets = self.config.targets
 
-        def fractions(k: Tensor) -> dict[str, float]:
+        def misses(k: Tensor) -> list[float]:  # signed relative misses, one per budget: > 0 is over it
             with torch.no_grad():
-                return {n: float(v) for n, v in self.objective.fractions_at(k).items()}
-
-        def over(k: Tensor) -> float:  # the largest signed relative miss: > 0 is over a budget
-            f = fractions(k)
-            return max((f[n] - t) / t for n, t in targets.items())
+                fractions = self.objective.fractions_at(k)
+            return [float((fractions[n] - t) / t) for n, t in targets.items()]
 
         def miss(k: Tensor) -> float:
-            f = fractions(k)
-            return max(abs(f[n] - t) / t for n, t in targets.items())
+            return max(abs(m) for m in misses(k))
 
-        if miss(keep) <= _DECIDE_TOLERANCE:
+        rounded = miss(keep)
+        if rounded <= _DECIDE_TOLERANCE:
             return keep
         theta = self.theta.detach()
         with torch.no_grad():
@@ -319,20 +316,23 @@ class Pruner:
             rms = (sq / self.objective.elems.to(sq).clamp_min(1)).sqrt()
         score = theta.to(torch.float64) + 1e-6 * rms / rms.max().clamp_min(1e-30)
         levels = torch.unique(score)  # ascending
-        at = lambda i: floor_keep(score >= levels[i], score, bank.segments, bank.min_units).to(theta.dtype)  # noqa: E731
+
+        def at(i: int) -> Tensor:  # the structures scored at or above levels[i]
+            return floor_keep(score >= levels[i], score, bank.segments, bank.min_units).to(theta.dtype)
+
         lo, hi = 0, levels.numel() - 1  # the cut at lo keeps the most, at hi the least
-        if over(at(hi)) > 0:  # the fewest structures are still over: keep them
+        if max(misses(at(hi))) > 0:  # the fewest structures are still over: keep them
             lo = hi
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if over(at(mid)) > 0:
+            if max(misses(at(mid))) > 0:
                 lo = mid
             else:
                 hi = mid
-        best = min((at(i) for i in {lo, hi}), key=miss)
-        if miss(best) < miss(keep):
+        best, best_miss = min(((k, miss(k)) for k in (at(i) for i in {lo, hi})), key=lambda c: c[1])
+        if best_miss < rounded:
             log.info("step %d: rounding at 0.5 misses the budget by %.1f%%; the %d structures of highest theta miss "
-                     "it by %.1f%%", self.steps, 100 * miss(keep), int(best.sum()), 100 * miss(best))
+                     "it by %.1f%%", self.steps, 100 * rounded, int(best.sum()), 100 * best_miss)
             return best
         return keep
 
