@@ -186,20 +186,25 @@ class WithLeaf(nn.Module):
         return self.b(F.relu(self.inner(self.a(x))))
 
 
-def test_submodules_symbolic_tracing_keeps_whole_are_read_through_torch_export():
-    """Symbolic tracing keeps an untraceable submodule whole (a leaf, every channel it touches
-    frozen); auto takes torch.export, which reads into it."""
-    x = torch.randn(3, 4)
-    symbolic = fxprune.prepare(WithLeaf(), (x,), front_end="symbolic")
+def assert_export_reads_what_symbolic_tracing_keeps_whole(model_cls: type, x: torch.Tensor, why: str) -> None:
+    """Symbolically traced, ``model_cls`` has nothing prunable; auto takes torch.export,
+    says ``why``, reads 16 channels prunable, and the compact model equals the gated one."""
+    symbolic = fxprune.prepare(model_cls(), (x,), front_end="symbolic")
     assert fxprune.front_end_of(symbolic)[0] == "symbolic"
     assert fxprune.channel_graph(symbolic).prunable_share()[0] == 0
-    gated = fxprune.prepare(WithLeaf(), (x,))
-    front, why = fxprune.front_end_of(gated)
-    assert front == "export" and "kept 1 submodule(s) ('inner'" in why
+    gated = fxprune.prepare(model_cls(), (x,))
+    front, reason = fxprune.front_end_of(gated)
+    assert front == "export" and why in reason, reason
     assert fxprune.channel_graph(gated).prunable_share()[0] == 16
     random_masks(gated, keep=0.5, seed=0).eval()
     with torch.no_grad():
         assert rel_err(fxprune.convert(gated).eval()(x), gated(x)) <= 1e-5
+
+
+def test_submodules_symbolic_tracing_keeps_whole_are_read_through_torch_export():
+    """Symbolic tracing keeps an untraceable submodule whole (a leaf, every channel it touches
+    frozen); auto takes torch.export, which reads into it."""
+    assert_export_reads_what_symbolic_tracing_keeps_whole(WithLeaf, torch.randn(3, 4), "kept 1 submodule(s) ('inner'")
 
 
 class DataLeaf(nn.Module):
@@ -273,11 +278,4 @@ def test_a_wrapped_function_no_rule_reads_is_read_through_torch_export_when_that
     symbolic = fxprune.prepare(UsesWrapped(), (x,), front_end="symbolic")
     assert any(n.target.__name__ == "scaled_mix" for n in symbolic.graph.nodes if n.op == "call_function"
                and hasattr(n.target, "__name__"))
-    assert fxprune.channel_graph(symbolic).prunable_share()[0] == 0
-    gated = fxprune.prepare(UsesWrapped(), (x,))
-    front, why = fxprune.front_end_of(gated)
-    assert front == "export" and "kept scaled_mix whole" in why
-    assert fxprune.channel_graph(gated).prunable_share()[0] == 16
-    random_masks(gated, keep=0.5, seed=0).eval()
-    with torch.no_grad():
-        assert rel_err(fxprune.convert(gated).eval()(x), gated(x)) <= 1e-5
+    assert_export_reads_what_symbolic_tracing_keeps_whole(UsesWrapped, x, "kept scaled_mix whole")
