@@ -16,10 +16,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(net=networks(), keep=st.sampled_from([0.25, 0.5, 0.75]), seed=st.integers(0, 1000))
 def test_convert_equals_gated_model(net, keep, seed):
-    model, x = net
+    assert_compact_equals_gated(*net, keep, seed)
+
+
+def assert_compact_equals_gated(model, x, keep, seed, **prepare_kwargs):
+    """Gates at 1 leave the model as it was; under random masks the compact model equals the
+    gated one and has the parameters the masks imply, and no fxprune module."""
     with torch.no_grad():
         dense = model(x)
-    gated = fxprune.prepare(model, (x,)).eval()
+    gated = fxprune.prepare(model, (x,), **prepare_kwargs).eval()
     with torch.no_grad():
         assert rel_err(gated(x), dense) <= 1e-6, "gates at 1 must not change the model"
     random_masks(gated, keep=keep, seed=seed)
@@ -31,6 +36,7 @@ def test_convert_equals_gated_model(net, keep, seed):
     assert rel_err(out, ref) <= 1e-4
     assert sum(p.numel() for p in compact.parameters()) == implied_param_count(gated)
     assert not any(n.op == "call_module" and "fxprune" in str(n.target) for n in compact.graph.nodes)
+    return gated
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])

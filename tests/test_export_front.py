@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from netgen import networks
-from test_equivalence import rel_err
+from test_equivalence import assert_compact_equals_gated, rel_err
 from torch import nn
 from train_loop import train_steps
 from wrapped_ops import UsesWrapped
@@ -150,20 +150,10 @@ def test_front_end_is_checked():
 @given(net=networks(), keep=st.sampled_from([0.25, 0.5, 0.75]), seed=st.integers(0, 1000))
 def test_convert_equals_gated_model_through_torch_export(net, keep, seed):
     """The hypothesis grammar's networks, traced by torch.export instead of symbolic tracing."""
-    model, x = net
-    with torch.no_grad():
-        dense = model(x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gated = fxprune.prepare(model, (x,), front_end="export").eval()
+        gated = assert_compact_equals_gated(*net, keep, seed, front_end="export")
     assert fxprune.front_end_of(gated)[0] == "export"
-    with torch.no_grad():
-        assert rel_err(gated(x), dense) <= 1e-6
-    random_masks(gated, keep=keep, seed=seed)
-    compact = fxprune.convert(gated).eval()
-    with torch.no_grad():
-        assert rel_err(compact(x), gated(x)) <= 1e-4
-    assert sum(p.numel() for p in compact.parameters()) == implied_param_count(gated)
 
 
 class Inner(nn.Module):
