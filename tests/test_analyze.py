@@ -314,3 +314,30 @@ def test_parameters_read_only_by_a_write_into_a_tensor_count_as_used():
     from fxprune.testing import implied_param_count
 
     assert implied_param_count(gated) == sum(p.numel() for p in fxprune.convert(gated).parameters())
+
+
+class MatmulWithTable(nn.Module):
+    """``h @ W`` with ``W`` a parameter: the contraction carries ``h``'s channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(5, 8)
+        self.table = nn.Parameter(torch.randn(8, 6))
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.inp(x)) @ self.table)
+
+
+def test_a_matmul_contracting_prunable_channels_reads_their_gates():
+    """A removed channel of ``h`` must add nothing to ``h @ W``: the gated model reads the
+    gates at the contraction, as a linear layer's input does (it did not: compact != gated)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 5)
+    gated = fxprune.prepare(MatmulWithTable(), (x,), fxprune.PruneConfig("units"))
+    g = group_of_producer(fxprune.channel_graph(gated), "inp")
+    assert g.prunable and g.num_units == 8
+    compact = fxprune.convert(random_masks(gated, keep=0.5, seed=0).eval())
+    assert compact.get_parameter("table").shape[0] < 8
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)

@@ -107,8 +107,8 @@ def matmul(b: "Builder", node: fx.Node) -> Dims:
     """``a @ b`` with ``a: [..., n, k]``, ``b: [..., k, m]`` -> ``[..., n, m]``: the leading
     dims broadcast (attention's heads: ``q @ k^T`` and ``attn @ v`` tie the heads of q, k
     and v), ``n`` comes from ``a`` and ``m`` from ``b``, and the contracted ``k`` of ``a`` is
-    tied to that of ``b`` (an index removed from both removes one term of the sum, which
-    the gate made 0). One-dimensional operands are not read."""
+    tied to that of ``b`` and read there (an index removed from both removes one term of the
+    sum, which the gate made 0). One-dimensional operands are not read."""
     ts = tensor_args(node)
     out_shape = shape(node)
     if len(ts) != 2 or out_shape is None or len(shape(ts[0])) < 2 or len(shape(ts[1])) < 2:
@@ -122,10 +122,12 @@ def matmul(b: "Builder", node: fx.Node) -> Dims:
         out[nd - 2] = xd[nx - 2]
     if ny - 1 in yd:
         out[nd - 1] = yd[ny - 1]
-    if nx - 1 in xd or ny - 2 in yd:  # the contracted dim
+    if nx - 1 in xd or ny - 2 in yd:  # the contracted dim: a gate read there makes a removed index add nothing
         sx, sy = b.space(x, nx - 1), b.space(y, ny - 2)
         if sx != sy:
             b.link(sx, sy)
+        if sx not in b.batch:
+            b.read(node, 0, sx, nx - 1)
     return out
 
 
