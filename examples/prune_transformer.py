@@ -2,8 +2,8 @@
 
     python examples/prune_transformer.py [--epochs 40] [--target-flops 0.5]
 
-Whole attention heads (their q, k and v rows and the output projection's columns), the
-residual stream (read through LayerNorm, whose statistics then count only the kept
+Whole attention heads (their q, k and v rows and the output projection's columns), head_dim
+entries (the same entry of every head), the residual stream (read through LayerNorm, whose statistics then count only the kept
 channels) and the MLP units are gated, removed from the live model as their gates switch
 off, and the compact model is checked against the gated one.
 """
@@ -71,10 +71,16 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(gated.parameters(), lr=2e-3, weight_decay=0.0)  # the pruner holds the decay
     pruner = fxprune.Pruner(gated, optimizer)
 
+    def width(layer: str) -> int:
+        try:
+            return gated.get_submodule(layer).out_features
+        except AttributeError:  # its residual branch was removed whole
+            return 0
+
     def widths() -> str:
-        heads = [gated.get_submodule(f"blocks.{i}.attn.qkv").out_features // (3 * 16) for i in range(2)]
-        mlp = [gated.get_submodule(f"blocks.{i}.mlp.0").out_features for i in range(2)]
-        return f"stream {gated.embed.out_features}, heads {heads}, MLP units {mlp}"
+        attention = [width(f"blocks.{i}.attn.qkv") // 3 for i in range(2)]
+        mlp = [width(f"blocks.{i}.mlp.0") for i in range(2)]
+        return f"stream {gated.embed.out_features}, attention width (heads x head_dim) {attention}, MLP units {mlp}"
 
     print(f"start: {widths()}")
     for epoch in range(args.epochs):

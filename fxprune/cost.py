@@ -13,6 +13,10 @@ linear in the gates of its group (``n = sum_u m(u) xi_u``, ``m(u)`` the channels
 
 ``E[n_a n_b] = E[n_a] E[n_b] + [same group] sum_u m_a(u) m_b(u) theta_u (1 - theta_u)``.
 
+A dimension indexed by a product group (a width viewed into heads x head_dim) counts
+``n = sum_u m(u) xi_h(u) xi_d(u)``: a unit is kept when its head and its head_dim entry
+are, two independent gates, so ``E[n] = sum_u m(u) theta_h(u) theta_d(u)``.
+
 A term inside residual branches is multiplied by their layer gates' theta. The FLOPs of
 a weight are its kept size times the FLOPs per entry the analysis recorded
 (:attr:`fxprune.passes.channel_graph.Param.flops`, as ``FlopCounterMode`` counts them);
@@ -31,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .gates import factor_slots
 from .passes.channel_graph import ChannelGraph
 from .state import example_for
 
@@ -71,6 +76,7 @@ class _Terms:
     # expected counts: E[n_d] = sum over entries (row d, theta col, multiplicity)
     count_rows: Tensor
     count_cols: Tensor
+    count_cols2: Tensor  # a second theta col multiplied in (a product group's head_dim); size = constant 1
     count_vals: Tensor
     # variance of same-group pairs: term row, theta col, m_a * m_b
     var_rows: Tensor
@@ -88,7 +94,8 @@ class ComplexityCost:
     def __init__(self, cg: ChannelGraph, names: list[str], units: dict[int, slice], layers: dict[int, int], size: int,
                  device: torch.device | str = "cpu") -> None:
         rows_k, rows_f, dims_a, dims_b, rows_br = [], [], [], [], []
-        c_rows, c_cols, c_vals, v_rows, v_cols, v_vals = [], [], [], [], [], []
+        c_rows, c_cols, c_cols2, c_vals, v_rows, v_cols, v_vals = [], [], [], [], [], [], []
+        products = {g: slots for g in cg.groups if (slots := factor_slots(cg, units, g)) is not None and slots.shape[1] == 2}
         bound: dict[str, dict[int, tuple[int, int | None]]] = {}
         for b in cg.bindings:
             bound.setdefault(b.param, {})[b.dim] = (b.space, b.period)
@@ -98,7 +105,7 @@ class ComplexityCost:
             k, gated_dims = float(p.numel), []
             for dim, (sid, period) in sorted(bound.get(name, {}).items()):
                 gid = cg.spaces[sid].group
-                if gid in units:
+                if gid in units or gid in products:
                     k /= p.shape[dim]
                     unit_of = cg.groups[gid].unit_index[sid]
                     unit_of = unit_of[: period] if period else unit_of
@@ -109,11 +116,14 @@ class ComplexityCost:
             for gid, m in gated_dims:
                 cols = np.flatnonzero(m)
                 c_rows.append(np.full(len(cols), n_dims))
-                c_cols.append(units[gid].start + cols)
+                # a unit of a product group is kept with probability theta(head) * theta(head_dim)
+                first, second = products[gid][cols].T if gid in products else (units[gid].start + cols, np.full(len(cols), size))
+                c_cols.append(first)
+                c_cols2.append(second)
                 c_vals.append(m[cols])
                 slots.append(n_dims)
                 n_dims += 1
-            if len(gated_dims) == 2 and gated_dims[0][0] == gated_dims[1][0]:
+            if len(gated_dims) == 2 and gated_dims[0][0] == gated_dims[1][0] and gated_dims[0][0] in units:
                 gid, ma, mb = gated_dims[0][0], gated_dims[0][1], gated_dims[1][1]
                 cols = np.flatnonzero(ma * mb)
                 v_rows.append(np.full(len(cols), len(rows_k)))
@@ -135,7 +145,8 @@ class ComplexityCost:
             dim_b=torch.tensor([d if d >= 0 else n_dims for d in dims_b], dtype=torch.long, device=device),
             branches=torch.tensor([r + [size] * (depth - len(r)) for r in rows_br], dtype=torch.long,
                                   device=device).reshape(len(rows_br), depth),
-            count_rows=cat(c_rows, torch.long), count_cols=cat(c_cols, torch.long), count_vals=cat(c_vals, torch.float64),
+            count_rows=cat(c_rows, torch.long), count_cols=cat(c_cols, torch.long), count_cols2=cat(c_cols2, torch.long),
+            count_vals=cat(c_vals, torch.float64),
             var_rows=cat(v_rows, torch.long), var_cols=cat(v_cols, torch.long), var_vals=cat(v_vals, torch.float64),
             num_dims=n_dims,
         )
@@ -148,13 +159,13 @@ class ComplexityCost:
         theta = theta.to(dtype)
         base = theta.new_zeros(t.num_dims + 1)
         base[-1] = 1.0  # the constant slot of parameters with fewer than two pruned dimensions
-        counts = base.index_add(0, t.count_rows, theta[t.count_cols] * t.count_vals)
+        lt = torch.cat([theta, theta.new_ones(1)])
+        counts = base.index_add(0, t.count_rows, lt[t.count_cols] * lt[t.count_cols2] * t.count_vals)
         size = counts[t.dim_a] * counts[t.dim_b]
         if t.var_rows.numel():
             q = theta * (1 - theta)
             size = size.index_add(0, t.var_rows, q[t.var_cols] * t.var_vals)
         if t.branches.shape[1]:
-            lt = torch.cat([theta, theta.new_ones(1)])
             size = size * lt[t.branches].prod(1)
         size = size * t.k
         return (size * t.flops).sum(), size.sum()

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .passes.channel_graph import ChannelGraph, floor_keep, segment_matrix
 
-__all__ = ["GateBank", "GateRead", "GateNorm", "LayerGateApply", "GATE_MODULES", "ESTIMATORS", "bank_structure", "read_index"]
+__all__ = ["GateBank", "GateRead", "GateNorm", "LayerGateApply", "GATE_MODULES", "ESTIMATORS", "bank_structure", "read_index", "factor_slots"]
 
 #: the theta gradient estimators a gate can use
 ESTIMATORS = ("straight_through", "balanced")
@@ -103,7 +103,8 @@ class GateBank(nn.Module):
 class GateRead(nn.Module):
     """Multiplies the channels of ``x`` on ``dim`` by their mask entries.
 
-    ``index[c]`` is the flat mask entry of channel ``c``; a ``[batch, n]`` mask is laid
+    ``index[c]`` is the flat mask entry of channel ``c`` (``index[f, c]`` for a product
+    group: the entry of its factor ``f``; the channel's mask is their product); a ``[batch, n]`` mask is laid
     on ``batch_dim`` (its first row is used when the tensor has no batch dim). ``group``
     and ``space`` name the analysis entities the read belongs to, so the index can be
     refreshed after live removal.
@@ -119,8 +120,12 @@ class GateRead(nn.Module):
         self.register_buffer("index", torch.as_tensor(np.asarray(index), dtype=torch.long, device=device))
 
     def channel_mask(self, x: Tensor, mask: Tensor) -> Tensor:
-        """The mask entries of ``x``'s channels, shaped to broadcast against ``x``."""
-        m = mask.index_select(-1, self.index)
+        """The mask entries of ``x``'s channels, shaped to broadcast against ``x`` (for a
+        product group, ``index`` is ``[factors, channels]`` and the entries multiply)."""
+        if self.index.dim() == 1:
+            m = mask.index_select(-1, self.index)
+        else:
+            m = mask.index_select(-1, self.index.flatten()).unflatten(-1, tuple(self.index.shape)).prod(-2)
         shape = [1] * x.dim()
         shape[self.dim] = m.shape[-1]
         if m.dim() == 2:
@@ -215,6 +220,23 @@ def bank_structure(cg: ChannelGraph, units: dict[int, slice], size: int) -> tupl
     return segment_matrix(segments), per_example
 
 
+def factor_slots(cg: ChannelGraph, units: dict[int, slice], group: int) -> np.ndarray | None:
+    """For a product group whose factor groups are all gated: ``[units, factors]``, the
+    flat entry of each unit's factor units (None for any other group)."""
+    g = cg.groups[group]
+    if not (g.derived and g.prunable) or not all(int(f) in units for f in np.unique(g.factors[0])):
+        return None
+    fg, fu = g.factors
+    starts = np.zeros(int(fg.max()) + 1, dtype=np.int64)
+    for f in np.unique(fg):
+        starts[f] = units[int(f)].start
+    return starts[fg] + fu
+
+
 def read_index(cg: ChannelGraph, units: dict[int, slice], group: int, space: int) -> np.ndarray:
-    """Flat mask entry of every channel of ``space`` (a space of gated ``group``)."""
+    """Flat mask entry of every channel of ``space`` (a space of gated ``group``); for a
+    product group, ``[factors, channels]``: the entry of each factor's unit."""
+    slots = factor_slots(cg, units, group)
+    if slots is not None:
+        return slots[cg.groups[group].unit_index[space]].T
     return units[group].start + cg.groups[group].unit_index[space]

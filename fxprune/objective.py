@@ -28,6 +28,7 @@ from torch import Tensor, fx
 
 from .config import CostReference, PruneConfig
 from .cost import ComplexityCost, forward_flops
+from .gates import factor_slots
 from .state import gate_bank, state_of
 
 __all__ = ["Objective"]
@@ -69,21 +70,33 @@ class Objective:
         row_slots: list[np.ndarray] = [np.array([self.size])] * len(self.weights)
         elems = np.zeros(self.size + 1)
         self._unit_channels: list[tuple[Tensor, int, np.ndarray]] = []
+        #: (weight, slots): a weight's rows counted again, for the second factor of a product group
+        self._more_rows: list[tuple[int, np.ndarray]] = []
         for b in cg.bindings:
             gid = cg.spaces[b.space].group
-            if b.role == "consumer" or gid not in layout.units or b.param not in position:
+            if b.role == "consumer" or b.param not in position:
+                continue
+            if gid in layout.units:
+                slot_sets = [layout.unit_slots(gid, cg.groups[gid].unit_index[b.space])]
+            elif (product := factor_slots(cg, layout.units, gid)) is not None:  # a row belongs to its head and its head_dim
+                slot_sets = list(product[cg.groups[gid].unit_index[b.space]].T)
+            else:
                 continue
             i = position[b.param]
             w = self.weights[i]
             self._row_dims[i] = tuple(d for d in range(w.dim()) if d != b.dim)
-            slots = layout.unit_slots(gid, cg.groups[gid].unit_index[b.space])
-            row_slots[i] = slots
-            self._unit_channels.append((w, b.dim, slots))
-            np.add.at(elems, slots, w.numel() / w.shape[b.dim])
+            row_slots[i] = slot_sets[0]
+            self._more_rows += [(i, slots) for slots in slot_sets[1:]]
+            for slots in slot_sets:
+                self._unit_channels.append((w, b.dim, slots))
+                np.add.at(elems, slots, w.numel() / w.shape[b.dim])
         owner = np.concatenate([np.full(len(s), i) for i, s in enumerate(row_slots)]) if row_slots else np.zeros(0)
         self._row_slot = torch.as_tensor(np.concatenate(row_slots) if row_slots else np.zeros(0), dtype=torch.long,
                                          device=device)
         self._row_owner = torch.as_tensor(owner, dtype=torch.long, device=device)
+        self._row_start = np.concatenate([[0], np.cumsum([len(s) for s in row_slots])]).tolist()
+        self._more_slot = torch.as_tensor(np.concatenate([s for _, s in self._more_rows]) if self._more_rows else np.zeros(0),
+                                          dtype=torch.long, device=device)
         pairs = [(position[c], slot) for b, slot in layout.layers.items() for c in cg.branches[b].params if c in position]
         self._layer_w = torch.as_tensor([w for w, _ in pairs], dtype=torch.long, device=device)
         self._layer_s = torch.as_tensor([s for _, s in pairs], dtype=torch.long, device=device)
@@ -124,6 +137,9 @@ class Objective:
         rows = torch.cat(rows).to(dtype) if rows else torch.zeros(0, dtype=dtype)
         per_weight = rows.new_zeros(len(self.weights)).index_add(0, self._row_owner, rows)
         per_structure = rows.new_zeros(self.size + 1).index_add(0, self._row_slot, rows)[: self.size]
+        if self._more_rows:
+            more = torch.cat([rows[self._row_start[i]:self._row_start[i] + len(slots)] for i, slots in self._more_rows])
+            per_structure = per_structure.index_add(0, self._more_slot, more)
         per_structure = per_structure.index_add(0, self._layer_s, per_weight[self._layer_w])
         return per_weight, per_structure
 

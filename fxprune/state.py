@@ -81,6 +81,9 @@ class GateLayout:
     def slot(self, ref: GateRef) -> slice:
         """The flat entries of one gate."""
         if isinstance(ref, UnitGate):
+            if ref.group not in self.units:
+                raise ValueError(f"group {ref.group} has no unit gate of its own (a frozen group, or a product of heads "
+                                 f"and head_dim gated through its factors); gated groups: {sorted(self.units)}")
             return self.units[ref.group]
         i = self.layers[ref.branch]
         return slice(i, i + 1)

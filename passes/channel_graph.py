@@ -118,10 +118,11 @@ class Rewrite:
     ``pos`` of input space ``spaces[0]``), ``split`` (split/chunk along dim ``pos`` into
     ``spaces``, the outputs' spaces), ``norm`` (the normalised shape of a LayerNorm or
     RMSNorm over ``spaces[0]``: argument ``pos`` of the function, or the module's
-    ``normalized_shape``)."""
+    ``normalized_shape``), ``scale`` (attention whose head_dim is ``spaces[0]`` is given
+    the dense default scale ``pos ** -0.5``)."""
 
     node: str
-    kind: Literal["sizes", "slice", "split", "norm"]
+    kind: Literal["sizes", "slice", "split", "norm", "scale"]
     pos: int
     spaces: tuple[int, ...]
 
@@ -138,10 +139,19 @@ class Group:
     unit_index: dict[int, np.ndarray]
     frozen: list[str] = field(default_factory=list)
     per_example: bool = True
+    #: a *product* group (a channel dim viewed into heads x head_dim): no gate of its own;
+    #: unit ``u`` is kept when every factor keeps it: group ``factors[0][u, f]`` keeps its
+    #: unit ``factors[1][u, f]``. None for a group with its own gate.
+    factors: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def prunable(self) -> bool:
         return not self.frozen
+
+    @property
+    def derived(self) -> bool:
+        """A product group: its units are removed through its factor groups' gates."""
+        return self.factors is not None
 
     def segments(self) -> list[np.ndarray]:
         """The distinct unit sets of the group's spaces (each must keep one unit)."""
@@ -240,7 +250,27 @@ class ChannelGraph:
 
     @property
     def prunable_groups(self) -> list[Group]:
-        return [g for g in self.groups.values() if g.prunable]
+        """The groups with a gate of their own (product groups follow their factors)."""
+        return [g for g in self.groups.values() if g.prunable and not g.derived]
+
+    def product_keep(self, group: Group, unit_keep: dict[int, np.ndarray]) -> np.ndarray | None:
+        """The units a product group keeps when its factor groups keep ``unit_keep`` (None:
+        every unit)."""
+        fg, fu = group.factors
+        keep = np.ones(group.num_units, dtype=bool)
+        for g in np.unique(fg):
+            if int(g) in unit_keep:
+                at = fg == g
+                keep &= ~np.any(at & ~unit_keep[int(g)][np.where(at, fu, 0)], axis=1)
+        return None if keep.all() else keep
+
+    def complete_keep(self, unit_keep: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        """``unit_keep`` (per gated group) with the units every product group keeps added."""
+        out = dict(unit_keep)
+        for g in self.groups.values():
+            if g.derived and (keep := self.product_keep(g, unit_keep)) is not None:
+                out[g.id] = keep
+        return out
 
     def bindings_of(self, group: Group) -> list[Binding]:
         members = set(group.spaces)
@@ -251,6 +281,8 @@ class ChannelGraph:
         (a bool array); groups absent from ``unit_keep`` keep everything."""
         s = self.spaces[space]
         keep = unit_keep.get(s.group)
+        if keep is None and self.groups[s.group].derived:
+            keep = self.product_keep(self.groups[s.group], unit_keep)
         if keep is None:
             return np.arange(s.size)
         return np.flatnonzero(keep[self.groups[s.group].unit_index[space]])
@@ -283,11 +315,14 @@ class ChannelGraph:
         the units that have channels only inside dropped branches removed as well."""
         carried = self.live_spaces(self.dead_nodes(drop))
         out: dict[int, np.ndarray] = {}
-        for g in self.groups.values():
+        unit_keep = self.complete_keep(unit_keep)
+        for g in sorted(self.groups.values(), key=lambda g: g.derived):  # factors first, then their products
             live = [s for s in g.spaces if s in carried]
             if not live:
                 continue
             keep = unit_keep.get(g.id, np.ones(g.num_units, dtype=bool)).copy()
+            if g.derived and (by_factors := self.product_keep(g, out)) is not None:
+                keep &= by_factors
             alive = np.zeros(g.num_units, dtype=bool)
             for s in live:
                 alive[g.unit_index[s]] = True
@@ -341,6 +376,16 @@ class ChannelGraph:
             renumber = np.cumsum(keep) - 1
             index = {s: renumber[g.unit_index[s][keep[g.unit_index[s]]]] for s in members}
             groups[g.id] = replace(g, spaces=members, num_units=int(keep.sum()), unit_index=index)
+        for g in groups.values():  # a product group's factor units, renumbered as their groups keep them
+            if g.derived:
+                kept = unit_keep.get(g.id, np.ones(self.groups[g.id].num_units, dtype=bool))
+                fg, fu = (a[kept] for a in g.factors)
+                fu = fu.copy()
+                for f in np.unique(fg):
+                    if int(f) in unit_keep:
+                        at = fg == f
+                        fu[at] = (np.cumsum(unit_keep[int(f)]) - 1)[fu[at]]
+                g.factors = (fg, fu)
 
         params: dict[str, Param] = {}
         for p in self.params.values():
@@ -387,6 +432,13 @@ class ChannelGraph:
             assert not len(idx) or idx.max() < g.num_units, f"space {s.id}: unit index past group {g.id}'s {g.num_units} units"
         for g in self.groups.values():
             assert all(self.spaces[s].group == g.id for s in g.spaces), f"group {g.id} lists a space of another group"
+            if g.derived:
+                fg, fu = g.factors
+                assert fg.shape == fu.shape == (g.num_units, fg.shape[1]), f"group {g.id}: factors of the wrong shape"
+                for f in np.unique(fg):
+                    h = self.groups.get(int(f))
+                    assert h is not None and not h.derived, f"group {g.id}: factor group {f} is gone or a product"
+                    assert fu[fg == f].max() < h.num_units, f"group {g.id}: factor unit past group {f}'s units"
         for u, v in self.graph.edges():
             assert u in self.spaces and v in self.spaces, f"edge ({u}, {v}) to a space that is gone"
         for b in self.bindings:

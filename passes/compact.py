@@ -90,6 +90,8 @@ def _rewrite(node: fx.Node, rw: Rewrite, cg: ChannelGraph, keep: dict[int, np.nd
             else:
                 node.kwargs = {**node.kwargs, "normalized_shape": size}
         # else: the gated model's norm with masked statistics, which normalises what it is given
+    elif rw.kind == "scale":  # attention's default scale, 1/sqrt(head_dim), stays the dense model's
+        node.kwargs = {**node.kwargs, "scale": float(rw.pos) ** -0.5}
     else:  # pragma: no cover - the analysis records no other kind
         raise ValueError(f"unknown rewrite kind {rw.kind!r}")
 
@@ -133,7 +135,7 @@ class Compact(PassBase):
     def __init__(self, cg: ChannelGraph, unit_keep: dict[int, np.ndarray], drop: set[int],
                  check: tuple[tuple, torch.Tensor] | None = None, rtol: float = 1e-4) -> None:
         super().__init__()
-        self.cg, self.unit_keep, self.drop, self.check, self.rtol = cg, unit_keep, set(drop), check, rtol
+        self.cg, self.unit_keep, self.drop, self.check, self.rtol = cg, cg.complete_keep(unit_keep), set(drop), check, rtol
         #: ``{canonical tensor name: [(dim, kept indices)]}`` of every tensor sliced
         self.sliced: dict[str, list[tuple[int, np.ndarray]]] = {}
 

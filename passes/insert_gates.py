@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
@@ -43,7 +44,8 @@ def gate_nodes(graph: fx.Graph, role: str | None = None) -> list[fx.Node]:
 
 
 class InsertGates(PassBase):
-    """Gate the reads of ``groups`` and the outputs of ``branches`` of ``gm``, in place."""
+    """Gate the reads of ``groups`` (and of the product groups of their units) and the
+    outputs of ``branches`` of ``gm``, in place."""
 
     def __init__(self, cg: ChannelGraph, groups: Sequence[int], branches: Sequence[int], bank: nn.Module,
                  read: Callable[[Read], nn.Module], layer: Callable[[Branch], nn.Module],
@@ -78,8 +80,10 @@ class InsertGates(PassBase):
         modules = dict(gm.named_modules())
         gated: dict[tuple[str, int], fx.Node] = {}
         reads = gm.get_submodule(READS)
+        gated_groups = self.groups | {  # a product group is read through its factors' gates
+            g.id for g in cg.groups.values() if g.derived and g.prunable and set(np.unique(g.factors[0]).tolist()) <= self.groups}
         for r in sorted(cg.reads, key=lambda r: order[r.node]):
-            if cg.spaces[r.space].group not in self.groups:
+            if cg.spaces[r.space].group not in gated_groups:
                 continue
             consumer = nodes[r.node]
             if r.kind == "norm":

@@ -75,9 +75,24 @@ class Transformer(nn.Module):
         return self.head(x.mean(1))
 
 
-def head_group(gated, layer):
+def output_group(gated, layer):
     cg = state_of(gated).graph
     return next(cg.group_of(b.space) for b in cg.bindings if b.owner == layer and b.role == "producer")
+
+
+def factor_groups(gated, layer, which, param=None):
+    """The groups of factor ``which`` (0: heads, 1: head_dim) of ``layer``'s output (or of
+    ``param``'s dim 0), a product group."""
+    cg = state_of(gated).graph
+    g = output_group(gated, layer) if param is None else next(
+        cg.group_of(b.space) for b in cg.bindings if b.param == param and b.dim == 0)
+    assert g.derived, f"'{layer or param}' output is not a product of heads and head_dim: {g.frozen}"
+    return [cg.groups[int(f)] for f in np.unique(g.factors[0][:, which])]
+
+
+def head_group(gated, layer, param=None):
+    (heads,) = factor_groups(gated, layer, 0, param)
+    return heads
 
 
 @pytest.mark.parametrize("attention", [PackedAttention, SplitAttention, ExplicitAttention])
@@ -90,7 +105,8 @@ def test_whole_heads_are_units_tied_across_q_k_v_and_the_output_projection(atten
     if attention is SplitAttention:
         assert head_group(gated, "attns.0.k") is g is head_group(gated, "attns.0.v")
     cg = state_of(gated).graph
-    consumers = {b.owner for b in cg.bindings if cg.spaces[b.space].group == g.id and b.role == "consumer"}
+    consumers = {b.owner for b in cg.bindings if b.role == "consumer" and cg.group_of(b.space).derived
+                 and g.id in cg.group_of(b.space).factors[0]}
     assert consumers == {"attns.0.o" if attention is SplitAttention else "attns.0.proj"}
     prunable, total = cg.prunable_share()
     assert prunable == total - 3  # all but the logits: heads, the residual stream, the MLP units
@@ -179,13 +195,16 @@ def test_multihead_attention_self_attention_is_written_out_and_pruned_by_heads(b
     with torch.no_grad():
         torch.testing.assert_close(gated(x), model(x), rtol=1e-5, atol=1e-6)
     cg = state_of(gated).graph
-    g = next(cg.group_of(b.space) for b in cg.bindings if b.param == "attn.in_proj_weight" and b.dim == 0)
+    g = head_group(gated, None, "attn.in_proj_weight")
     assert g.prunable and g.num_units == 4
     prunable, total = cg.prunable_share()
     assert (prunable, total) == (16 + 48 + 16, 16 + 48 + 16 + 3)  # embed, in_proj, out_proj (counted once); the logits
     random_masks(gated, keep=0.5, seed=0)
     compact = fxprune.convert(gated).eval()
-    assert compact.attn.in_proj_weight.shape[0] == 3 * 2 * 4
+    (dims,) = factor_groups(gated, None, 1, "attn.in_proj_weight")  # packed: q, k and v share their head_dim
+    kept = [int(theta_of(gated, UnitGate(f.id)).ge(0.5).sum()) for f in (g, dims)]
+    assert kept[0] < 4 and kept[1] < 4
+    assert compact.attn.in_proj_weight.shape[0] == 3 * kept[0] * kept[1]
     with torch.no_grad():
         torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)
 
@@ -295,6 +314,144 @@ def test_grouped_query_heads_are_pruned_with_the_query_heads_that_share_them(att
     with torch.no_grad():
         torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)
     random_masks(gated, keep=0.5, seed=3)
+    compact = fxprune.convert(gated.eval())
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)
+
+
+def kept(gated, group):
+    return int(theta_of(gated, UnitGate(group.id)).ge(0.5).sum())
+
+
+@pytest.mark.parametrize("attention", [PackedAttention, SplitAttention, ExplicitAttention, GroupedQueryAttention, NativeGQA])
+def test_head_dim_entries_are_units_shared_by_q_and_k_and_by_v_on_its_own(attention):
+    """A head_dim entry is one unit: the same entry of every head. q and k share theirs
+    (the query-key dot product sums over it); v's are its own, read by the output
+    projection. A packed projection viewed once has one head_dim for q, k and v."""
+    x = torch.randn(2, 6, 5)
+    gated = fxprune.prepare(Transformer(attention), (x,))
+    if attention in (PackedAttention, ExplicitAttention):
+        dims = factor_groups(gated, "attns.0.qkv", 1)
+        assert len(dims) == 1
+    else:
+        (qk,) = factor_groups(gated, "attns.0.q", 1)
+        assert [g.id for g in factor_groups(gated, "attns.0.k", 1)] == [qk.id]
+        (v,) = factor_groups(gated, "attns.0.v", 1)
+        assert v.id != qk.id
+        dims = [qk, v]
+    assert all(g.prunable and g.num_units == 4 and not g.derived for g in dims)
+    assert {g.id for g in dims}.isdisjoint({head_group(gated, "attns.0.q" if len(dims) == 2 else "attns.0.qkv").id})
+
+
+@pytest.mark.parametrize("attention", [PackedAttention, SplitAttention, ExplicitAttention, NativeGQA])
+def test_compact_model_with_fewer_head_dims_equals_the_gated_one_and_keeps_the_dense_scale(attention):
+    """Removing head_dim entries shrinks every head; SDPA's default scale, 1/sqrt(head_dim),
+    is the dense model's in the compact one (else its scores would change)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5)
+    gated = fxprune.prepare(Transformer(attention), (x,), fxprune.PruneConfig("units"))
+    first = "attns.0.qkv" if attention in (PackedAttention, ExplicitAttention) else "attns.0.q"
+    with torch.no_grad():
+        for g in factor_groups(gated, first, 1) + (factor_groups(gated, "attns.0.v", 1) if first == "attns.0.q" else []):
+            theta_of(gated, UnitGate(g.id))[[0, 3]] = 0.0
+    compact = fxprune.convert(gated.eval())
+    if first == "attns.0.qkv":
+        assert compact.get_submodule("attns.0.qkv").out_features == 3 * 4 * 2
+    else:
+        assert compact.get_submodule("attns.0.q").out_features == 4 * 2 and compact.get_submodule("attns.0.o").in_features == 8
+    if attention is not ExplicitAttention:
+        assert "scale = 0.5" in compact.code  # 1/sqrt(4), the dense head_dim
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)
+    assert sum(p.numel() for p in compact.parameters()) == implied_param_count(gated)
+
+
+@pytest.mark.parametrize("attention", [SplitAttention, PackedAttention, GroupedQueryAttention])
+def test_expected_parameters_count_a_head_and_its_head_dim_as_two_gates(attention):
+    """The cost of a projection indexed by heads x head_dim is bilinear in their thetas:
+    exact at 0/1 gates and the mean over sampled masks at any theta."""
+    from fxprune.objective import Objective
+    from fxprune.state import gate_bank
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5)
+    gated = fxprune.prepare(Transformer(attention), (x,), fxprune.PruneConfig("units"))
+    objective = Objective(gated)
+    for seed in range(3):
+        random_masks(gated, keep=0.5, seed=seed)
+        with torch.no_grad():
+            params = float(objective.expected()[1])
+        assert params == pytest.approx(sum(p.numel() for p in fxprune.convert(gated).parameters()), rel=1e-6)
+    theta = gate_bank(gated).theta
+    rng = np.random.default_rng(0)
+    probs = rng.uniform(0.2, 0.9, theta.numel())
+    with torch.no_grad():
+        theta.copy_(torch.as_tensor(probs, dtype=torch.float32))
+        want = float(objective.expected()[1])
+    draws = []
+    for _ in range(300):
+        with torch.no_grad():
+            theta.copy_(torch.as_tensor(rng.random(len(probs)) < probs, dtype=torch.float32))
+            draws.append(float(objective.expected()[1]))  # exact at masks (above): the count of that mask
+    assert want == pytest.approx(np.mean(draws), abs=4 * np.std(draws) / np.sqrt(len(draws)))
+
+
+class RotaryAttention(SplitAttention):
+    """A language model's rotary embedding: q and k rotated by cos/sin tables computed from
+    the positions, over their head_dim; v is not rotated."""
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = (p(x).view(B, N, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        d = self.q.out_features // self.heads
+        angle = torch.arange(N, device=x.device)[:, None] * torch.arange(d, device=x.device)[None, :] / d
+        cos, sin = angle.cos(), angle.sin()
+
+        def rotate(t):
+            return t * cos + torch.cat([-t[..., d // 2:], t[..., : d // 2]], dim=-1) * sin
+
+        y = F.scaled_dot_product_attention(rotate(q), rotate(k), v)
+        return self.o(y.transpose(1, 2).reshape(B, N, -1))
+
+
+def test_rotary_tables_freeze_q_and_k_head_dim_only():
+    """A head_dim that cannot be pruned (computed rotary tables) stays whole and says why;
+    the heads and v's head_dim stay prunable."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5)
+    gated = fxprune.prepare(Transformer(RotaryAttention), (x,), fxprune.PruneConfig("units"))
+    cg = state_of(gated).graph
+    q = output_group(gated, "attns.0.q")
+    assert not q.derived and q.prunable and q.num_units == 4  # tied to the heads in blocks, as a plain view
+    frozen = [g for g in cg.groups.values() if g.frozen and any("views channels into (4, 4)" in why for why in g.frozen)]
+    assert frozen and any(cg.spaces[s].node.startswith("view") for g in frozen for s in g.spaces)  # q's and k's head_dim
+    (v,) = factor_groups(gated, "attns.0.v", 1)
+    assert v.prunable and v.num_units == 4
+    compact = fxprune.convert(random_masks(gated, keep=0.5, seed=1).eval())
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_transformer_trains_through_live_head_dim_removal_and_converts():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 6, 5), torch.randint(0, 3, (32,))
+    gated = fxprune.prepare(Transformer(SplitAttention), (x,), fxprune.PruneConfig("units", gamma=1.0, check_every=10**6))
+    opt = torch.optim.AdamW(gated.parameters(), lr=1e-2, weight_decay=0.0)
+    pruner = fxprune.Pruner(gated, opt)
+    (v,) = factor_groups(gated, "attns.1.v", 1)
+    (qk,) = factor_groups(gated, "attns.1.q", 1)
+    losses = []
+    for step in range(5):
+        losses.append(train_steps(gated, opt, pruner, [(x, y)]))
+        if step == 1:  # switch off head_dim entries of q/k and of v in the second block and remove them
+            for g, drop in ((qk, [0]), (v, [1, 2])):
+                with torch.no_grad():
+                    theta_of(gated, UnitGate(g.id))[drop] = 0.0
+                mask = np.zeros(4, dtype=bool)
+                mask[drop] = True
+                pruner.remove({g.id: mask}, set())
+    assert gated.get_submodule("attns.1.q").out_features == 4 * 3 and gated.get_submodule("attns.1.v").out_features == 4 * 2
+    assert gated.get_submodule("attns.1.o").in_features == 8 and np.isfinite(losses).all()
     compact = fxprune.convert(gated.eval())
     with torch.no_grad():
         torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)

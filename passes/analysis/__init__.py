@@ -27,7 +27,7 @@ from .branches import find_branches
 from .builder import Builder
 from .dispatch import rule_for, unread_functions
 from .generic import shape, tensor_args
-from .groups import find_groups, resolve_ties
+from .groups import resolve_products
 
 __all__ = ["analyze", "Builder", "batch_dims_of", "unread_functions"]
 
@@ -147,8 +147,7 @@ def analyze(gm: fx.GraphModule, batch_dim: int | Sequence[int | None] | None = 0
             continue
         b.dims[node.name] = rule_for(b, node)(b, node)
     producers = {bd.space for bd in b.bindings.values() if bd.role == "producer"}
-    groups = find_groups(b.graph, b.spaces, producers)
-    resolve_ties(groups, b.spaces, b.ties)
+    groups = resolve_products(b.graph, b.spaces, producers, b.ties, b.factorizations, b.freeze)
     for r in b.reads:
         if r.batch_dim is None:
             groups[b.spaces[r.space].group].per_example = False

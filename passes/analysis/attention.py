@@ -63,10 +63,14 @@ def sdpa(b: "Builder", node: fx.Node) -> Dims:
         s = x.get(nd - 2)
         if s is not None and s not in b.batch:
             b.freeze(s, f"{what} mixes values across the key tokens")
-    for x in (dq, dk):
-        s = x.get(nd - 1)
-        if s is not None and s not in b.batch:
-            b.freeze(s, f"{what}: the query-key dot product sums over the head dim (head_dim units are not pruned)")
+    if nd - 1 in dq or nd - 1 in dk:  # the query-key dot product sums over q's and k's head_dim: tied, read
+        sq, sk = b.space(q, nd - 1), b.space(k, nd - 1)
+        if sq != sk:
+            b.link(sq, sk)
+        if sq not in b.batch:
+            b.read(node, 0, sq, nd - 1)
+            if arg(node, 6, "scale") is None:  # the default scale is 1/sqrt(head_dim): it must stay the dense one's
+                b.rewrite(node, "scale", shape(q)[-1], (sq,))
     if nd - 1 in dv:
         out[nd - 1] = dv[nd - 1]
     if isinstance(mask, fx.Node) and shape(mask) is not None:

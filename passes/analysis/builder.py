@@ -17,7 +17,7 @@ from ..op_classes import SIZE_SINK_FUNCTIONS, SIZE_SINK_METHODS, TRAILING_NORM_F
 from ..trace import LEAVES_META
 from .generic import describe, shape
 
-__all__ = ["Builder", "SizeRead", "ShapeOf"]
+__all__ = ["Builder", "SizeRead", "ShapeOf", "Factorization"]
 
 
 class SizeRead:
@@ -33,6 +33,16 @@ class ShapeOf:
 
     def __init__(self, tensor: fx.Node) -> None:
         self.tensor = tensor
+
+
+class Factorization:
+    """Channel dim ``space`` (of node ``node``) viewed as a product of dims: channel ``c``
+    is entry ``maps[i][c]`` of factor space ``parts[i]`` (heads x head_dim). ``inner``
+    names the factors that only the view made (a head_dim): if the product cannot be
+    pruned as one, those are frozen and the rest is tied as a plain block."""
+
+    def __init__(self, node: str, space: int, parts: list[int], maps: list[np.ndarray], inner: set[int]) -> None:
+        self.node, self.space, self.parts, self.maps, self.inner = node, space, parts, maps, inner
 
 
 class Builder:
@@ -77,6 +87,9 @@ class Builder:
         self.batch_size = 1
         #: (size space, reshape output space, reshape node): the two must keep the same size
         self.ties: list[tuple[int, int, str]] = []
+        #: channel dims viewed as products of dims (heads x head_dim), and the head_dim spaces views made
+        self.factorizations: list[Factorization] = []
+        self.inner: set[int] = set()
         for node in gm.graph.nodes:
             d = batch_dims.get(node.name) if node.op == "placeholder" else None
             if d is not None and shape(node) is not None:
@@ -134,6 +147,11 @@ class Builder:
         if pairs is None and self.spaces[a].size != self.spaces[b].size:
             raise AssertionError(f"identity link between spaces of sizes {self.spaces[a].size} and {self.spaces[b].size}")
         self.graph.add_edge(a, b, pairs=pairs, src=a)
+
+    def factor(self, node: fx.Node, space: int, parts: list[int], maps: list[np.ndarray]) -> None:
+        """Channel ``c`` of ``space`` is entry ``maps[i][c]`` of ``parts[i]``: resolved once
+        the groups are known (:func:`.groups.resolve_products`)."""
+        self.factorizations.append(Factorization(node.name, space, parts, maps, {p for p in parts if p in self.inner}))
 
     def freeze(self, s: int, reason: str) -> None:
         if self.spaces[s].frozen is None:

@@ -10,7 +10,7 @@ from scipy.sparse.csgraph import connected_components
 
 from ..channel_graph import Group, Space
 
-__all__ = ["find_groups", "resolve_ties"]
+__all__ = ["find_groups", "resolve_ties", "resolve_products"]
 
 
 def find_groups(graph: nx.MultiGraph, spaces: list[Space], producers: set[int]) -> dict[int, Group]:
@@ -69,3 +69,101 @@ def resolve_ties(groups: dict[int, Group], spaces: list[Space], ties: list[tuple
         for g in (ga, gb):
             if why not in g.frozen:
                 g.frozen.append(why)
+
+
+def _produced(graph: nx.MultiGraph, factorizations: list, producers: set[int]) -> set[int]:
+    """The spaces some layer produces through ties or products: a product's factors are
+    produced by the layer that produces the product (the heads and head_dim of ``q_proj``'s
+    output), and a product of produced factors is produced (the merged attention output)."""
+    joined = nx.Graph(graph)
+    for f in factorizations:
+        joined.add_edges_from((f.space, p) for p in f.parts)
+    return {s for comp in nx.connected_components(joined) if producers & comp for s in comp}
+
+
+def _why_not(f, groups: dict[int, Group], spaces: list[Space], products: dict[int, list], factor_groups: set[int]) -> str | None:
+    """Why factorization ``f`` cannot be pruned as a product (None: it can)."""
+    g = groups[spaces[f.space].group]
+    parts = [groups[spaces[p].group] for p in f.parts]
+    if g.frozen:
+        return g.frozen[0]
+    for h in parts:
+        if h.frozen:
+            return h.frozen[0]
+        if h is g or h.id in products:
+            return "its factors are tied to each other or to the product"
+    if len({h.id for h in parts}) < len(parts):
+        return "two of its factors are one channel group"
+    if g.id in factor_groups:
+        return "the product is itself the factor of another product"
+    return None
+
+
+def resolve_products(graph: nx.MultiGraph, spaces: list[Space], producers: set[int], ties: list[tuple[int, int, str]],
+                     factorizations: list, freeze) -> dict[int, Group]:
+    """Groups, with the channel dims viewed as products of dims (``[..., H * D] -> [..., H,
+    D]`` and back) made product groups: no gate of their own, a unit kept when its head and
+    its head_dim are. A product that cannot be pruned as one (a frozen factor, units whose
+    factors disagree) falls back to what a plain view is: the product tied to its outer
+    factor in blocks, the factor only the view made (head_dim) frozen (``freeze(space,
+    why)``); the groups are then found again."""
+    produced = _produced(graph, factorizations, producers)
+    active = list(factorizations)
+    while True:
+        groups = find_groups(graph, spaces, produced)
+        resolve_ties(groups, spaces, ties)
+        products: dict[int, list] = {}
+        for f in active:
+            products.setdefault(spaces[f.space].group, []).append(f)
+        factor_groups = {spaces[p].group for f in active for p in f.parts}
+        bad = {id(f): why for f in active if (why := _why_not(f, groups, spaces, products, factor_groups))}
+        for gid, fs in products.items():
+            if any(id(f) in bad for f in fs):
+                continue
+            why = _assign_factors(groups[gid], fs, groups, spaces)
+            if why:
+                bad.update({id(f): why for f in fs})
+        if not bad:
+            return groups
+        for f in [f for f in active if id(f) in bad]:
+            _fall_back(graph, spaces, f, bad[id(f)], freeze)
+            active.remove(f)
+
+
+def _assign_factors(g: Group, fs: list, groups: dict[int, Group], spaces: list[Space]) -> str | None:
+    """Set ``g.factors`` from its factorizations, or say why the units' factors disagree."""
+    k = len(fs[0].parts)
+    fg = np.full((g.num_units, k), -1, dtype=np.int64)
+    fu = np.full((g.num_units, k), -1, dtype=np.int64)
+    for f in fs:
+        if len(f.parts) != k:
+            return "it is viewed as products of different numbers of dims"
+        units = g.unit_index[f.space]
+        for i, (p, m) in enumerate(zip(f.parts, f.maps)):
+            h = groups[spaces[p].group]
+            want_g, want_u = np.full(len(units), h.id), h.unit_index[p][m]
+            seen = fg[units, i] >= 0
+            if (fg[units, i][seen] != want_g[seen]).any() or (fu[units, i][seen] != want_u[seen]).any():
+                return "its channels are tied to different heads or head_dim entries"
+            fg[units, i], fu[units, i] = want_g, want_u
+    if (fg < 0).any():
+        return "some of its channels are not in the product"
+    g.factors = (fg, fu)
+    return None
+
+
+def _fall_back(graph: nx.MultiGraph, spaces: list[Space], f, why: str, freeze) -> None:
+    """Factorization ``f`` as a plain view: the inner factors (head_dim) frozen, the product
+    tied in blocks to its one outer factor (heads), or everything frozen if it has several."""
+    outer = [(p, m) for p, m in zip(f.parts, f.maps) if p not in f.inner]
+    for p in f.parts:
+        if p in f.inner:
+            freeze(p, f"'{f.node}' views channels into ({', '.join(str(spaces[q].size) for q in f.parts)}): "
+                      f"this dim is not pruned ({why})")
+    if len(outer) == 1:
+        p, m = outer[0]
+        graph.add_edge(f.space, p, pairs=(np.arange(spaces[f.space].size), m), src=f.space)
+        return
+    for p, _ in outer:
+        freeze(p, f"'{f.node}' splits or interleaves channel dims ({why})")
+    freeze(f.space, f"'{f.node}' splits or interleaves channel dims ({why})")

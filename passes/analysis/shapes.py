@@ -66,17 +66,26 @@ def reshape(b: "Builder", node: fx.Node) -> Dims:
         tracked = [d for d in bi if d in channels]
         if not tracked:
             continue
-        if (len(bo) > 1 and len(bi) > 1) or len(tracked) > 1:
+        if (len(bo) > 1 and len(bi) > 1) or len(tracked) > 2:
             for d in tracked:
                 b.freeze(channels[d], f"'{node.name}' ({describe(b, node)}) splits or interleaves channel dim {d}")
             continue
+        if len(tracked) == 2:  # two channel dims merged into one (heads, head_dim -> width): their product
+            o = bo[0]
+            out[o] = b.new(node, o, outs[o])
+            idx = np.arange(outs[o])
+            b.factor(node, out[o], [channels[t] for t in tracked],
+                     [(idx // math.prod(ins[k] for k in bi if k > t)) % ins[t] for t in tracked])
+            continue
         d, o = tracked[0], bo[0]
         if len(bo) > 1:  # one channel dim split into several: (..., heads, head_dim), (..., 3, heads, head_dim)
-            o = bo[-2]  # the dim just outside the innermost carries the channels, in blocks; the others keep their sizes
-            inner = math.prod(outs[k] for k in bo if k > o)
+            # the dim just outside the innermost (heads) and the innermost (head_dim) carry the channels, as a
+            # product; the others keep their sizes (a head's q, k and v rows are one head)
+            o, i = bo[-2], bo[-1]
             idx = np.arange(ins[d])
-            out[o] = b.new(node, o, outs[o])
-            b.link(channels[d], out[o], (idx, (idx // inner) % outs[o]))
+            out[o], out[i] = b.new(node, o, outs[o]), b.new(node, i, outs[i])
+            b.inner.add(out[i])
+            b.factor(node, channels[d], [out[o], out[i]], [(idx // outs[i]) % outs[o], idx % outs[i]])
         elif len(bi) == 1:
             out[o] = channels[d]
         else:
