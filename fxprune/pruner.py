@@ -63,10 +63,16 @@ def describe_removal(cg: ChannelGraph, record: live_compaction.Removal) -> str:
     """What a removal took, by layer name: units per group (the layers producing them)
     and residual branches (their first layer)."""
     producers: dict[int, list[str]] = {}
+    what: dict[int, str] = {}  # the factors of a product group: heads, head_dim entries
     for owner, s in cg.layer_outputs:
         if s in cg.spaces:
-            producers.setdefault(cg.spaces[s].group, []).append(owner)
-    parts = [f"{n} units of {', '.join(dict.fromkeys(producers.get(g, [f'group {g}'])))}"
+            g = cg.group_of(s)
+            producers.setdefault(g.id, []).append(owner)
+            for i, f in enumerate(g.factors[0].T if g.derived else ()):
+                for gid in np.unique(f).tolist():
+                    producers.setdefault(gid, []).append(owner)
+                    what[gid] = "head_dim entries" if i else "heads"
+    parts = [f"{n} {what.get(g, 'units')} of {', '.join(dict.fromkeys(producers.get(g, [f'group {g}'])))}"
              for g, n in record.units.items() if n]
     for b in record.layers:
         inner = sorted(o for o, s in cg.layer_outputs if cg.spaces.get(s) and cg.spaces[s].node in cg.branches[b].nodes)

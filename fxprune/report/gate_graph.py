@@ -24,6 +24,7 @@ import networkx as nx
 from torch import fx
 
 from ..files import writable
+from ..gates import factor_slots
 from ..passes import ChannelGraph
 from ..state import decisions, gate_bank, state_of
 
@@ -66,6 +67,10 @@ def gate_graph(cg: ChannelGraph, gated: fx.GraphModule | None = None, collapse: 
         layout, theta = state_of(gated).layout, gate_bank(gated).theta.detach().cpu()
         keep, _ = decisions(gated)
         units = {g: (int(keep[g].sum()), float(theta[sl].mean())) for g, sl in layout.units.items()}
+        full = cg.complete_keep(keep)
+        for g in cg.groups.values():  # a product group: kept where its factors are, theta their product
+            if (slots := factor_slots(cg, layout.units, g.id)) is not None:
+                units[g.id] = (int(full[g.id].sum()) if g.id in full else g.num_units, float(theta[slots].prod(1).mean()))
         layers = {b: float(theta[i]) for b, i in layout.layers.items()}
     edges = _group_edges(cg)
     used = {g for e in edges for g in e} | {cg.spaces[s].group for b in cg.branches.values() for s in _spaces_of(cg, b.add)}

@@ -20,14 +20,29 @@ def group_rows(cg: ChannelGraph) -> list[dict]:
     by_group: dict[int, dict[str, list[str]]] = {g.id: {"producer": [], "consumer": [], "carrier": []} for g in cg.groups.values()}
     for b in cg.bindings:
         by_group[cg.spaces[b.space].group][b.role].append(b.owner)
+    kinds = ("heads", "head_dim")
+    factor_of: dict[int, tuple[str, list[int]]] = {}  # a factor group: what it is, and of which product groups
+    for g in cg.groups.values():
+        for i, col in enumerate(g.factors[0].T if g.derived else ()):
+            for f in dict.fromkeys(col.tolist()):
+                factor_of.setdefault(f, (kinds[min(i, 1)], []))[1].append(g.id)
+                for role, owners in by_group[g.id].items():
+                    by_group[f][role] += owners
     rows = []
     for g in cg.groups.values():
         roles = by_group[g.id]
         if not (roles["producer"] or roles["consumer"]):
             continue  # groups no layer touches (inputs, shape-only tensors)
+        status = "prunable" if g.prunable else f"frozen: {g.frozen[0]}"
+        if g.prunable and g.derived:
+            parts = [" + ".join(str(f) for f in dict.fromkeys(col.tolist())) for col in g.factors[0].T]
+            status = "prunable through groups " + " x ".join(f"{p} ({k})" for p, k in zip(parts, kinds))
+        elif g.id in factor_of:
+            kind, of = factor_of[g.id]
+            status = f"prunable: the {kind} of groups {', '.join(map(str, of))}" if g.prunable else status
         rows.append({
             "group": g.id, "units": g.num_units, "producers": roles["producer"], "consumers": roles["consumer"],
-            "carriers": roles["carrier"], "status": "prunable" if g.prunable else f"frozen: {g.frozen[0]}",
+            "carriers": roles["carrier"], "status": status,
         })
     return rows
 
