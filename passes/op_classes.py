@@ -19,7 +19,7 @@ import operator
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 __all__ = [
     "CONV", "CONV_TRANSPOSE", "LINEAR", "WEIGHTED", "BATCH_NORM", "INSTANCE_NORM", "CHANNEL_NORM", "LAYER_NORM", "RMS_NORM",
@@ -27,7 +27,7 @@ __all__ = [
     "GROUP_NORM", "ACTIVATION_MODULES", "DROPOUT_MODULES", "ELEMENTWISE_MODULES", "POOL_MODULES",
     "ELEMENTWISE_FUNCTIONS", "ELEMENTWISE_METHODS", "BINARY_FUNCTIONS", "BINARY_METHODS", "CONV_FUNCTIONS",
     "LINEAR_FUNCTIONS", "POOL_FUNCTIONS", "INPLACE_OPERATORS", "SIZE_SINK_METHODS", "SIZE_SINK_FUNCTIONS",
-    "ADD_FUNCTIONS",
+    "ADD_FUNCTIONS", "mutates",
 ]
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -66,12 +66,12 @@ ELEMENTWISE_FUNCTIONS = frozenset([
     F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.gelu, F.silu, F.sigmoid, torch.sigmoid, F.hardsigmoid,
     F.hardswish, F.tanh, torch.tanh, F.elu, F.leaky_relu, F.mish, F.softplus, F.hardtanh, F.dropout, F.dropout1d,
     F.dropout2d, F.dropout3d, F.alpha_dropout, torch.exp, torch.neg, torch.abs, torch.sqrt, torch.rsqrt,
-    torch.clamp, torch.clip, operator.neg, torch.erf, torch.square,
+    torch.clamp, torch.clip, operator.neg, torch.erf, torch.square, torch.clone, torch.clamp_min,
 ])
 ELEMENTWISE_METHODS = frozenset([
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone", "float", "half", "double",
     "bfloat16", "to", "exp", "neg", "abs", "sqrt", "rsqrt", "clamp", "clamp_", "clamp_min", "clamp_max", "detach",
-    "square", "type_as", "hardtanh_", "erf",
+    "square", "type_as", "hardtanh_", "erf", "zero_", "fill_",
 ])
 #: element-wise ops of several tensors, with broadcasting
 BINARY_FUNCTIONS = frozenset([
@@ -99,3 +99,14 @@ INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, o
 SIZE_SINK_METHODS = frozenset(["view", "reshape", "expand", "unflatten"])
 SIZE_SINK_FUNCTIONS = frozenset([torch.reshape, torch.unflatten])
 
+
+
+def mutates(node: fx.Node) -> bool:
+    """An op that writes into a tensor it is given (``x[...] = y``, ``x += y`` on a view,
+    ``bias.clone()[a:b].zero_()``, ``aten.copy_``): what it writes may reach the output
+    through that tensor, with no edge from it, so dead-code elimination must keep it."""
+    if node.op == "call_function" and node.target in INPLACE_OPERATORS:
+        return True
+    if node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).endswith("__"):
+        return True
+    return node.op == "call_function" and node.is_impure()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from .op_classes import CHANNEL_NORM, CONV, CONV_TRANSPOSE, GROUP_NORM, INPLACE_OPERATORS, LINEAR, TRAILING_NORM
+from .op_classes import CHANNEL_NORM, CONV, CONV_TRANSPOSE, GROUP_NORM, INPLACE_OPERATORS, LINEAR, TRAILING_NORM, mutates
 
 __all__ = [
     "index_tensor", "set_data", "refresh_module", "skeleton", "copy_module", "replace_tensor", "reached_tensors",
@@ -181,6 +181,6 @@ def is_impure(modules: dict[str, nn.Module]):
             return True
         if n.op == "call_module":
             return bool(getattr(modules.get(n.target), "_is_impure", False))
-        return n.op == "call_function" and n.is_impure()
+        return mutates(n)
 
     return impure

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from torch import fx
 
 from ..channel_graph import Branch, ChannelGraph, Param
-from ..op_classes import CONV, CONV_FUNCTIONS, CONV_TRANSPOSE, INPLACE_OPERATORS, LINEAR, LINEAR_FUNCTIONS
+from ..op_classes import CONV, CONV_FUNCTIONS, CONV_TRANSPOSE, LINEAR, LINEAR_FUNCTIONS, mutates
 from .branches import find_branches
 from .builder import Builder
 from .dispatch import rule_for, unread_functions
@@ -101,22 +101,11 @@ def _all_channels(gm: fx.GraphModule, b: Builder) -> int:
     return total
 
 
-def _mutates(node: fx.Node) -> bool:
-    """An op that writes into a tensor it is given (``x[...] = y``, ``x += y`` on a view,
-    ``aten.copy_``): what it writes may reach the output through that tensor, with no
-    edge from it."""
-    if node.op == "call_function" and node.target in INPLACE_OPERATORS:
-        return True
-    if node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).endswith("__"):
-        return True
-    return node.op == "call_function" and node.is_impure()
-
-
 def _live_nodes(gm: fx.GraphModule) -> set[str]:
     """Nodes the output depends on (what dead-code elimination keeps), writes into
     tensors included."""
     out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    live, pending = set(), [out, *(n for n in gm.graph.nodes if _mutates(n))]
+    live, pending = set(), [out, *(n for n in gm.graph.nodes if mutates(n))]
     while pending:
         n = pending.pop()
         if n.name in live:
