@@ -127,12 +127,13 @@ ATEN_RULES: dict[Any, Write] = {
     **{getattr(op, o): _call(fn, 2) for op, fn in _IN_PLACE_BINARY.items() for o in ("Tensor", "Scalar")
        if hasattr(op, o)},
     aten.clamp.default: _call(torch.clamp), aten.square.default: _call(torch.square),
+    aten.clamp_min.default: _call(torch.clamp_min), aten.linalg_vector_norm.default: _call(torch.linalg.vector_norm),
     aten.hardtanh_.default: lambda g, a, k: g.call_function(F.hardtanh, a, {"inplace": True}),
     aten.to.dtype: _method("to"),
     aten.matmul.default: _call(torch.matmul), aten.bmm.default: _call(torch.bmm),
     aten.view.default: _method("view"), aten.reshape.default: _call(torch.reshape),
     aten._unsafe_view.default: _call(torch.reshape),
-    aten.expand.default: _method("expand"),
+    aten.expand.default: _method("expand"), aten.expand_as.default: _method("expand_as"),
     aten.permute.default: _call(torch.permute), aten.transpose.int: _call(torch.transpose),
     aten.t.default: _call(torch.t),
     aten.flatten.using_ints: _call(torch.flatten), aten.unflatten.int: _call(torch.unflatten),
@@ -154,6 +155,9 @@ ATEN_RULES: dict[Any, Write] = {
     aten.pad.default: _call(F.pad),
     aten.sym_size.int: _method("size"),
     aten.roll.default: _call(torch.roll),
+    aten.alias.default: lambda g, a, k: g.call_function(operator.getitem, (a[0], (Ellipsis,))),  # x[...]: a view
+    aten.zero_.default: _method("zero_"), aten.fill_.Scalar: _method("fill_"),
+    aten.new_zeros.default: _method("new_zeros"), aten.new_ones.default: _method("new_ones"),
     aten.index.Tensor: lambda g, a, k: g.call_function(
         operator.getitem, (a[0], tuple(slice(None) if i is None else i for i in a[1]))),
 }

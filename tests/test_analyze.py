@@ -341,3 +341,37 @@ def test_a_matmul_contracting_prunable_channels_reads_their_gates():
     assert compact.get_parameter("table").shape[0] < 8
     with torch.no_grad():
         torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)
+
+
+class ZeroedBias(nn.Module):
+    """Swin V2's q/k/v bias: a copy of the bias with its k part zeroed in place, given to
+    ``F.linear``; and a per-head scale computed from a parameter (``clamp(...).exp()``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(5, 6)
+        self.weight, self.bias = nn.Parameter(torch.randn(6, 6)), nn.Parameter(torch.randn(6))
+        self.scale = nn.Parameter(torch.randn(6))
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x):
+        bias = self.bias.clone()
+        bias[2:4].zero_()
+        h = F.linear(torch.relu(self.inp(x)), self.weight, bias)
+        return self.out(torch.relu(h) * self.scale.clamp(max=1.0).exp())
+
+
+def test_a_bias_computed_in_place_from_a_parameter_is_sliced_with_it():
+    """The computed bias and the computed scale carry the linear's output channels (they
+    froze them: 'computed weights'), and compaction keeps the in-place write that zeroes
+    part of the copy (dead-code elimination dropped it: compact != gated)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 5)
+    gated = fxprune.prepare(ZeroedBias(), (x,), fxprune.PruneConfig("units"))
+    cg = fxprune.channel_graph(gated)
+    g = next(cg.group_of(b.space) for b in cg.bindings if b.param == "weight" and b.dim == 0)
+    assert g.prunable and g.num_units == 6, g.frozen
+    compact = fxprune.convert(random_masks(gated, keep=0.5, seed=0).eval())
+    assert compact.get_parameter("bias").shape[0] == 3 and "zero_" in compact.code
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)

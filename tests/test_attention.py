@@ -455,3 +455,40 @@ def test_a_transformer_trains_through_live_head_dim_removal_and_converts():
     compact = fxprune.convert(gated.eval())
     with torch.no_grad():
         torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)
+
+
+class CosineAttention(SplitAttention):
+    """Swin V2's attention: cosine similarity of q and k (``F.normalize`` over head_dim)
+    times a per-head learnt scale computed from a parameter, and a mask made with
+    ``new_zeros``."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__(dim, heads)
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.rand(heads, 1, 1) + 1))
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = (p(x).view(B, N, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(self.logit_scale, max=4.6).exp() + x.new_zeros(N, N)
+        y = attn.softmax(dim=-1) @ v
+        return self.o(y.transpose(1, 2).reshape(B, N, -1))
+
+
+@pytest.mark.parametrize("front_end", ["symbolic", "export"])
+def test_cosine_attention_prunes_heads_and_v_head_dim(front_end):
+    """q's and k's head_dim are normalised (kept whole, named); the heads, with their
+    learnt scales, and v's head_dim are pruned."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5)
+    gated = fxprune.prepare(Transformer(CosineAttention), (x,), fxprune.PruneConfig("units"), front_end=front_end)
+    heads = head_group(gated, None, "attns.0.v.weight")
+    assert heads.prunable and heads.num_units == 4, heads.frozen
+    (v,) = factor_groups(gated, None, 1, "attns.0.v.weight")
+    assert v.prunable and v.num_units == 4
+    q = output_group(gated, "attns.0.q")
+    assert q.prunable and not q.derived  # its head_dim is whole: tied to the heads in blocks
+    compact = fxprune.convert(random_masks(gated, keep=0.5, seed=0).eval())
+    assert compact.get_parameter("attns.0.logit_scale").shape[0] == kept(gated, heads)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)

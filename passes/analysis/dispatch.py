@@ -22,6 +22,7 @@ from .attention import sdpa
 from .generic import (
     Rule,
     along_dim,
+    arg,
     broadcast,
     matmul,
     mix_along,
@@ -33,6 +34,7 @@ from .generic import (
     shape,
     spatial,
     unknown,
+    vector_norm,
 )
 from .layers import (
     batch_norm_function,
@@ -45,7 +47,7 @@ from .layers import (
     norm_module,
     trailing_norm,
 )
-from .shapes import cat, expand, getitem, permute, repeat_interleave, reshape, size, split, unbind
+from .shapes import cat, expand, expand_as, getitem, permute, repeat_interleave, reshape, size, split, unbind
 
 if TYPE_CHECKING:  # pragma: no cover
     from .builder import Builder
@@ -98,7 +100,8 @@ FUNCTION_RULES: dict[Any, Rule] = {
     torch.cat: cat, torch.concat: cat, torch.concatenate: cat,
     torch.split: split, torch.chunk: split, torch.unbind: unbind,
     F.scaled_dot_product_attention: sdpa, torch.repeat_interleave: repeat_interleave,
-    torch.mean: reduce, torch.sum: reduce, torch.amax: reduce,
+    torch.mean: reduce, torch.sum: reduce, torch.amax: reduce, torch.linalg.vector_norm: vector_norm,
+    F.normalize: lambda b, n: mix_along(b, n, arg(n, 2, "dim", 1), "normalize"),
     torch.matmul: matmul, operator.matmul: matmul, torch.bmm: matmul, torch.roll: roll,
     operator.getitem: getitem,
     getattr: _getattr,
@@ -120,13 +123,16 @@ METHOD_RULES: dict[str, Rule] = {
     "view": reshape, "reshape": reshape, "flatten": reshape, "unflatten": reshape, "squeeze": reshape,
     "unsqueeze": reshape,
     "permute": permute, "transpose": permute,
-    "expand": expand,
+    "expand": expand, "expand_as": expand_as,
     "split": split, "chunk": split, "unbind": unbind, "repeat_interleave": repeat_interleave,
     "mean": reduce, "sum": reduce, "amax": reduce,
     "matmul": matmul, "bmm": matmul, "roll": roll,
     "softmax": along_dim("dim", 1, "softmax"), "log_softmax": along_dim("dim", 1, "log_softmax"),
     "size": size,
     "dim": no_tensor,
+    # a new tensor of given sizes: reads only the dtype and device of the tensor it is called on (a size
+    # that is a channel count meets those channels later, in a broadcast, and freezes them there)
+    **dict.fromkeys(("new_zeros", "new_ones", "new_empty", "new_full"), no_tensor),
 }
 
 

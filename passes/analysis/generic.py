@@ -62,9 +62,10 @@ def unknown(b: "Builder", node: fx.Node, why: str | None = None) -> Dims:
 
 
 def passthrough(b: "Builder", node: fx.Node) -> Dims:
-    """Element-wise unary ops: output channels are the input's."""
+    """Element-wise unary ops: output channels are the input's (a parameter read directly,
+    ``logit_scale.clamp(max=m).exp()``, carries its channels through)."""
     x = tensor_args(node)
-    return dict(b.dims_of(x[0])) if x else {}
+    return dict(b.tensor_dims(x[0])) if x else {}
 
 
 def no_tensor(b: "Builder", node: fx.Node) -> Dims:
@@ -202,11 +203,13 @@ def mix_along(b: "Builder", node: fx.Node, d: int | None, what: str) -> Dims:
     return dims
 
 
-def reduce(b: "Builder", node: fx.Node) -> Dims:
+def reduce(b: "Builder", node: fx.Node, dim_pos: int = 1) -> Dims:
+    """sum/mean/amax (``dim`` at argument ``dim_pos``, ``keepdim`` after it): channels on
+    a reduced dim freeze, the others pass."""
     x = tensor_args(node)[0]
     nd = len(shape(x))
-    dim = arg(node, 1, "dim")
-    keep = bool(arg(node, 2, "keepdim", False))
+    dim = arg(node, dim_pos, "dim")
+    keep = bool(arg(node, dim_pos + 1, "keepdim", False))
     if dim is None:
         reduced = set(range(nd))
     else:
@@ -218,3 +221,8 @@ def reduce(b: "Builder", node: fx.Node) -> Dims:
         else:
             out[d if keep else d - sum(r < d for r in reduced)] = s
     return out
+
+
+def vector_norm(b: "Builder", node: fx.Node) -> Dims:
+    """``torch.linalg.vector_norm(x, ord, dim, keepdim)`` (``F.normalize``'s norm): a reduction."""
+    return reduce(b, node, dim_pos=2)

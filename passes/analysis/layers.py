@@ -172,10 +172,19 @@ def embedding(b: "Builder", node: fx.Node) -> Dims:
 
 
 def linear_function(b: "Builder", node: fx.Node) -> Dims:
+    """``F.linear(x, w, bias)`` with ``w`` a parameter; ``bias`` a parameter, or computed
+    from one channel by channel (Swin V2 zeroes the k part of a copy of its q/k/v bias): its
+    channels are then tied to the output's, untracked ones freeze them."""
     w, bias = arg(node, 1, "weight"), arg(node, 2, "bias")
-    if _attr(w) is None or (bias is not None and _attr(bias) is None):
+    if _attr(w) is None or (isinstance(bias, fx.Node) and shape(bias) is None):
         return unknown(b, node, f"functional linear '{node.name}' with computed weights is not pruned")
-    return linear_like(b, node, node.args[0], _attr(w), _attr(bias))
+    dims = linear_like(b, node, node.args[0], _attr(w), _attr(bias))
+    if isinstance(bias, fx.Node) and _attr(bias) is None:
+        nd = len(shape(node))
+        s = b.tensor_dims(bias).get(0)
+        s = b.space(bias, 0) if s is None or s in b.batch else s
+        b.link(dims[nd - 1], s)
+    return dims
 
 
 def channel_norm(b: "Builder", node: fx.Node, names: list[str | None]) -> Dims:

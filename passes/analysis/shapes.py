@@ -171,6 +171,26 @@ def expand(b: "Builder", node: fx.Node) -> Dims:
     return out
 
 
+def expand_as(b: "Builder", node: fx.Node) -> Dims:
+    """``x.expand_as(other)``: a dim of ``x`` at full size keeps its channels (tied to
+    ``other``'s there); a dim ``x`` broadcasts has ``other``'s size, so it carries
+    ``other``'s channels (every index the same value)."""
+    x, other = tensor_args(node)[:2]
+    nd = len(shape(node))
+    lead = nd - len(shape(x))
+    xd, od = b.tensor_dims(x), b.dims_of(other)
+    out = {}
+    for d in range(nd):
+        k = d - lead
+        if k >= 0 and k in xd and shape(x)[k] == shape(node)[d]:
+            out[d] = xd[k]
+            if d in od and od[d] != xd[k]:
+                b.link(xd[k], od[d])
+        elif d in od:
+            out[d] = od[d]
+    return out
+
+
 def _integer(t: fx.Node) -> bool:
     dtype = t.meta["tensor_meta"].dtype
     return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
