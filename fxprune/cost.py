@@ -20,9 +20,12 @@ are, two independent gates, so ``E[n] = sum_u m(u) theta_h(u) theta_d(u)``.
 A term inside residual branches is multiplied by their layer gates' theta. The FLOPs of
 a weight are its kept size times the FLOPs per entry the analysis recorded
 (:attr:`fxprune.passes.channel_graph.Param.flops`, as ``FlopCounterMode`` counts them);
-FLOPs of ops without weights (attention products) are a constant measured on the dense
-model (none where ``FlopCounterMode`` does not count a fused attention kernel, as on the
-CPU): pruning attention heads lowers them, and the cost does not see it. Everything reads the
+A matmul of two activations (attention written out: ``q @ k^T`` over heads and head_dim,
+``attn @ v`` over heads and v's head_dim) is one term too, with no parameters: its FLOPs
+per combination of its channels (:class:`~fxprune.passes.channel_graph.OpFlops`) times the
+kept channels of its (at most two) pruned dims. Other ops without weights are a constant
+measured on the dense model; so is a fused ``F.scaled_dot_product_attention``, which
+``FlopCounterMode`` counts on some devices and not on others (not on the CPU). Everything reads the
 ChannelGraph (parameters by identity: a tied weight is one term) and is evaluated with
 ``index_add`` and gathers over the flat theta buffer: no Python loop per step.
 """
@@ -70,6 +73,7 @@ class _Terms:
 
     k: Tensor  # entries per kept channel combination
     flops: Tensor  # FLOPs per kept entry (0: no FLOPs)
+    params: Tensor  # 1 for a parameter, 0 for an op without weights
     dim_a: Tensor  # index into the expected-count vector (last index = constant 1)
     dim_b: Tensor
     branches: Tensor  # [terms, depth] flat indices of layer thetas (index n = constant 1)
@@ -93,23 +97,32 @@ class ComplexityCost:
 
     def __init__(self, cg: ChannelGraph, names: list[str], units: dict[int, slice], layers: dict[int, int], size: int,
                  device: torch.device | str = "cpu") -> None:
-        rows_k, rows_f, dims_a, dims_b, rows_br = [], [], [], [], []
+        rows_k, rows_f, rows_p, dims_a, dims_b, rows_br = [], [], [], [], [], []
         c_rows, c_cols, c_cols2, c_vals, v_rows, v_cols, v_vals = [], [], [], [], [], [], []
         products = {g: slots for g in cg.groups if (slots := factor_slots(cg, units, g)) is not None and slots.shape[1] == 2}
         bound: dict[str, dict[int, tuple[int, int | None]]] = {}
         for b in cg.bindings:
             bound.setdefault(b.param, {})[b.dim] = (b.space, b.period)
+        # one term per parameter (its entries, FLOPs per entry, bound dims), then one per op without weights
+        # whose FLOPs follow channels (per_entry FLOPs for each combination of its spaces' channels; no parameters)
+        specs = [(name, float(cg.params[name].numel), cg.params[name].flops, 1.0, cg.params[name].shape,
+                  sorted(bound.get(name, {}).items()), cg.params[name].branches) for name in names]
+        specs += [(o.node, o.per_entry * float(np.prod([cg.spaces[s].size for s in o.spaces])), 1.0, 0.0,
+                   tuple(cg.spaces[s].size for s in o.spaces), [(i, (s, None)) for i, s in enumerate(o.spaces)], o.branches)
+                  for o in cg.op_flops]
         n_dims = 0
-        for name in names:
-            p = cg.params[name]
-            k, gated_dims = float(p.numel), []
-            for dim, (sid, period) in sorted(bound.get(name, {}).items()):
+        for name, k, flops, is_param, shape, dims, branches in specs:
+            gated_dims = []
+            for dim, (sid, period) in dims:
                 gid = cg.spaces[sid].group
                 if gid in units or gid in products:
-                    k /= p.shape[dim]
+                    k /= shape[dim]
                     unit_of = cg.groups[gid].unit_index[sid]
                     unit_of = unit_of[: period] if period else unit_of
                     gated_dims.append((gid, np.bincount(unit_of, minlength=cg.groups[gid].num_units)))
+            if len(gated_dims) > 2 and not is_param:  # an op over three pruned dims: held at its dense FLOPs
+                k, gated_dims = k * float(np.prod([shape[d] for d, (sid, _) in dims
+                                                   if cg.spaces[sid].group in units or cg.spaces[sid].group in products])), []
             if len(gated_dims) > 2:
                 raise NotImplementedError(f"parameter '{name}' has more than two pruned dimensions")
             slots = []
@@ -131,16 +144,18 @@ class ComplexityCost:
                 v_vals.append((ma * mb)[cols])
             slots += [-1] * (2 - len(slots))
             rows_k.append(k)
-            rows_f.append(p.flops)
+            rows_f.append(flops)
+            rows_p.append(is_param)
             dims_a.append(slots[0])
             dims_b.append(slots[1])
-            rows_br.append([layers[i] for i in p.branches if i in layers])
+            rows_br.append([layers[i] for i in branches if i in layers])
         depth = max((len(r) for r in rows_br), default=0)
         cat = lambda xs, dt: torch.as_tensor(np.concatenate(xs) if xs else np.zeros(0), dtype=dt, device=device)  # noqa: E731
         self.size = size
         self.terms = _Terms(
             k=torch.tensor(rows_k, dtype=torch.float64, device=device),
             flops=torch.tensor(rows_f, dtype=torch.float64, device=device),
+            params=torch.tensor(rows_p, dtype=torch.float64, device=device),
             dim_a=torch.tensor([d if d >= 0 else n_dims for d in dims_a], dtype=torch.long, device=device),
             dim_b=torch.tensor([d if d >= 0 else n_dims for d in dims_b], dtype=torch.long, device=device),
             branches=torch.tensor([r + [size] * (depth - len(r)) for r in rows_br], dtype=torch.long,
@@ -168,4 +183,4 @@ class ComplexityCost:
         if t.branches.shape[1]:
             size = size * lt[t.branches].prod(1)
         size = size * t.k
-        return (size * t.flops).sum(), size.sum()
+        return (size * t.flops).sum(), (size * t.params).sum()

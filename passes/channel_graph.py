@@ -31,7 +31,7 @@ import networkx as nx
 import numpy as np
 import torch
 
-__all__ = ["Space", "Param", "Binding", "Read", "Rewrite", "Group", "Branch", "ChannelGraph", "floor_keep", "segment_matrix"]
+__all__ = ["Space", "Param", "Binding", "Read", "Rewrite", "Group", "Branch", "OpFlops", "ChannelGraph", "floor_keep", "segment_matrix"]
 
 Role = Literal["producer", "consumer", "carrier"]
 
@@ -175,6 +175,19 @@ class Branch:
     batch_dim: int | None = 0
 
 
+@dataclass(frozen=True)
+class OpFlops:
+    """The FLOPs of an op without weights whose size follows channel spaces (attention's
+    ``q @ k^T`` over heads and head_dim, ``attn @ v``): ``per_entry`` FLOPs per example
+    for every combination of the channels of ``spaces``; ``branches`` are the residual
+    branches it lies in."""
+
+    node: str
+    per_entry: float
+    spaces: tuple[int, ...]
+    branches: tuple[int, ...] = ()
+
+
 def segment_matrix(segments: list[np.ndarray], offset: int = 0) -> torch.Tensor:
     """Unit sets as one ``[segments, width]`` index matrix (``offset`` added), padded with -1."""
     width = max((len(s) for s in segments), default=0)
@@ -217,7 +230,9 @@ class ChannelGraph:
     convolution and linear layer of the model, understood or not (inside leaves, with
     computed weights), ``layer_outputs`` the output space of every conv and linear call
     the analysis understood, ``depthwise`` the convolutions it analysed as depthwise (their
-    ``groups`` shrinks with their input channels; a grouped one keeps its ``groups``)."""
+    ``groups`` shrinks with their input channels; a grouped one keeps its ``groups``),
+    ``op_flops`` the FLOPs of ops without weights that pruning shrinks (matmuls of
+    activations: attention products)."""
 
     @property
     def batch_input(self) -> str | None:
@@ -239,6 +254,7 @@ class ChannelGraph:
     layer_outputs: list[tuple[str, int]] = field(default_factory=list)
     depthwise: set[str] = field(default_factory=set)
     leaves: dict[str, str] = field(default_factory=dict)
+    op_flops: list[OpFlops] = field(default_factory=list)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -416,6 +432,8 @@ class ChannelGraph:
         return replace(
             self, graph=graph, spaces=spaces, groups=groups, branches=branches, params=params, bindings=bindings,
             reads=[r for r in self.reads if r.node not in dead and r.space in spaces],
+            op_flops=[replace(o, branches=tuple(i for i in o.branches if i not in drop)) for o in self.op_flops
+                      if o.node not in dead and all(s in spaces for s in o.spaces)],
             rewrites=[r for r in self.rewrites if r.node not in dead and all(s in spaces for s in r.spaces)],
             node_dims={n: d for n, d in self.node_dims.items() if n not in dead},
         )

@@ -492,3 +492,22 @@ def test_cosine_attention_prunes_heads_and_v_head_dim(front_end):
     assert compact.get_parameter("attns.0.logit_scale").shape[0] == kept(gated, heads)
     with torch.no_grad():
         torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)
+
+
+def test_expected_flops_of_attention_written_out_follow_heads_and_head_dim():
+    """``q @ k^T`` (heads x q/k head_dim) and ``attn @ v`` (heads x v's head_dim) are terms of
+    the cost: exact at 0/1 gates, as FlopCounterMode counts the compact model."""
+    from fxprune.cost import forward_flops
+    from fxprune.objective import Objective
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5)
+    gated = fxprune.prepare(Transformer(ExplicitAttention), (x,), fxprune.PruneConfig("units"))
+    cg = state_of(gated).graph
+    assert sorted(len(o.spaces) for o in cg.op_flops) == [2, 2, 2, 2]  # two products per block, each over two dims
+    objective = Objective(gated)
+    for seed in range(3):
+        random_masks(gated, keep=0.5, seed=seed)
+        with torch.no_grad():
+            flops = float(objective.expected()[0])
+        assert flops == pytest.approx(forward_flops(fxprune.convert(gated), state_of(gated).example), rel=1e-9)

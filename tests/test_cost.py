@@ -44,8 +44,11 @@ def check_vertices(model, x, seeds=(0, 1, 2)):
 @given(net=networks())
 def test_cost_is_exact_at_masks_on_random_networks(net):
     model, x = net
-    # attention products have no weights: the cost holds them constant (cost.py), so heads pruned make it inexact
-    assume(not any(isinstance(m, (nn.MultiheadAttention, HeadsAttention)) for m in model.modules()))
+    # attention written out (q @ k^T, attn @ v) is in: its products are terms over heads and head_dim. A fused
+    # F.scaled_dot_product_attention is held constant (cost.py), and FlopCounterMode counts it or not with the shapes
+    # the CPU kernel is given (0 for the dense model, the math path's matmuls for a smaller one), so it is left out
+    assume(not any(isinstance(m, nn.MultiheadAttention) or (isinstance(m, HeadsAttention) and not m.explicit)
+                   for m in model.modules()))
     check_vertices(model, x)
 
 

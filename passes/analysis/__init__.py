@@ -17,11 +17,12 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from torch import fx
 
-from ..channel_graph import Branch, ChannelGraph, Param
+from ..channel_graph import Branch, ChannelGraph, OpFlops, Param
 from ..op_classes import CONV, CONV_FUNCTIONS, CONV_TRANSPOSE, LINEAR, LINEAR_FUNCTIONS, mutates
 from .branches import find_branches
 from .builder import Builder
@@ -161,6 +162,11 @@ def analyze(gm: fx.GraphModule, batch_dim: int | Sequence[int | None] | None = 0
         t = b.tensors[canon]
         params[canon] = Param(canon, tuple(names), tuple(t.shape), canon in b.buffers, b.flops.get(canon, 0.0),
                               tuple(sorted(inside)), bool(users))
+    op_flops = []
+    for name, flops, spaces in b.op_flops:
+        if name in live:
+            per_entry = flops / math.prod(b.spaces[s].size for s in spaces)
+            op_flops.append(OpFlops(name, per_entry, spaces, tuple(sorted(in_branches.get(name, ())))))
     branches = {
         i: Branch(i, add.name, stream.name, out.name, branch_nodes[i], tuple(contents[i]), b.batch_dim(out))
         for i, (add, stream, out, _) in enumerate(found)
@@ -169,4 +175,5 @@ def analyze(gm: fx.GraphModule, batch_dim: int | Sequence[int | None] | None = 0
         graph=b.graph, spaces={s.id: s for s in b.spaces}, groups=groups, branches=branches, params=params,
         bindings=list(b.bindings.values()), reads=b.reads, rewrites=b.rewrites, node_dims=b.dims,
         batch_size=b.batch_size, inputs=inputs, all_channels=_all_channels(gm, b), layer_outputs=b.layer_outputs, depthwise=b.depthwise, leaves=dict(b.leaves),
+        op_flops=op_flops,
     )

@@ -78,6 +78,8 @@ class Builder:
                     if kind == "_buffers":
                         self.buffers.add(self.canonical[name])
         self.flops: dict[str, float] = {}
+        #: (node, FLOPs per example, spaces) of ops without weights whose size follows channels
+        self.op_flops: list[tuple[str, float, tuple[int, ...]]] = []
         #: (layer, output space) of every convolution and linear call the rules understood
         self.layer_outputs: list[tuple[str, int]] = []
         #: convolutions analysed as depthwise (one group per input channel)

@@ -7,6 +7,7 @@ or a list of those for ops that return several tensors).
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Callable
 
 from torch import fx
@@ -129,6 +130,10 @@ def matmul(b: "Builder", node: fx.Node) -> Dims:
             b.link(sx, sy)
         if sx not in b.batch:
             b.read(node, 0, sx, nx - 1)
+    if x.op != "get_attr" and y.op != "get_attr":  # activations (attention): its FLOPs follow its channels
+        k = shape(x)[-1]
+        tracked = [s for s in {*out.values(), b.space(x, nx - 1) if nx - 1 in xd else None} - {None} if s not in b.batch]
+        b.op_flops.append((node.name, 2.0 * math.prod(out_shape) * k / b.batch_size, tuple(sorted(tracked))))
     return out
 
 
