@@ -78,9 +78,11 @@ if __name__ == "__main__":
             return 0
 
     def widths() -> str:
-        attention = [width(f"blocks.{i}.attn.qkv") // 3 for i in range(2)]
+        graph = fxprune.channel_graph(gated)  # the analysis of the live model, after every removal
+        heads = [graph.head_shape(f"blocks.{i}.attn.qkv") for i in range(2)]
+        attention = ", ".join("removed" if h is None else f"{h[0]}x{h[1]}" for h in heads)
         mlp = [width(f"blocks.{i}.mlp.0") for i in range(2)]
-        return f"stream {gated.embed.out_features}, attention width (heads x head_dim) {attention}, MLP units {mlp}"
+        return f"stream {gated.embed.out_features}, heads x head_dim [{attention}], MLP units {mlp}"
 
     print(f"start: {widths()}")
     for epoch in range(args.epochs):

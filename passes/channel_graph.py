@@ -288,6 +288,18 @@ class ChannelGraph:
                 out[g.id] = keep
         return out
 
+    def head_shape(self, layer: str) -> tuple[int, int] | None:
+        """``(heads, head_dim)`` of ``layer``'s output where it is viewed into heads and
+        pruned as their product (a packed q/k/v projection counts its heads once); None
+        for any other layer."""
+        for owner, s in self.layer_outputs:
+            g = self.group_of(s) if owner == layer and s in self.spaces else None
+            if g is not None and g.derived:
+                units = g.unit_index[s]
+                return tuple(len({(int(a), int(b)) for a, b in zip(g.factors[0][units, i], g.factors[1][units, i])})
+                             for i in range(2))
+        return None
+
     def bindings_of(self, group: Group) -> list[Binding]:
         members = set(group.spaces)
         return [b for b in self.bindings if b.space in members]

@@ -511,3 +511,19 @@ def test_expected_flops_of_attention_written_out_follow_heads_and_head_dim():
         with torch.no_grad():
             flops = float(objective.expected()[0])
         assert flops == pytest.approx(forward_flops(fxprune.convert(gated), state_of(gated).example), rel=1e-9)
+
+
+def test_head_shape_follows_live_removals():
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 5)
+    gated = fxprune.prepare(Transformer(PackedAttention), (x,), fxprune.PruneConfig("units"))
+    cg = state_of(gated).graph
+    assert cg.head_shape("attns.0.qkv") == (4, 4) and cg.head_shape("mlps.0.0") is None
+    heads, (dims,) = head_group(gated, "attns.0.qkv"), factor_groups(gated, "attns.0.qkv", 1)
+    pruner = fxprune.Pruner(gated, torch.optim.SGD(gated.parameters(), lr=0.1))
+    with torch.no_grad():
+        theta_of(gated, UnitGate(heads.id))[0] = 0.0
+        theta_of(gated, UnitGate(dims.id))[[1, 2]] = 0.0
+    pruner.remove({heads.id: np.arange(4) == 0, dims.id: np.isin(np.arange(4), [1, 2])}, set())
+    assert state_of(gated).graph.head_shape("attns.0.qkv") == (3, 2)
+    assert gated.get_submodule("attns.0.qkv").out_features == 3 * 3 * 2
