@@ -240,8 +240,8 @@ def _tiny(kind: str):
 @pytest.mark.parametrize("kind", ["llama", "bert", "vit"])
 def test_transformers_models_symbolic_tracing_cannot_read_are_pruned_through_torch_export(kind):
     """transformers' models fail symbolic tracing inside (masks built with Python control
-    flow, sizes unpacked from shapes): through torch.export their heads, MLP units and
-    residual width (Llama's hand-written RMSNorm recognised) are prunable, and the compact
+    flow, sizes unpacked from shapes): through torch.export their heads, head_dims, MLP units
+    and residual width (Llama's hand-written RMSNorm recognised) are prunable, and the compact
     model equals the gated one, on another batch and sequence length too."""
     torch.manual_seed(0)
     model, x = _tiny(kind)
@@ -254,6 +254,11 @@ def test_transformers_models_symbolic_tracing_cannot_read_are_pruned_through_tor
     prunable, channels = cg.prunable_share()
     assert all(r.startswith("model output") for r in cg.frozen_reasons()), cg.frozen_reasons()
     assert prunable > 0.9 * channels - 50  # all but the logits
+    # heads x head_dim pruned as products; Llama's rotary tables keep q's and k's head_dim whole (v's is pruned)
+    heads = {o.rsplit(".", 1)[-1]: cg.head_shape(o) for o, _ in cg.layer_outputs if ".0." in o and cg.head_shape(o)}
+    want = {"llama": {"v_proj": (2, 8)}, "bert": dict.fromkeys(("query", "key", "value"), (4, 8)),
+            "vit": dict.fromkeys(("q_proj", "k_proj", "v_proj"), (4, 8))}[kind]
+    assert heads == want
     random_masks(gated, keep=0.5, seed=0).eval()
     compact = fxprune.convert(gated).eval()
     with torch.no_grad():
