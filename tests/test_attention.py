@@ -527,3 +527,34 @@ def test_head_shape_follows_live_removals():
     pruner.remove({heads.id: np.arange(4) == 0, dims.id: np.isin(np.arange(4), [1, 2])}, set())
     assert state_of(gated).graph.head_shape("attns.0.qkv") == (3, 2)
     assert gated.get_submodule("attns.0.qkv").out_features == 3 * 3 * 2
+
+
+class CopiedHeads(nn.Module):
+    """Two heads that are copies of one projection (``cat([a, a])`` viewed into 2 heads):
+    a channel of ``a`` is in both heads, so heads x head_dim is not a product of its units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.a, self.out = nn.Linear(5, 8), nn.Linear(8, 4), nn.Linear(8, 3)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        a = self.a(self.inp(x))
+        y = torch.cat([a, a], -1).view(B, N, 2, 4).transpose(1, 2)
+        y = F.scaled_dot_product_attention(y, y, y * 2)
+        return self.out(y.transpose(1, 2).reshape(B, N, 8)).mean(1)
+
+
+def test_heads_that_share_units_fall_back_to_a_plain_view():
+    """Before, the factors of a unit were those of its last channel (head 1): removing head
+    0 removed nothing of ``a`` and the compact model was wrong."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5)
+    gated = fxprune.prepare(CopiedHeads(), (x,), fxprune.PruneConfig("units"))
+    cg = state_of(gated).graph
+    assert not any(g.derived for g in cg.groups.values())
+    assert any("tied to different heads" in why for g in cg.groups.values() for why in g.frozen)
+    for seed in range(3):
+        compact = fxprune.convert(random_masks(gated, keep=0.5, seed=seed).eval())
+        with torch.no_grad():
+            torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)

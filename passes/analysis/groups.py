@@ -142,10 +142,11 @@ def _assign_factors(g: Group, fs: list, groups: dict[int, Group], spaces: list[S
         for i, (p, m) in enumerate(zip(f.parts, f.maps)):
             h = groups[spaces[p].group]
             want_g, want_u = np.full(len(units), h.id), h.unit_index[p][m]
-            seen = fg[units, i] >= 0
-            if (fg[units, i][seen] != want_g[seen]).any() or (fu[units, i][seen] != want_u[seen]).any():
+            before = fg[units, i].copy(), fu[units, i].copy()
+            fg[units, i], fu[units, i] = want_g, want_u  # a unit several channels share keeps the last one's
+            clash = [(b >= 0) & (b != w) for b, w in zip(before, (want_g, want_u))]
+            if clash[0].any() or clash[1].any() or (fg[units, i] != want_g).any() or (fu[units, i] != want_u).any():
                 return "its channels are tied to different heads or head_dim entries"
-            fg[units, i], fu[units, i] = want_g, want_u
     if (fg < 0).any():
         return "some of its channels are not in the product"
     g.factors = (fg, fu)
