@@ -558,3 +558,31 @@ def test_heads_that_share_units_fall_back_to_a_plain_view():
         compact = fxprune.convert(random_masks(gated, keep=0.5, seed=seed).eval())
         with torch.no_grad():
             torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)
+
+
+class ShapeReadAttention(PackedAttention):
+    """timm's older layout: the output reshaped with the input's channel count, read from
+    its shape (``B, N, C = x.shape; ...reshape(B, N, C)``): the residual width, not the
+    heads'."""
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+
+
+def test_a_reshape_to_a_channel_count_read_from_another_tensor_gets_its_own_kept_size():
+    """Before, the attention output and the residual stream were frozen ('reshapes with the
+    channel count of ...'): they keep different channels. The count is written in as the
+    reshaped dim's own kept size instead."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5)
+    gated = fxprune.prepare(Transformer(ShapeReadAttention), (x,), fxprune.PruneConfig("units"))
+    cg = state_of(gated).graph
+    prunable, total = cg.prunable_share()
+    assert prunable == total - 3 and head_group(gated, "attns.0.qkv").prunable
+    for seed in range(3):
+        compact = fxprune.convert(random_masks(gated, keep=0.5, seed=seed).eval())
+        with torch.no_grad():
+            torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)
+        assert sum(p.numel() for p in compact.parameters()) == implied_param_count(gated)

@@ -137,7 +137,8 @@ def analyze(gm: fx.GraphModule, batch_dim: int | Sequence[int | None] | None = 0
             continue
         b.dims[node.name] = rule_for(b, node)(b, node)
     producers = {bd.space for bd in b.bindings.values() if bd.role == "producer"}
-    groups = resolve_products(b.graph, b.spaces, producers, b.ties, b.factorizations, b.freeze)
+    groups, fixes = resolve_products(b.graph, b.spaces, producers, b.ties, b.factorizations, b.freeze)
+    b.rewrites += [rw for rw in dict.fromkeys(fixes) if rw not in b.rewrites]
     for r in b.reads:
         if r.batch_dim is None:
             groups[b.spaces[r.space].group].per_example = False

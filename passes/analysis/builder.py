@@ -87,8 +87,8 @@ class Builder:
         #: spaces that are batch dimensions
         self.batch: set[int] = set()
         self.batch_size = 1
-        #: (size space, reshape output space, reshape node): the two must keep the same size
-        self.ties: list[tuple[int, int, str]] = []
+        #: (size space, reshape output space, reshape node, the rewrite that makes it right if the two differ)
+        self.ties: list[tuple[int, int, str, Rewrite | None]] = []
         #: channel dims viewed as products of dims (heads x head_dim), and the head_dim spaces views made
         self.factorizations: list[Factorization] = []
         self.inner: set[int] = set()

@@ -8,7 +8,10 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
-from ..channel_graph import Group, Space
+from ..channel_graph import Group, Rewrite, Space
+
+#: (size space, reshaped space, reshape node, the rewrite that makes it right when the two differ, or None)
+Tie = tuple[int, int, str, Rewrite | None]
 
 __all__ = ["find_groups", "resolve_ties", "resolve_products"]
 
@@ -55,20 +58,26 @@ def find_groups(graph: nx.MultiGraph, spaces: list[Space], producers: set[int]) 
     return groups
 
 
-def resolve_ties(groups: dict[int, Group], spaces: list[Space], ties: list[tuple[int, int, str]]) -> None:
+def resolve_ties(groups: dict[int, Group], spaces: list[Space], ties: list[Tie]) -> list[Rewrite]:
     """A reshape given a channel count read from a tensor's shape (``B, N, C = x.shape;
-    y.reshape(B, N, C)``) stays right after compaction only if ``C`` and the reshaped
-    dim keep the same channels: the same group and the same units. Otherwise both
-    groups are frozen, naming the reshape."""
-    for size_space, out_space, node in ties:
+    y.reshape(B, N, C)``) stays right after compaction if ``C`` and the reshaped dim keep
+    the same channels: the same group and the same units. Otherwise the count is written
+    in as the reshaped dim's own kept size, where the tie says how (its ``fix``: the
+    rewrites returned), or both groups are frozen, naming the reshape."""
+    fixes: list[Rewrite] = []
+    for size_space, out_space, node, fix in ties:
         ga, gb = groups[spaces[size_space].group], groups[spaces[out_space].group]
         if ga is gb and np.array_equal(ga.unit_index[size_space], gb.unit_index[out_space]):
+            continue
+        if fix is not None:
+            fixes.append(fix)
             continue
         why = (f"'{node}' reshapes with the channel count of '{spaces[size_space].node}' (dim {spaces[size_space].dim}), "
                f"which is not the reshaped tensor's own")
         for g in (ga, gb):
             if why not in g.frozen:
                 g.frozen.append(why)
+    return fixes
 
 
 def _produced(graph: nx.MultiGraph, factorizations: list, producers: set[int]) -> set[int]:
@@ -99,19 +108,19 @@ def _why_not(f, groups: dict[int, Group], spaces: list[Space], products: dict[in
     return None
 
 
-def resolve_products(graph: nx.MultiGraph, spaces: list[Space], producers: set[int], ties: list[tuple[int, int, str]],
-                     factorizations: list, freeze) -> dict[int, Group]:
+def resolve_products(graph: nx.MultiGraph, spaces: list[Space], producers: set[int], ties: list[Tie],
+                     factorizations: list, freeze) -> tuple[dict[int, Group], list[Rewrite]]:
     """Groups, with the channel dims viewed as products of dims (``[..., H * D] -> [..., H,
     D]`` and back) made product groups: no gate of their own, a unit kept when its head and
     its head_dim are. A product that cannot be pruned as one (a frozen factor, units whose
     factors disagree) falls back to what a plain view is: the product tied to its outer
     factor in blocks, the factor only the view made (head_dim) frozen (``freeze(space,
-    why)``); the groups are then found again."""
+    why)``); the groups are then found again. Also returns the rewrites of :func:`resolve_ties`."""
     produced = _produced(graph, factorizations, producers)
     active = list(factorizations)
     while True:
         groups = find_groups(graph, spaces, produced)
-        resolve_ties(groups, spaces, ties)
+        fixes = resolve_ties(groups, spaces, ties)
         products: dict[int, list] = {}
         for f in active:
             products.setdefault(spaces[f.space].group, []).append(f)
@@ -124,7 +133,7 @@ def resolve_products(graph: nx.MultiGraph, spaces: list[Space], producers: set[i
             if why:
                 bad.update({id(f): why for f in fs})
         if not bad:
-            return groups
+            return groups, fixes
         for f in [f for f in active if id(f) in bad]:
             _fall_back(graph, spaces, f, bad[id(f)], freeze)
             active.remove(f)

@@ -235,14 +235,8 @@ def trailing_norm(b: "Builder", node: fx.Node) -> Dims:
     owner = node.target if node.op == "call_module" else node.name
     for name in names:
         b.bind(name, 0, s, "carrier", owner)
-    if node.op == "call_function":  # a size read from a tensor (``x.shape[-1]``) must stay that of ``x``
-        sizes: list = []
-        fx.node.map_arg(arg(node, 1, "normalized_shape"), sizes.append)
-        for info in filter(None, map(b.size_info, sizes)):
-            if info.space is not None:
-                b.ties.append((info.space, s, node.name))
     b.read(node, 0, s, nd - 1, kind="norm")
-    b.rewrite(node, "norm", 1, (s,))
+    b.rewrite(node, "norm", 1, (s,))  # the normalised shape follows the kept channels, wherever it was read
     return {**b.dims_of(x), nd - 1: s}
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from ..channel_graph import Rewrite
 from ..sizes import sizes_of
 from .builder import ShapeOf
 from .generic import Dims, arg, describe, is_tensor, norm_dim, shape, tensor_args, unknown
@@ -116,7 +117,7 @@ def check_sizes(b: "Builder", node: fx.Node, out: Dims) -> None:
             if t is None or t in b.batch:
                 b.freeze(s, f"'{node.name}' gives channel dim {o} the size of '{src.name}' dim {o}, which carries no channels")
             else:
-                b.ties.append((t, s, node.name))
+                b.ties.append((t, s, node.name, None))
         return
     for k, v in enumerate(values):
         o = sizes.first_dim + k
@@ -130,7 +131,7 @@ def check_sizes(b: "Builder", node: fx.Node, out: Dims) -> None:
         elif info is not None:
             has_channels = info.space is not None and info.space not in b.batch
             if space is not None and has_channels:
-                b.ties.append((info.space, space, node.name))
+                b.ties.append((info.space, space, node.name, Rewrite(node.name, "sizes", k, (space,))))
             elif space is not None:
                 b.freeze(space, f"'{node.name}' gives channel dim {o} the size of dim {info.dim} of '{info.tensor}', "
                                 "which carries no channels")
