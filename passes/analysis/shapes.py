@@ -51,10 +51,14 @@ def _batch_position(ins: tuple[int, ...], outs: tuple[int, ...], d: int) -> int 
 def reshape(b: "Builder", node: fx.Node) -> Dims:
     """view/reshape/flatten/unflatten/squeeze/unsqueeze, from the recorded shapes.
 
-    Dims merged into one channel dim tie each merged channel to its source channel. One
-    channel dim split into several (``[B, N, 3 * H * D] -> [B, N, 3, H, D]``) carries
-    its channels on the dim just outside the innermost one (H): each of its indices is a
-    block of channels (a head: its q, k and v rows), the other dims keep their sizes."""
+    Dims merged into one channel dim, one of them carrying channels, tie each merged
+    channel to its source channel. One channel dim split into several (``[B, N, 3 * H * D]
+    -> [B, N, 3, H, D]``) carries its channels on its two innermost dims (H and D): the
+    channel dim is recorded as their product (a head is a block of channels, its q, k and
+    v rows; a head_dim entry is that entry of every head), the other dims keep their sizes.
+    Two channel dims merged back into one (``[B, N, H, D] -> [B, N, H * D]``) make their
+    product again. Products are resolved once the groups are known
+    (:func:`.groups.resolve_products`), falling back to the heads alone."""
     x = tensor_args(node)[0]
     ins, outs = shape(x), shape(node)
     dims = b.tensor_dims(x)
