@@ -224,12 +224,13 @@ def factor_slots(cg: ChannelGraph, units: dict[int, slice], group: int) -> np.nd
     """For a product group whose factor groups are all gated: ``[units, factors]``, the
     flat entry of each unit's factor units (None for any other group)."""
     g = cg.groups[group]
-    if not (g.derived and g.prunable) or not all(int(f) in units for f in np.unique(g.factors[0])):
+    ids = set().union(*g.factor_ids())
+    if not (g.derived and g.prunable) or not ids <= set(units):
         return None
     fg, fu = g.factors
-    starts = np.zeros(int(fg.max()) + 1, dtype=np.int64)
-    for f in np.unique(fg):
-        starts[f] = units[int(f)].start
+    starts = np.zeros(max(ids) + 1, dtype=np.int64)
+    for f in ids:
+        starts[f] = units[f].start
     return starts[fg] + fu
 
 

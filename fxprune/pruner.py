@@ -68,8 +68,8 @@ def describe_removal(cg: ChannelGraph, record: live_compaction.Removal) -> str:
         if s in cg.spaces:
             g = cg.group_of(s)
             producers.setdefault(g.id, []).append(owner)
-            for i, f in enumerate(g.factors[0].T if g.derived else ()):
-                for gid in np.unique(f).tolist():
+            for i, ids in enumerate(g.factor_ids()):
+                for gid in ids:
                     producers.setdefault(gid, []).append(owner)
                     what[gid] = "head_dim entries" if i else "heads"
     parts = [f"{n} {what.get(g, 'units')} of {', '.join(dict.fromkeys(producers.get(g, [f'group {g}'])))}"

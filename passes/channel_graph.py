@@ -153,6 +153,12 @@ class Group:
         """A product group: its units are removed through its factor groups' gates."""
         return self.factors is not None
 
+    def factor_ids(self) -> list[list[int]]:
+        """Per factor (heads, head_dim), the ids of the groups it comes from, first seen
+        first (a packed q/k/v projection's head_dim may come from two); [] for a group with
+        its own gate."""
+        return [list(dict.fromkeys(col.tolist())) for col in self.factors[0].T] if self.derived else []
+
     def segments(self) -> list[np.ndarray]:
         """The distinct unit sets of the group's spaces (each must keep one unit)."""
         seen = {tuple(np.unique(u)) for u in self.unit_index.values() if len(u)}
@@ -343,7 +349,6 @@ class ChannelGraph:
         the units that have channels only inside dropped branches removed as well."""
         carried = self.live_spaces(self.dead_nodes(drop))
         out: dict[int, np.ndarray] = {}
-        unit_keep = self.complete_keep(unit_keep)
         for g in sorted(self.groups.values(), key=lambda g: g.derived):  # factors first, then their products
             live = [s for s in g.spaces if s in carried]
             if not live:
@@ -393,27 +398,24 @@ class ChannelGraph:
             graph.add_edge(u, v, pairs=pairs, src=d["src"])
 
         groups: dict[int, Group] = {}
+        renumber = {gid: np.cumsum(keep) - 1 for gid, keep in unit_keep.items()}  # kept unit -> its new number
         for g in self.groups.values():
             members = [s for s in g.spaces if s in spaces]
             if not members:
                 continue
             keep = unit_keep.get(g.id)
-            if keep is None:
-                groups[g.id] = replace(g, spaces=members, unit_index={s: g.unit_index[s] for s in members})
-                continue
-            renumber = np.cumsum(keep) - 1
-            index = {s: renumber[g.unit_index[s][keep[g.unit_index[s]]]] for s in members}
-            groups[g.id] = replace(g, spaces=members, num_units=int(keep.sum()), unit_index=index)
-        for g in groups.values():  # a product group's factor units, renumbered as their groups keep them
-            if g.derived:
-                kept = unit_keep.get(g.id, np.ones(self.groups[g.id].num_units, dtype=bool))
-                fg, fu = (a[kept] for a in g.factors)
+            factors = g.factors
+            if g.derived:  # a product group's factor units, renumbered as their groups keep them
+                fg, fu = (a if keep is None else a[keep] for a in g.factors)
                 fu = fu.copy()
-                for f in np.unique(fg):
-                    if int(f) in unit_keep:
-                        at = fg == f
-                        fu[at] = (np.cumsum(unit_keep[int(f)]) - 1)[fu[at]]
-                g.factors = (fg, fu)
+                for f in set(fg.flat) & set(renumber):
+                    fu[fg == f] = renumber[f][fu[fg == f]]
+                factors = (fg, fu)
+            if keep is None:
+                groups[g.id] = replace(g, spaces=members, unit_index={s: g.unit_index[s] for s in members}, factors=factors)
+                continue
+            index = {s: renumber[g.id][g.unit_index[s][keep[g.unit_index[s]]]] for s in members}
+            groups[g.id] = replace(g, spaces=members, num_units=int(keep.sum()), unit_index=index, factors=factors)
 
         params: dict[str, Param] = {}
         for p in self.params.values():

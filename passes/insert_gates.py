@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import numpy as np
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
@@ -81,7 +80,7 @@ class InsertGates(PassBase):
         gated: dict[tuple[str, int], fx.Node] = {}
         reads = gm.get_submodule(READS)
         gated_groups = self.groups | {  # a product group is read through its factors' gates
-            g.id for g in cg.groups.values() if g.derived and g.prunable and set(np.unique(g.factors[0]).tolist()) <= self.groups}
+            g.id for g in cg.groups.values() if g.derived and g.prunable and set().union(*g.factor_ids()) <= self.groups}
         for r in sorted(cg.reads, key=lambda r: order[r.node]):
             if cg.spaces[r.space].group not in gated_groups:
                 continue

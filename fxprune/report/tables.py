@@ -23,8 +23,8 @@ def group_rows(cg: ChannelGraph) -> list[dict]:
     kinds = ("heads", "head_dim")
     factor_of: dict[int, tuple[str, list[int]]] = {}  # a factor group: what it is, and of which product groups
     for g in cg.groups.values():
-        for i, col in enumerate(g.factors[0].T if g.derived else ()):
-            for f in dict.fromkeys(col.tolist()):
+        for i, ids in enumerate(g.factor_ids()):
+            for f in ids:
                 factor_of.setdefault(f, (kinds[min(i, 1)], []))[1].append(g.id)
                 for role, owners in by_group[g.id].items():
                     by_group[f][role] += owners
@@ -35,7 +35,7 @@ def group_rows(cg: ChannelGraph) -> list[dict]:
             continue  # groups no layer touches (inputs, shape-only tensors)
         status = "prunable" if g.prunable else f"frozen: {g.frozen[0]}"
         if g.prunable and g.derived:
-            parts = [" + ".join(str(f) for f in dict.fromkeys(col.tolist())) for col in g.factors[0].T]
+            parts = [" + ".join(map(str, ids)) for ids in g.factor_ids()]
             status = "prunable through groups " + " x ".join(f"{p} ({k})" for p, k in zip(parts, kinds))
         elif g.id in factor_of:
             kind, of = factor_of[g.id]
