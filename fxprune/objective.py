@@ -94,7 +94,10 @@ class Objective:
         self._row_slot = torch.as_tensor(np.concatenate(row_slots) if row_slots else np.zeros(0), dtype=torch.long,
                                          device=device)
         self._row_owner = torch.as_tensor(owner, dtype=torch.long, device=device)
-        self._row_start = np.concatenate([[0], np.cumsum([len(s) for s in row_slots])]).tolist()
+        start = np.concatenate([[0], np.cumsum([len(s) for s in row_slots])])
+        # the rows counted again (positions in the concatenated rows) and the slots they go to
+        self._more_row = torch.as_tensor(np.concatenate([start[i] + np.arange(len(s)) for i, s in self._more_rows])
+                                         if self._more_rows else np.zeros(0), dtype=torch.long, device=device)
         self._more_slot = torch.as_tensor(np.concatenate([s for _, s in self._more_rows]) if self._more_rows else np.zeros(0),
                                           dtype=torch.long, device=device)
         pairs = [(position[c], slot) for b, slot in layout.layers.items() for c in cg.branches[b].params if c in position]
@@ -138,8 +141,7 @@ class Objective:
         per_weight = rows.new_zeros(len(self.weights)).index_add(0, self._row_owner, rows)
         per_structure = rows.new_zeros(self.size + 1).index_add(0, self._row_slot, rows)[: self.size]
         if self._more_rows:
-            more = torch.cat([rows[self._row_start[i]:self._row_start[i] + len(slots)] for i, slots in self._more_rows])
-            per_structure = per_structure.index_add(0, self._more_slot, more)
+            per_structure = per_structure.index_add(0, self._more_slot, rows[self._more_row])
         per_structure = per_structure.index_add(0, self._layer_s, per_weight[self._layer_w])
         return per_weight, per_structure
 
