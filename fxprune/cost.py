@@ -111,8 +111,8 @@ class ComplexityCost:
                    tuple(cg.spaces[s].size for s in o.spaces), [(i, (s, None)) for i, s in enumerate(o.spaces)], o.branches)
                   for o in cg.op_flops]
         n_dims = 0
-        for name, k, flops, is_param, shape, dims, branches in specs:
-            gated_dims = []
+        for name, dense, flops, is_param, shape, dims, branches in specs:
+            k, gated_dims = dense, []
             for dim, (sid, period) in dims:
                 gid = cg.spaces[sid].group
                 if gid in units or gid in products:
@@ -121,8 +121,7 @@ class ComplexityCost:
                     unit_of = unit_of[: period] if period else unit_of
                     gated_dims.append((gid, np.bincount(unit_of, minlength=cg.groups[gid].num_units)))
             if len(gated_dims) > 2 and not is_param:  # an op over three pruned dims: held at its dense FLOPs
-                k, gated_dims = k * float(np.prod([shape[d] for d, (sid, _) in dims
-                                                   if cg.spaces[sid].group in units or cg.spaces[sid].group in products])), []
+                k, gated_dims = dense, []
             if len(gated_dims) > 2:
                 raise NotImplementedError(f"parameter '{name}' has more than two pruned dimensions")
             slots = []

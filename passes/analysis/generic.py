@@ -131,9 +131,9 @@ def matmul(b: "Builder", node: fx.Node) -> Dims:
         if sx not in b.batch:
             b.read(node, 0, sx, nx - 1)
     if x.op != "get_attr" and y.op != "get_attr":  # activations (attention): its FLOPs follow its channels
-        k = shape(x)[-1]
-        tracked = [s for s in {*out.values(), b.space(x, nx - 1) if nx - 1 in xd else None} - {None} if s not in b.batch]
-        b.op_flops.append((node.name, 2.0 * math.prod(out_shape) * k / b.batch_size, tuple(sorted(tracked))))
+        spaces = set(out.values()) | ({xd[nx - 1]} if nx - 1 in xd else set())  # output dims and the contracted one
+        flops = 2.0 * math.prod(out_shape) * shape(x)[-1] / b.batch_size
+        b.op_flops.append((node.name, flops, tuple(sorted(s for s in spaces if s not in b.batch))))
     return out
 
 
