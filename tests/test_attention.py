@@ -87,12 +87,41 @@ def factor_groups(gated, layer, which, param=None):
     g = output_group(gated, layer) if param is None else next(
         cg.group_of(b.space) for b in cg.bindings if b.param == param and b.dim == 0)
     assert g.derived, f"'{layer or param}' output is not a product of heads and head_dim: {g.frozen}"
-    return [cg.groups[int(f)] for f in np.unique(g.factors[0][:, which])]
+    return [cg.groups[f] for f in g.factor_ids()[which]]
 
 
 def head_group(gated, layer, param=None):
     (heads,) = factor_groups(gated, layer, 0, param)
     return heads
+
+
+def switch_off_and_remove(gated, pruner, drops):
+    """Switch off units ``drops[group id]`` (indices of 4 units) and remove them live."""
+    with torch.no_grad():
+        for gid, units in drops.items():
+            theta_of(gated, UnitGate(gid))[units] = 0.0
+    pruner.remove({gid: np.isin(np.arange(4), units) for gid, units in drops.items()}, set())
+
+
+def trains_through_removal(attention, drops_of, check):
+    """Train a two-block transformer five steps, removing ``drops_of(gated)`` (group id -> unit
+    indices) live after the second; ``check(gated)`` the widths, then compact = gated."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 6, 5), torch.randint(0, 3, (32,))
+    gated = fxprune.prepare(Transformer(attention), (x,), fxprune.PruneConfig("units", gamma=1.0, check_every=10**6))
+    opt = torch.optim.AdamW(gated.parameters(), lr=1e-2, weight_decay=0.0)
+    pruner = fxprune.Pruner(gated, opt)
+    drops = drops_of(gated)
+    losses = []
+    for step in range(5):
+        losses.append(train_steps(gated, opt, pruner, [(x, y)]))
+        if step == 1:
+            switch_off_and_remove(gated, pruner, drops)
+    assert np.isfinite(losses).all()
+    check(gated)
+    compact = fxprune.convert(gated.eval())
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("attention", [PackedAttention, SplitAttention, ExplicitAttention])
@@ -143,25 +172,10 @@ def test_packed_attention_keeps_its_literal_head_count_in_step_with_the_heads_ke
 
 
 def test_a_transformer_trains_through_live_head_removal_and_converts():
-    torch.manual_seed(0)
-    x, y = torch.randn(32, 6, 5), torch.randint(0, 3, (32,))
-    gated = fxprune.prepare(Transformer(SplitAttention), (x,), fxprune.PruneConfig("units", gamma=1.0, check_every=10**6))
-    opt = torch.optim.AdamW(gated.parameters(), lr=1e-2, weight_decay=0.0)
-    pruner = fxprune.Pruner(gated, opt)
-    gid = head_group(gated, "attns.1.q").id
-    for step in range(5):
-        train_steps(gated, opt, pruner, [(x, y)])
-        if step == 1:  # switch off one head of the second block and remove it
-            theta = theta_of(gated, UnitGate(gid))
-            with torch.no_grad():
-                theta[1] = 0.0
-            drop = np.zeros(4, dtype=bool)
-            drop[1] = True
-            pruner.remove({gid: drop}, set())
-    assert gated.get_submodule("attns.1.q").out_features == 12 and gated.get_submodule("attns.1.o").in_features == 12
-    compact = fxprune.convert(gated.eval())
-    with torch.no_grad():
-        torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)
+    def check(gated):  # one head of the second block gone
+        assert gated.get_submodule("attns.1.q").out_features == 12 and gated.get_submodule("attns.1.o").in_features == 12
+
+    trains_through_removal(SplitAttention, lambda gated: {head_group(gated, "attns.1.q").id: [1]}, check)
 
 
 class MHABlock(nn.Module):
@@ -433,28 +447,15 @@ def test_rotary_tables_freeze_q_and_k_head_dim_only():
 
 
 def test_a_transformer_trains_through_live_head_dim_removal_and_converts():
-    torch.manual_seed(0)
-    x, y = torch.randn(32, 6, 5), torch.randint(0, 3, (32,))
-    gated = fxprune.prepare(Transformer(SplitAttention), (x,), fxprune.PruneConfig("units", gamma=1.0, check_every=10**6))
-    opt = torch.optim.AdamW(gated.parameters(), lr=1e-2, weight_decay=0.0)
-    pruner = fxprune.Pruner(gated, opt)
-    (v,) = factor_groups(gated, "attns.1.v", 1)
-    (qk,) = factor_groups(gated, "attns.1.q", 1)
-    losses = []
-    for step in range(5):
-        losses.append(train_steps(gated, opt, pruner, [(x, y)]))
-        if step == 1:  # switch off head_dim entries of q/k and of v in the second block and remove them
-            for g, drop in ((qk, [0]), (v, [1, 2])):
-                with torch.no_grad():
-                    theta_of(gated, UnitGate(g.id))[drop] = 0.0
-                mask = np.zeros(4, dtype=bool)
-                mask[drop] = True
-                pruner.remove({g.id: mask}, set())
-    assert gated.get_submodule("attns.1.q").out_features == 4 * 3 and gated.get_submodule("attns.1.v").out_features == 4 * 2
-    assert gated.get_submodule("attns.1.o").in_features == 8 and np.isfinite(losses).all()
-    compact = fxprune.convert(gated.eval())
-    with torch.no_grad():
-        torch.testing.assert_close(compact(x), gated(x), rtol=1e-4, atol=1e-5)
+    def drops(gated):  # head_dim entries of q/k and of v in the second block
+        (qk,), (v,) = factor_groups(gated, "attns.1.q", 1), factor_groups(gated, "attns.1.v", 1)
+        return {qk.id: [0], v.id: [1, 2]}
+
+    def check(gated):
+        assert gated.get_submodule("attns.1.q").out_features == 4 * 3 and gated.get_submodule("attns.1.v").out_features == 4 * 2
+        assert gated.get_submodule("attns.1.o").in_features == 8
+
+    trains_through_removal(SplitAttention, drops, check)
 
 
 class CosineAttention(SplitAttention):
@@ -520,11 +521,8 @@ def test_head_shape_follows_live_removals():
     cg = state_of(gated).graph
     assert cg.head_shape("attns.0.qkv") == (4, 4) and cg.head_shape("mlps.0.0") is None
     heads, (dims,) = head_group(gated, "attns.0.qkv"), factor_groups(gated, "attns.0.qkv", 1)
-    pruner = fxprune.Pruner(gated, torch.optim.SGD(gated.parameters(), lr=0.1))
-    with torch.no_grad():
-        theta_of(gated, UnitGate(heads.id))[0] = 0.0
-        theta_of(gated, UnitGate(dims.id))[[1, 2]] = 0.0
-    pruner.remove({heads.id: np.arange(4) == 0, dims.id: np.isin(np.arange(4), [1, 2])}, set())
+    switch_off_and_remove(gated, fxprune.Pruner(gated, torch.optim.SGD(gated.parameters(), lr=0.1)),
+                          {heads.id: [0], dims.id: [1, 2]})
     assert state_of(gated).graph.head_shape("attns.0.qkv") == (3, 2)
     assert gated.get_submodule("attns.0.qkv").out_features == 3 * 3 * 2
 
