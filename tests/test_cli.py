@@ -1,5 +1,7 @@
 """The fxprune command: exit codes, tables and bad-input messages."""
 
+import pytest
+
 from fxprune.cli import main
 
 
@@ -99,3 +101,15 @@ def test_inspect_says_which_front_end_traced_the_model_and_why(capsys):
     assert "traced by export (symbolic tracing kept scaled_mix whole;" in out
     assert main(["inspect", "wrapped_ops:UsesWrapped", "--input-shape", "3,4", "--front-end", "symbolic"]) == 0
     assert "traced by symbolic" in capsys.readouterr().out
+
+
+def test_bench_defaults_prints_one_grid_with_the_from_scratch_control_and_meets_its_budgets(capsys):
+    assert main(["bench", "defaults", "--quick", "--tasks", "MLP / wine", "--optimizers", "adam", "--only", "grid", "budgets"]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    header, row = [c.strip() for c in table[0].split("|")[1:-1]], [c.strip() for c in table[2].split("|")[1:-1]]
+    assert len(table) == 3 and row[:2] == ["MLP / wine", "adam"]
+    assert "its widths from scratch (vs dense)" in header and "target_flops=0.1: FLOPs" in header
+    assert float(row[header.index("FLOPs fraction")]) == pytest.approx(0.5, rel=0.1)
+    for f in (0.25, 0.1):
+        assert float(row[header.index(f"target_flops={f:g}: FLOPs")]) == pytest.approx(f, rel=0.1)
+    assert row[header.index("undecided %")] == "0"

@@ -10,7 +10,7 @@ from fxprune.benchmarks.digits import compare, robustness
 from fxprune.cost import forward_flops
 from fxprune.digits import models
 from fxprune.digits.recipes import EXPERIMENTS, ROBUSTNESS
-from fxprune.digits.training import fit, gate_count, make_optimizer, make_schedule, theta_undecided
+from fxprune.digits.training import fit, gate_count, make_optimizer, make_schedule, reinitialised, theta_undecided
 from fxprune.state import gate_bank
 
 
@@ -25,6 +25,34 @@ def test_fit_prunes_while_training_and_reports_the_compact_model():
 def test_fit_dense_is_the_reference():
     run = fit(models.lenet_300_100(), 2, seed=0)
     assert run.params == run.dense_params and run.flops == run.dense_flops and run.accuracy > 80
+
+
+def test_reinitialised_redraws_every_parameter_of_a_compact_model_and_keeps_its_architecture():
+    run = fit(models.resnet(), 1, PruneConfig(target_flops=0.5, total_steps=20, warmup=0, budget_steps=10, decide=15), seed=0)
+    with torch.no_grad():  # BatchNorm statistics that training moved
+        assert any(b.abs().sum() > 0 for n, b in run.model.named_buffers() if n.endswith("running_mean"))
+    fresh = reinitialised(run.model, seed=1)
+    old, new = dict(run.model.named_parameters()), dict(fresh.named_parameters())
+    assert old.keys() == new.keys() and all(old[k].shape == new[k].shape for k in old)
+    assert all(not torch.equal(old[k], new[k]) for k in old if old[k].numel() > 1 and old[k].std() > 0), "every tensor is re-drawn"
+    assert all(torch.equal(b, torch.zeros_like(b)) for n, b in fresh.named_buffers() if n.endswith("running_mean"))
+    assert all(torch.equal(a, b) for a, b in zip(reinitialised(run.model, seed=1).parameters(), fresh.parameters())), "seeded"
+    x = torch.randn(2, 1, 8, 8)
+    assert fresh(x).shape == run.model(x).shape
+
+
+def test_reinitialised_names_a_parameter_no_module_redraws():
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+            self.scale = torch.nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return self.fc(x) * self.scale
+
+    with pytest.raises(ValueError, match="scale"):
+        reinitialised(Scaled())
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch_pruning") is None, reason="the bench extra (Torch-Pruning) is not installed")

@@ -4,9 +4,11 @@ FLOPs budget, on five tasks and three optimizers at constant learning rates.
 Tasks: LeNet-300-100, LeNet-5 and the ResNet on the digits, MLPs on scikit-learn's
 breast-cancer and wine tables. Optimizers: Adam (1e-3), SGD with Nesterov momentum
 (0.05) and AdamW (1e-3, its default weight decay), each at a constant learning rate, the
-same for the dense run it is compared with. Every cell reports the test accuracy against
-dense, the parameters removed, the FLOPs fraction of the final model, the gates left
-undecided (theta in (0.01, 0.99)) and the training FLOPs ratio. Then the robustness table
+same for the dense run it is compared with. Every cell, over three seeds, reports the test
+accuracy against dense, the accuracy of the final widths trained from scratch (is a gap
+the method's or the smaller architecture's?), the parameters removed, the FLOPs fraction
+of the final model, the gates left undecided (theta in (0.01, 0.99)) and the training
+FLOPs ratio; then the FLOPs fraction and accuracy at each tighter budget. Then the robustness table
 (widths x1/x2/x4, five seeds, on the defaults) and the wall-clock of pruning while
 training against dense training on the digits ResNet, on the defaults and on the digits
 benchmark's ResNet recipe with removal on theta alone.
@@ -27,9 +29,9 @@ from torch import nn
 from ..config import PruneConfig
 from ..digits import models
 from ..digits.recipes import EXPERIMENTS
-from ..digits.training import Run, fit
+from ..digits.training import Run, fit, reinitialised
 
-__all__ = ["Task", "TASKS", "OPTIMIZERS", "cell", "main"]
+__all__ = ["Task", "TASKS", "OPTIMIZERS", "grid_row", "main"]
 
 
 @dataclass
@@ -61,16 +63,48 @@ def _run(task: Task, optimizer: str, config: PruneConfig | None, seed: int = 0, 
                    dataset=task.dataset, image=task.image)
 
 
-def cell(task: Task, optimizer: str, config: PruneConfig, dense: Run, label: str, seed: int = 0) -> list:
-    run = _run(task, optimizer, config, seed)
-    return [task.name, optimizer, label, f"{dense.accuracy:.1f}", f"{run.accuracy:.1f}",
-            f"{run.accuracy - dense.accuracy:+.1f}", f"{100 * (1 - run.params / run.dense_params):.1f}",
-            f"{run.flops / run.dense_flops:.3f}", f"{100 * run.undecided:.1f}", f"{run.train_flops_ratio:.2f}",
-            f"{run.seconds:.0f}"]
+def _mean(values) -> float:
+    return statistics.mean(values)
 
 
-HEADERS = ["task", "optimizer", "config", "dense acc %", "acc %", "vs dense", "params removed %", "FLOPs fraction",
-           "undecided %", "training FLOPs", "s"]
+def grid_row(task: Task, optimizer: str, seeds: int, default: bool, budgets: list[float]) -> list:
+    """One task and optimizer over ``seeds`` seeds: dense, ``PruneConfig()`` (``default``),
+    the same final widths trained from scratch, and each budget in ``budgets``. Accuracies
+    are means over the seeds, differences are paired (each seed's pruned run against its own
+    dense run), FLOPs fractions are means with the seeds' range, undecided is the worst seed."""
+    row = [task.name, optimizer]
+    dense = [_run(task, optimizer, None, s) for s in range(seeds)]
+    row.append(f"{_mean(d.accuracy for d in dense):.1f}")
+
+    def vs_dense(runs: list[Run]) -> str:
+        return f"{_mean(r.accuracy for r in runs):.1f} ({_mean(r.accuracy - d.accuracy for r, d in zip(runs, dense)):+.1f})"
+
+    def fraction(runs: list[Run]) -> str:
+        f = [r.flops / r.dense_flops for r in runs]
+        return f"{_mean(f):.3f}" + (f" ({min(f):.3f}-{max(f):.3f})" if len(f) > 1 else "")
+
+    if default:
+        pruned = [_run(task, optimizer, PruneConfig(), s) for s in range(seeds)]
+        scratch = []
+        for s, run in enumerate(pruned):  # the architecture pruning found, trained from scratch as the dense one was
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                scratch.append(fit(reinitialised(run.model, s), task.epochs, None, seed=s, lr=OPTIMIZERS[optimizer],
+                                   optimizer=optimizer, dataset=task.dataset, image=task.image))
+        row += [vs_dense(pruned), vs_dense(scratch), fraction(pruned),
+                f"{100 * _mean(1 - r.params / r.dense_params for r in pruned):.1f}", f"{_mean(r.train_flops_ratio for r in pruned):.2f}",
+                f"{100 * max(r.undecided for r in pruned):.1f}"]
+    for f in budgets:
+        runs = [_run(task, optimizer, PruneConfig(target_flops=f), s) for s in range(seeds)]
+        row += [fraction(runs), vs_dense(runs)]
+    return row
+
+
+def grid_headers(default: bool, budgets: list[float]) -> list[str]:
+    return (["task", "optimizer", "dense acc %"]
+            + (["PruneConfig(): acc % (vs dense)", "its widths from scratch (vs dense)", "FLOPs fraction", "params removed %",
+                "training FLOPs", "undecided %"] if default else [])
+            + [h for f in budgets for h in (f"target_flops={f:g}: FLOPs", "acc % (vs dense)")])
 
 
 def robustness(task: Task, widths: tuple[float, ...], seeds: int, optimizer: str, config: PruneConfig) -> list[list]:
@@ -95,8 +129,7 @@ ROBUST_HEADERS = ["task", "width", "FLOPs fraction", "final widths (mean)", "max
                   "max undecided %"]
 
 
-def wall_clock(optimizer: str, label: str, config: PruneConfig) -> list:
-    task = TASKS[2]
+def wall_clock(task: Task, optimizer: str, label: str, config: PruneConfig) -> list:
     dense, pruned = _run(task, optimizer, None), _run(task, optimizer, config)
     return [task.name, optimizer, label, f"{dense.seconds:.1f}", f"{pruned.seconds:.1f}", f"{pruned.seconds / dense.seconds:.2f}",
             f"{pruned.train_flops_ratio:.2f}", f"{dense.accuracy:.1f}", f"{pruned.accuracy:.1f}"]
@@ -109,29 +142,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets", type=float, nargs="*", default=[0.5, 0.25, 0.1], help="target_flops of the budget grid")
     p.add_argument("--tasks", nargs="*", help="task names (default all)")
     p.add_argument("--optimizers", nargs="*", default=list(OPTIMIZERS))
+    p.add_argument("--grid-seeds", type=int, default=3, help="seeds of every grid cell (default 3)")
     p.add_argument("--seeds", type=int, default=5, help="seeds of the robustness table (default 5)")
     p.add_argument("--only", nargs="*", choices=["grid", "budgets", "robustness", "wall"], help="parts to run")
+    p.add_argument("--quick", action="store_true", help="a tenth of the epochs and one seed: checks that it runs, not results")
     args = p.parse_args(argv)
+    if args.quick:
+        args.grid_seeds, args.seeds = 1, 1
     parts = set(args.only or ["grid", "budgets", "robustness", "wall"])
-    tasks = [t for t in TASKS if not args.tasks or t.name.split(" /")[0] in args.tasks or t.name in args.tasks]
+    every = [replace(t, epochs=max(1, t.epochs // 10)) if args.quick else t for t in TASKS]
+    tasks = [t for t in every if not args.tasks or t.name.split(" /")[0] in args.tasks or t.name in args.tasks]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; constant learning rates "
-          f"{', '.join(f'{k} {v:g}' for k, v in OPTIMIZERS.items())}; batch 64; seed 0", flush=True)
-    default = PruneConfig().targets.get("flops")
-    budgets = [f for f in args.budgets if "grid" not in parts or f != default]  # the grid's row is that budget
-    configs = ([(f"PruneConfig() (target_flops={default:g})", PruneConfig())] if "grid" in parts else []) + (
-        [(f"target_flops={f:g}", PruneConfig(target_flops=f)) for f in budgets] if "budgets" in parts else [])
-    if configs:
+          f"{', '.join(f'{k} {v:g}' for k, v in OPTIMIZERS.items())}; batch 64", flush=True)
+    default = "grid" in parts
+    budgets = [f for f in args.budgets if not default or f != PruneConfig().targets.get("flops")] if "budgets" in parts else []
+    if default or budgets:
         rows = []
         for task in tasks:
             for optimizer in args.optimizers:
-                dense = _run(task, optimizer, None)
-                for label, config in configs:
-                    rows.append(cell(task, optimizer, config, dense, label))
-                    print(tabulate(rows[-1:], tablefmt="plain"), flush=True)
-        print(tabulate(rows, headers=HEADERS, tablefmt="github"), flush=True)
+                rows.append(grid_row(task, optimizer, args.grid_seeds, default, budgets))
+                print(tabulate(rows[-1:], tablefmt="plain"), flush=True)
+        print(f"\nMeans over seeds 0-{args.grid_seeds - 1}; differences paired with each seed's dense run")
+        print(tabulate(rows, headers=grid_headers(default, budgets), tablefmt="github"), flush=True)
     if "robustness" in parts:
         rows = []
-        for task in (TASKS[0], TASKS[1]):
+        for task in every[:2]:
             rows += robustness(task, (1, 2, 4), args.seeds, "adam", PruneConfig())
             print(tabulate(rows[-3:], tablefmt="plain"), flush=True)
         print(f"\nRobustness on PruneConfig(), Adam, seeds 0-{args.seeds - 1}")
@@ -139,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     if "wall" in parts:
         # the digits benchmark's ResNet recipe, with removal on theta alone (w_tol=None) in place of its pinned w_tol
         recipe = replace(next(e for e in EXPERIMENTS if e.name.startswith("ResNet")).config, w_tol=None)
-        rows = [wall_clock(o, label, c) for label, c in (("PruneConfig()", PruneConfig()), ("ResNet recipe, w_tol=None", recipe))
+        rows = [wall_clock(every[2], o, label, c) for label, c in (("PruneConfig()", PruneConfig()), ("ResNet recipe, w_tol=None", recipe))
                 for o in ("sgd", "adam")]
         print("\nPruning while training against dense training, same epochs (digits ResNet)")
         print(tabulate(rows, headers=["task", "optimizer", "config", "dense s", "pruned s", "pruned / dense", "training FLOPs",

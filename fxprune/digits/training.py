@@ -8,6 +8,7 @@ the compact model. Dense training uses the same loss, optimizer and the same L2 
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -25,7 +26,7 @@ from ..pruner import Pruner
 from ..state import decisions, gate_bank, state_of
 from .data import loaders
 
-__all__ = ["Run", "fit", "seeded_digits", "make_optimizer", "make_schedule", "train_epochs", "accuracy", "widths", "theta_undecided",
+__all__ = ["Run", "fit", "reinitialised", "seeded_digits", "make_optimizer", "make_schedule", "train_epochs", "accuracy", "widths", "theta_undecided",
            "gate_count"]
 
 
@@ -69,6 +70,28 @@ def widths(model: nn.Module) -> list[int]:
             if isinstance(model, fx.GraphModule) else list(model.modules()))
     return [m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
             for m in mods if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+
+
+def reinitialised(model: nn.Module, seed: int = 0) -> nn.Module:
+    """A copy of ``model`` (a compact model, say) with every parameter drawn afresh as its
+    module's constructor draws it (``reset_parameters``) and norm statistics reset: the
+    same architecture, trained from scratch by the caller. A parameter no module resets (a
+    class token, a layer scale) cannot be drawn as its constructor would: ``ValueError``
+    naming it."""
+    fresh = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    covered = set()
+    for mod in fresh.modules():
+        if hasattr(mod, "reset_running_stats"):
+            mod.reset_running_stats()
+        if callable(getattr(mod, "reset_parameters", None)):
+            mod.reset_parameters()
+            covered.update(id(p) for p in mod.parameters(recurse=False))
+    missed = [name for name, p in fresh.named_parameters() if id(p) not in covered]
+    if missed:
+        raise ValueError(f"reinitialised: no module re-draws parameter(s) {', '.join(missed)}; "
+                         "their initial distribution is unknown, so the model cannot be re-initialised")
+    return fresh
 
 
 def gate_count(gated: fx.GraphModule) -> int:
