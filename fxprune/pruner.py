@@ -17,7 +17,9 @@ removed branches leave the optimizer.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -83,6 +85,7 @@ def describe_removal(cg: ChannelGraph, record: live_compaction.Removal) -> str:
 #: steps after which a loop that never adds penalty() or never calls step() is warned about
 _NAG_AFTER = 20
 _DECIDE_TOLERANCE = 0.05  # a relative miss of the budget the decision accepts from rounding at 0.5
+_FILL_TRIES = 256  # structures the decision's greedy fill tries at most (each is one evaluation of the cost)
 
 
 class Pruner:
@@ -302,7 +305,8 @@ class Pruner:
         score is theta, ties (the gates a sharp dual step has just switched off, all at 0
         but not yet removed) broken by the weights' RMS. The fractions only grow as the cut
         falls, so a bisection over the distinct scores finds the two cuts around the budget
-        in a few evaluations of the cost."""
+        in a few evaluations of the cost; the cut under it is then filled greedily
+        (:meth:`_fill`), since the structure at the cut can weigh more than the gap."""
         targets = self.config.targets
 
         def misses(k: Tensor) -> list[float]:  # signed relative misses, one per budget: > 0 is over it
@@ -335,11 +339,41 @@ class Pruner:
                 lo = mid
             else:
                 hi = mid
-        best, best_miss = min(((k, miss(k)) for k in (at(i) for i in {lo, hi})), key=lambda c: c[1])
+        under = at(hi)
+        if max(misses(under)) <= 0:  # fill what the cut leaves of the budget, skipping what does not fit
+            under = self._fill(under, score, misses)
+        best, best_miss = min(((k, miss(k)) for k in (under, at(lo))), key=lambda c: c[1])
         if best_miss < rounded:
-            log.info("step %d: rounding at 0.5 misses the budget by %.1f%%; the %d structures of highest theta miss "
-                     "it by %.1f%%", self.steps, 100 * rounded, int(best.sum()), 100 * best_miss)
+            log.info("step %d: rounding at 0.5 misses the budget by %.1f%%; the %d structures of highest theta that "
+                     "fit miss it by %.1f%%", self.steps, 100 * rounded, int(best.sum()), 100 * best_miss)
             return best
+        return keep
+
+    @staticmethod
+    def _fill(keep: Tensor, score: Tensor, misses: Callable[[Tensor], list[float]]) -> Tensor:
+        """Greedy fill of a cut under the budgets: the structures it drops, in descending
+        score, are added one by one when that brings the model closer to them without going
+        over any by more than ``_DECIDE_TOLERANCE`` (two budgets: the binding one is met,
+        the other may stay under). The cut's next structure can weigh more than what is
+        left (a ResNet's block, a residual stream channel); those ranked after it that fit
+        are kept instead. At most ``_FILL_TRIES`` structures are tried, and it stops once
+        within ``_DECIDE_TOLERANCE``."""
+        keep = keep.clone()
+
+        def miss(k: Tensor) -> float:
+            m = misses(k)
+            return max(abs(v) for v in m) if max(m) <= _DECIDE_TOLERANCE else math.inf
+
+        current = miss(keep)
+        for i in torch.argsort(torch.where(keep > 0, -math.inf, score), descending=True)[:_FILL_TRIES].tolist():
+            if current <= _DECIDE_TOLERANCE or keep[i] > 0:
+                break
+            keep[i] = 1
+            trial = miss(keep)
+            if trial < current:
+                current = trial
+            else:
+                keep[i] = 0
         return keep
 
     # ----------------------------------------------------------------- pruning conditions

@@ -15,7 +15,7 @@ from fxprune.config import DEFAULT_TARGET_FLOPS
 from fxprune.cost import forward_flops
 from fxprune.digits import models
 from fxprune.digits.training import fit
-from fxprune.state import gate_bank
+from fxprune.state import UnitGate, gate_bank, state_of, theta_of
 
 
 def mlp():
@@ -184,6 +184,41 @@ def test_decision_lands_at_the_budget_when_rounding_at_one_half_would_miss_it():
     assert abs(weight.shape[0] - 32) <= 1, f"{weight.shape[0]} of 64 units kept for a FLOPs budget of one half"
     top = ranks.argsort(descending=True)[: weight.shape[0]].sort().values
     torch.testing.assert_close(weight, dense_weight[top], msg="the units kept are those of highest theta")
+
+
+class TwoHeads(nn.Module):
+    """64 cheap hidden units and 2 costly ones (each feeds a 3,000-wide output): a cut of
+    the ranking that meets on a costly unit jumps by a third of a FLOPs budget of 0.5."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head_a = nn.Linear(200, 64), nn.Linear(64, 6)
+        self.b, self.head_b = nn.Linear(200, 2), nn.Linear(2, 3000)
+
+    def forward(self, x):
+        return self.head_a(F.relu(self.a(x))), self.head_b(F.relu(self.b(x)))
+
+
+def test_decision_skips_a_structure_too_costly_for_what_is_left_of_the_budget():
+    """The decision's cut of the ranking can fall on a structure that weighs a third of the
+    budget: the cut above it misses the budget by a sixth, the one below by more. The
+    structures ranked after it that still fit are kept instead (a greedy fill)."""
+    x = torch.randn(8, 200)
+    config = fxprune.PruneConfig("units", target_flops=0.5, warmup=0, budget_steps=1, decide=2, check_every=1000)
+    gated = fxprune.prepare(TwoHeads(), (x,), config)
+    pruner = fxprune.Pruner(gated, torch.optim.SGD(gated.parameters(), lr=0.0))
+    units = state_of(gated).layout.units
+    cheap, costly = (next(g for g, sl in units.items() if sl.stop - sl.start == n) for n in (64, 2))
+    with torch.no_grad():  # every theta under 0.5; the ranking: costly unit 0, the cheap ones, costly unit 1 among them
+        theta_of(gated, UnitGate(cheap)).copy_(torch.linspace(0.45, 0.05, 64))
+        theta_of(gated, UnitGate(costly)).copy_(torch.tensor([0.49, 0.3]))
+    pruner.step()
+    pruner.step()
+    assert pruner.decided
+    compact = fxprune.convert(gated)
+    fraction = forward_flops(compact, (x[:1],)) / forward_flops(TwoHeads(), (x[:1],))
+    assert fraction == pytest.approx(0.5, rel=0.05), f"FLOPs fraction {fraction:.3f} for a budget of 0.5"
+    assert compact.b.out_features == 1, "the costly unit that does not fit is skipped"
 
 
 def test_decision_keeps_what_eval_mode_keeps_when_that_lands_near_the_budget():
