@@ -65,12 +65,18 @@ def compare(exp: Experiment, seed: int, epochs: int, baseline: bool) -> list[lis
     return rows
 
 
+def _needs_reference(config: PruneConfig) -> bool:
+    return config.cost != "gates"
+
+
 def robustness(widths: tuple[float, ...], seeds: int, epochs: int, config: PruneConfig, **opt) -> tuple[list[list], dict]:
-    """LeNet-300-100 at each width multiplier and seed. The cost is normalised by the x1
-    model for every width (its FLOPs, parameters and gates), so the price of a unit does
-    not depend on how many units the model starts with."""
-    x1 = prepare(models.lenet_300_100(1), (torch.zeros(2, 1, 8, 8),), config)
-    config = replace(config, cost_reference=Objective(x1).reference)
+    """LeNet-300-100 at each width multiplier and seed. A cost normalised by the model's
+    own (``"complexity"``, ``"structures"``) is normalised by the x1 model's for every width
+    (its FLOPs, parameters and gates), so the price of a unit does not depend on how many
+    units the model starts with; ``"gates"`` prices a unit in task loss and needs none."""
+    if _needs_reference(config):
+        x1 = prepare(models.lenet_300_100(1), (torch.zeros(2, 1, 8, 8),), config)
+        config = replace(config, cost_reference=Objective(x1).reference)
     runs = {w: [fit(_seeded(lambda: models.lenet_300_100(w), s), epochs, config, seed=s, **opt) for s in range(seeds)]
             for w in widths}
     rows, summary = [], {}
@@ -127,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             rrows, _ = robustness((1, 2, 4), seeds, epochs, config, optimizer=exp.optimizer, lr=exp.lr,
                                   schedule=exp.schedule)
             print(f"\nRobustness: LeNet-300-100 at widths x1, x2, x4, seeds 0-{seeds - 1}, {epochs} epochs, "
-                  f"cost={config.cost!r}, gamma={config.gamma:g}, normalised by the x1 model")
+                  f"cost={config.cost!r}, gamma={config.gamma:g}, "
+                  + ("normalised by the x1 model" if _needs_reference(config) else "no reference"))
             print(tabulate(rrows, headers=ROBUST_HEADERS, tablefmt="github"), flush=True)
     return 0
