@@ -268,3 +268,43 @@ def test_warmup_ramps_the_cost_strength_from_zero():
 def test_config_rejects_bad_estimator_and_warmup(bad, match):
     with pytest.raises(ValueError, match=match):
         fxprune.PruneConfig(**bad)
+
+
+def _prior_by_structure(objective, theta, lam1, lam0):
+    """method.md's weight prior written plainly: ``1/2 lam1 ||W||^2`` over every weight,
+    plus ``1/2 (lam0 - lam1) (1 - theta_s) ||W_s||^2`` for every unit (its rows in each of
+    its producers and carriers) and every gated branch (all its weights)."""
+    total = 0.5 * lam1 * sum((w * w).sum() for w in objective.weights)
+    for w, dim, slots in objective.unit_channels():
+        rows = (w * w).sum([d for d in range(w.dim()) if d != dim]) if w.dim() > 1 else w * w
+        total = total + 0.5 * (lam0 - lam1) * ((1 - theta[torch.as_tensor(slots)]) * rows).sum()
+    for b, slot in state_of(objective.gated).layout.layers.items():
+        total = total + 0.5 * (lam0 - lam1) * (1 - theta[slot]) * sum((w * w).sum() for w in objective.branch_weights(b))
+    return total
+
+
+@pytest.mark.parametrize("which", ["resnet", "transformer"])
+def test_weight_prior_and_its_gradients_match_the_prior_written_per_structure(which):
+    """The penalty's index-tensor form (one squared sum per weight, ``index_add`` into the
+    theta layout) gives the same value and the same gradients, for the weights and the
+    thetas, as the prior written structure by structure: units, residual branches, and a
+    head x head_dim product group whose rows count for both factors."""
+    from test_attention import PackedAttention, Transformer
+
+    from fxprune.digits.models import resnet
+
+    torch.manual_seed(0)
+    model, x = (resnet(0.5), torch.randn(4, 1, 8, 8)) if which == "resnet" else (Transformer(PackedAttention), torch.randn(4, 7, 5))
+    gated = fxprune.prepare(model, (x,), fxprune.PruneConfig(gamma=0.0, sharpen=0.0))
+    bank = gate_bank(gated)
+    with torch.no_grad():
+        bank.theta.uniform_(0.05, 0.95)
+    objective = fxprune.Pruner(gated, torch.optim.SGD(gated.parameters(), lr=0.1)).objective
+    assert state_of(gated).layout.layers if which == "resnet" else objective._more_rows
+    c = objective.config
+    inputs = [*objective.weights, bank.theta]
+    fused = torch.autograd.grad(objective.penalty(gamma=0.0), inputs)
+    plain = torch.autograd.grad(_prior_by_structure(objective, bank.theta, c.lam1, c.lam0), inputs)
+    torch.testing.assert_close(objective.penalty(gamma=0.0), _prior_by_structure(objective, bank.theta, c.lam1, c.lam0))
+    for got, want in zip(fused, plain):
+        torch.testing.assert_close(got, want)
