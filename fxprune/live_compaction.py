@@ -30,6 +30,7 @@ from .cost import count_flops
 from .gates import GateRead, LayerGateApply, bank_structure, read_index
 from .passes.channel_graph import floor_keep
 from .passes.compact import check_nonempty, max_relative_error, plan_slices, rewrite_graph
+from .passes.restrict import restrict
 from .passes.surgery import delete_unreferenced, index_tensor, refresh_module, set_data
 from .state import PruneState, gate_bank, run_example, state_of
 
@@ -201,7 +202,7 @@ def remove(gated: fx.GraphModule, unit_drop: dict[int, np.ndarray], layer_drop: 
         gated.recompile()
         if optimizer is not None:
             _drop_from_optimizer(optimizer, {id(p) for p in gated.parameters()})
-        state.graph = cg.restrict(effective, layer_drop, replaced, set(gone))
+        state.graph = restrict(cg, effective, layer_drop, replaced, set(gone))
         state.layout, keep_flat = layout.restrict(effective, layer_drop, state.graph)
         _sync_gates(gated, state, keep_flat)
         state.version += 1

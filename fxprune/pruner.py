@@ -17,9 +17,7 @@ removed branches leave the optimizer.
 from __future__ import annotations
 
 import logging
-import math
 import warnings
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -28,10 +26,10 @@ from torch import Tensor, fx
 from . import distributed, live_compaction, optim_state
 from .config import PruneConfig
 from .cost import forward_flops
+from .cut import closest_to_budget
 from .decisions import decisions_record
-from .gates import GateBank
 from .objective import Objective
-from .passes.channel_graph import ChannelGraph, floor_keep
+from .passes.channel_graph import ChannelGraph
 from .state import gate_bank, state_of
 
 __all__ = ["Pruner", "describe_removal"]
@@ -84,8 +82,6 @@ def describe_removal(cg: ChannelGraph, record: live_compaction.Removal) -> str:
 
 #: steps after which a loop that never adds penalty() or never calls step() is warned about
 _NAG_AFTER = 20
-_DECIDE_TOLERANCE = 0.05  # a relative miss of the budget the decision accepts from rounding at 0.5
-_FILL_TRIES = 256  # structures the decision's greedy fill tries at most (each is one evaluation of the cost)
 
 
 class Pruner:
@@ -284,97 +280,22 @@ class Pruner:
     def _decide_gates(self) -> live_compaction.Removal | None:
         """Round every theta to what eval mode keeps, and remove the rest now; training
         stops sampling masks. Under a budget, when that rounding misses it by more than
-        ``_DECIDE_TOLERANCE`` (the thetas still fractional at the decision can each weigh
-        several per cent of the FLOPs: a ResNet's blocks), the structures of highest theta
-        are kept instead, so that the fixed model is the closest to the budget; otherwise
-        eval mode computes the same function before and after."""
+        :data:`fxprune.cut.TOLERANCE`, the structures of highest theta closest to it are
+        kept instead (:func:`fxprune.cut.closest_to_budget`); otherwise eval mode computes
+        the same function before and after."""
         bank = gate_bank(self.gated)
         keep = bank.deterministic()
         if self.multipliers:
-            keep = self._closest_to_budget(bank, keep)
+            cut, rounded, miss = closest_to_budget(self.objective, bank, keep, self.config.targets)
+            if cut is not keep:
+                log.info("step %d: rounding at 0.5 misses the budget by %.1f%%; the %d structures of highest theta "
+                         "that fit miss it by %.1f%%", self.steps, 100 * rounded, int(cut.sum()), 100 * miss)
+            keep = cut
         self.theta.copy_(keep)
         log.info("step %d: gates decided, %d of %d kept", self.steps, int(self.theta.sum()), self.theta.numel())
         off = (self.theta <= self.config.theta_tol).cpu().numpy()
         self.below = np.where(off, np.maximum(self.below, self.config.patience - 1), self.below)
         return self.check()
-
-    def _closest_to_budget(self, bank: GateBank, keep: Tensor) -> Tensor:
-        """``keep``, or when it misses a budget by more than ``_DECIDE_TOLERANCE`` (relative),
-        the structures of highest score at the cut whose compact model is the closest to
-        every budget (the largest relative miss, over the budgets, is the smallest). The
-        score is theta, ties (the gates a sharp dual step has just switched off, all at 0
-        but not yet removed) broken by the weights' RMS. The fractions only grow as the cut
-        falls, so a bisection over the distinct scores finds the two cuts around the budget
-        in a few evaluations of the cost; the cut under it is then filled greedily
-        (:meth:`_fill`), since the structure at the cut can weigh more than the gap."""
-        targets = self.config.targets
-
-        def misses(k: Tensor) -> list[float]:  # signed relative misses, one per budget: > 0 is over it
-            with torch.no_grad():
-                fractions = self.objective.fractions_at(k)
-            return [float((fractions[n] - t) / t) for n, t in targets.items()]
-
-        def miss(k: Tensor) -> float:
-            return max(abs(m) for m in misses(k))
-
-        rounded = miss(keep)
-        if rounded <= _DECIDE_TOLERANCE:
-            return keep
-        theta = self.theta.detach()
-        with torch.no_grad():
-            sq = self.objective.squared_norms()[1].to(torch.float64)
-            rms = (sq / self.objective.elems.to(sq).clamp_min(1)).sqrt()
-        score = theta.to(torch.float64) + 1e-6 * rms / rms.max().clamp_min(1e-30)
-        levels = torch.unique(score)  # ascending
-
-        def at(i: int) -> Tensor:  # the structures scored at or above levels[i]
-            return floor_keep(score >= levels[i], score, bank.segments, bank.min_units).to(theta.dtype)
-
-        lo, hi = 0, levels.numel() - 1  # the cut at lo keeps the most, at hi the least
-        if max(misses(at(hi))) > 0:  # the fewest structures are still over: keep them
-            lo = hi
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if max(misses(at(mid))) > 0:
-                lo = mid
-            else:
-                hi = mid
-        under = at(hi)
-        if max(misses(under)) <= 0:  # fill what the cut leaves of the budget, skipping what does not fit
-            under = self._fill(under, score, misses)
-        best, best_miss = min(((k, miss(k)) for k in (under, at(lo))), key=lambda c: c[1])
-        if best_miss < rounded:
-            log.info("step %d: rounding at 0.5 misses the budget by %.1f%%; the %d structures of highest theta that "
-                     "fit miss it by %.1f%%", self.steps, 100 * rounded, int(best.sum()), 100 * best_miss)
-            return best
-        return keep
-
-    @staticmethod
-    def _fill(keep: Tensor, score: Tensor, misses: Callable[[Tensor], list[float]]) -> Tensor:
-        """Greedy fill of a cut under the budgets: the structures it drops, in descending
-        score, are added one by one when that brings the model closer to them without going
-        over any by more than ``_DECIDE_TOLERANCE`` (two budgets: the binding one is met,
-        the other may stay under). The cut's next structure can weigh more than what is
-        left (a ResNet's block, a residual stream channel); those ranked after it that fit
-        are kept instead. At most ``_FILL_TRIES`` structures are tried, and it stops once
-        within ``_DECIDE_TOLERANCE``."""
-        keep = keep.clone()
-
-        def miss(k: Tensor) -> float:
-            m = misses(k)
-            return max(abs(v) for v in m) if max(m) <= _DECIDE_TOLERANCE else math.inf
-
-        current = miss(keep)
-        for i in torch.argsort(torch.where(keep > 0, -math.inf, score), descending=True)[:_FILL_TRIES].tolist():
-            if current <= _DECIDE_TOLERANCE or keep[i] > 0:
-                break
-            keep[i] = 1
-            trial = miss(keep)
-            if trial < current:
-                current = trial
-            else:
-                keep[i] = 0
-        return keep
 
     # ----------------------------------------------------------------- pruning conditions
     @torch.no_grad()

@@ -11,7 +11,7 @@ entry removes.
 
 Everything downstream (gate insertion, the complexity cost, compaction, live removal,
 tables and pictures) reads this object and never re-derives channel relations from the
-fx graph. After live removal, :meth:`ChannelGraph.restrict` gives the analysis of the
+fx graph. After live removal, :func:`passes.restrict.restrict` gives the analysis of the
 smaller model, with no stale space, edge, read, rewrite, branch or parameter.
 
 Example::
@@ -24,7 +24,7 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 import networkx as nx
@@ -363,94 +363,6 @@ class ChannelGraph:
             if not keep.all():
                 out[g.id] = keep
         return out
-
-    def restrict(self, unit_keep: dict[int, np.ndarray], drop: set[int] = frozenset(),
-                 replaced: dict[str, str] | None = None, gone: set[str] = frozenset()) -> "ChannelGraph":
-        """The analysis of the model after compaction: the units not in ``unit_keep`` (an
-        :meth:`effective_keep`) sliced out, the branches ``drop`` removed (``replaced``
-        maps each erased add to the node that took its place), and the tensor names
-        ``gone`` deleted. Spaces shrink, kept units are renumbered, edges are re-indexed,
-        grouped-conv periods follow, and everything inside dropped branches is gone."""
-        replaced = replaced or {}
-        dead = self.dead_nodes(drop) | set(replaced)
-        alive = self.live_spaces(dead)
-        new_pos = {}
-        spaces: dict[int, Space] = {}
-        for s in self.spaces.values():
-            if s.id not in alive:
-                continue
-            kept = self.keep_indices(s.id, unit_keep)
-            pos = np.full(s.size, -1, dtype=np.int64)
-            pos[kept] = np.arange(len(kept))
-            new_pos[s.id] = pos
-            spaces[s.id] = replace(s, size=len(kept), node=s.node if s.node not in dead else alive[s.id])
-        graph = nx.MultiGraph()
-        graph.add_nodes_from(spaces)
-        for u, v, d in self.graph.edges(data=True):
-            if u not in spaces or v not in spaces:
-                continue
-            pairs = d["pairs"]
-            if pairs is not None:
-                a, b = (u, v) if d["src"] == u else (v, u)
-                ia, ib = new_pos[a][pairs[0]], new_pos[b][pairs[1]]
-                ok = (ia >= 0) & (ib >= 0)
-                pairs = (ia[ok], ib[ok])
-            graph.add_edge(u, v, pairs=pairs, src=d["src"])
-
-        groups: dict[int, Group] = {}
-        renumber = {gid: np.cumsum(keep) - 1 for gid, keep in unit_keep.items()}  # kept unit -> its new number
-        for g in self.groups.values():
-            members = [s for s in g.spaces if s in spaces]
-            if not members:
-                continue
-            keep = unit_keep.get(g.id)
-            factors = g.factors
-            if g.derived:  # a product group's factor units, renumbered as their groups keep them
-                fg, fu = (a if keep is None else a[keep] for a in g.factors)
-                fu = fu.copy()
-                for f in set(fg.flat) & set(renumber):
-                    fu[fg == f] = renumber[f][fu[fg == f]]
-                factors = (fg, fu)
-            if keep is None:
-                groups[g.id] = replace(g, spaces=members, unit_index={s: g.unit_index[s] for s in members}, factors=factors)
-                continue
-            index = {s: renumber[g.id][g.unit_index[s][keep[g.unit_index[s]]]] for s in members}
-            groups[g.id] = replace(g, spaces=members, num_units=int(keep.sum()), unit_index=index, factors=factors)
-
-        params: dict[str, Param] = {}
-        for p in self.params.values():
-            names = tuple(n for n in p.names if n not in gone)
-            if not names:
-                continue
-            shape = list(p.shape)
-            for b in self.bindings:
-                if b.param == p.name and b.space in spaces:
-                    shape[b.dim] = self.kept_size(b, unit_keep)
-            params[p.name] = replace(p, name=names[0], names=names, shape=tuple(shape),
-                                     branches=tuple(i for i in p.branches if i not in drop))
-        rename = {old: p.name for old, p in params.items()}
-        bindings = [
-            replace(b, param=rename[b.param],
-                    period=int((self.keep_indices(b.space, unit_keep) < b.period).sum()) if b.period else None)
-            for b in self.bindings if b.param in rename and b.space in spaces
-        ]
-        branches: dict[int, Branch] = {}
-        for br in self.branches.values():
-            if br.id in drop or br.add in dead:
-                continue
-            branches[br.id] = replace(
-                br, out=replaced.get(br.out, br.out), stream=replaced.get(br.stream, br.stream),
-                nodes=frozenset(n for n in br.nodes if n not in dead),
-                params=tuple(rename[q] for q in br.params if q in rename))
-        params = {p.name: p for p in params.values()}
-        return replace(
-            self, graph=graph, spaces=spaces, groups=groups, branches=branches, params=params, bindings=bindings,
-            reads=[r for r in self.reads if r.node not in dead and r.space in spaces],
-            op_flops=[replace(o, branches=tuple(i for i in o.branches if i not in drop)) for o in self.op_flops
-                      if o.node not in dead and all(s in spaces for s in o.spaces)],
-            rewrites=[r for r in self.rewrites if r.node not in dead and all(s in spaces for s in r.spaces)],
-            node_dims={n: d for n, d in self.node_dims.items() if n not in dead},
-        )
 
     def check(self) -> None:
         """Raise ``AssertionError`` naming the first inconsistency: a space outside its

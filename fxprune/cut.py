@@ -1,0 +1,103 @@
+"""The cut at the decision: the 0/1 gates whose compact model is closest to the budgets.
+
+Rounding every theta at 0.5 is what eval mode keeps; under a budget it can miss by more
+than ``TOLERANCE`` when thetas are still fractional at the decision and each weighs several
+per cent of the FLOPs (a ResNet's blocks). :func:`closest_to_budget` then keeps the
+structures of highest score instead: a bisection over the distinct scores finds the two
+cuts around the budget in a few evaluations of the exact cost, and :func:`fill` completes
+the cut under it greedily, since the structure at the cut can weigh more than the gap.
+
+Example::
+
+    >>> keep, rounded, miss = closest_to_budget(objective, bank, bank.deterministic(), {"flops": 0.5})
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .gates import GateBank
+from .objective import Objective
+from .passes.channel_graph import floor_keep
+
+__all__ = ["TOLERANCE", "closest_to_budget", "fill"]
+
+TOLERANCE = 0.05  # a relative miss of the budget the decision accepts from rounding at 0.5
+FILL_TRIES = 256  # structures the greedy fill tries at most (each is one evaluation of the cost)
+
+
+def closest_to_budget(objective: Objective, bank: GateBank, keep: Tensor,
+                      targets: dict[str, float]) -> tuple[Tensor, float, float]:
+    """``(cut, miss of keep, miss of cut)``: ``keep`` itself when it misses no budget by more
+    than ``TOLERANCE`` (relative), else the structures of highest score whose compact model
+    is the closest to every budget (the largest relative miss, over the budgets, is the
+    smallest), when that is closer than ``keep``. The score is theta, ties (the gates a sharp
+    dual step has just switched off, all at 0 but not yet removed) broken by the weights'
+    RMS. The fractions only grow as the cut falls, so a bisection over the distinct scores
+    finds the two cuts around the budget; the one under it is filled (:func:`fill`)."""
+
+    def misses(k: Tensor) -> list[float]:  # signed relative misses, one per budget: > 0 is over it
+        with torch.no_grad():
+            fractions = objective.fractions_at(k)
+        return [float((fractions[n] - t) / t) for n, t in targets.items()]
+
+    def miss(k: Tensor) -> float:
+        return max(abs(m) for m in misses(k))
+
+    rounded = miss(keep)
+    if rounded <= TOLERANCE:
+        return keep, rounded, rounded
+    theta = bank.theta.detach()
+    with torch.no_grad():
+        sq = objective.squared_norms()[1].to(torch.float64)
+        rms = (sq / objective.elems.to(sq).clamp_min(1)).sqrt()
+    score = theta.to(torch.float64) + 1e-6 * rms / rms.max().clamp_min(1e-30)
+    levels = torch.unique(score)  # ascending
+
+    def at(i: int) -> Tensor:  # the structures scored at or above levels[i]
+        return floor_keep(score >= levels[i], score, bank.segments, bank.min_units).to(theta.dtype)
+
+    lo, hi = 0, levels.numel() - 1  # the cut at lo keeps the most, at hi the least
+    if max(misses(at(hi))) > 0:  # the fewest structures are still over: keep them
+        lo = hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if max(misses(at(mid))) > 0:
+            lo = mid
+        else:
+            hi = mid
+    under = at(hi)
+    if max(misses(under)) <= 0:  # fill what the cut leaves of the budget, skipping what does not fit
+        under = fill(under, score, misses)
+    best, best_miss = min(((k, miss(k)) for k in (under, at(lo))), key=lambda c: c[1])
+    return (best, rounded, best_miss) if best_miss < rounded else (keep, rounded, rounded)
+
+
+def fill(keep: Tensor, score: Tensor, misses: Callable[[Tensor], list[float]]) -> Tensor:
+    """Greedy fill of a cut under the budgets: the structures it drops, in descending
+    score, are added one by one when that brings the model closer to them without going
+    over any by more than ``TOLERANCE`` (two budgets: the binding one is met, the other may
+    stay under). The cut's next structure can weigh more than what is left (a ResNet's
+    block, a residual stream channel); those ranked after it that fit are kept instead. At
+    most ``FILL_TRIES`` structures are tried, and it stops once within ``TOLERANCE``."""
+    keep = keep.clone()
+
+    def miss(k: Tensor) -> float:
+        m = misses(k)
+        return max(abs(v) for v in m) if max(m) <= TOLERANCE else math.inf
+
+    current = miss(keep)
+    for i in torch.argsort(torch.where(keep > 0, -math.inf, score), descending=True)[:FILL_TRIES].tolist():
+        if current <= TOLERANCE or keep[i] > 0:
+            break
+        keep[i] = 1
+        trial = miss(keep)
+        if trial < current:
+            current = trial
+        else:
+            keep[i] = 0
+    return keep
