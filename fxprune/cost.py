@@ -33,6 +33,7 @@ ChannelGraph (parameters by identity: a tied weight is one term) and is evaluate
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,13 +43,14 @@ from .gates import factor_slots
 from .passes.channel_graph import ChannelGraph
 from .state import example_for
 
-__all__ = ["ComplexityCost", "forward_flops", "count_flops"]
+__all__ = ["ComplexityCost", "forward_flops", "count_flops", "counted_run"]
 
 
 @torch.no_grad()
-def count_flops(model: nn.Module, example: tuple):
+def counted_run(model: nn.Module, example: tuple) -> tuple[Any, Any]:
     """Run ``model`` on ``example`` (moved to its device) once in eval mode under
-    ``FlopCounterMode`` and return the counter (totals and per-module counts)."""
+    ``FlopCounterMode``: ``(counter, output)``, the counter with totals and per-module
+    counts, the output what a plain eval run computes (the counter only observes)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     example = example_for(model, example)
@@ -56,10 +58,15 @@ def count_flops(model: nn.Module, example: tuple):
     model.eval()
     try:
         with FlopCounterMode(display=False) as counter:
-            model(*example)
+            out = model(*example)
     finally:
         model.train(was_training)
-    return counter
+    return counter, out
+
+
+def count_flops(model: nn.Module, example: tuple):
+    """The ``FlopCounterMode`` of one eval run of ``model`` on ``example`` (:func:`counted_run`)."""
+    return counted_run(model, example)[0]
 
 
 def forward_flops(model: nn.Module, example: tuple) -> int:

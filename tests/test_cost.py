@@ -179,3 +179,23 @@ def test_shared_reference_and_the_price_of_a_unit_at_two_widths(cost):
 def test_config_rejects_bad_cost(bad, match):
     with pytest.raises(ValueError, match=match):
         fxprune.PruneConfig(**bad)
+
+
+def test_counted_run_returns_the_plain_eval_output_and_leaves_the_mode_as_it_was():
+    """Live removal verifies a removal on the output of the same run that counts its FLOPs:
+    that output must be exactly the plain eval run's (dropout off, batch norm on its running
+    statistics), and the model's training flag must come back."""
+    from fxprune.cost import counted_run
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Flatten(), nn.Linear(144, 3))
+    x = torch.randn(5, 1, 8, 8)
+    model.train()
+    model(x)  # running statistics differ from the batch's
+    counter, out = counted_run(model, (x,))
+    assert model.training
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+    assert torch.equal(out, want)
+    assert counter.get_total_flops() == forward_flops(model, (x,)) > 0

@@ -143,7 +143,7 @@ def failing(monkeypatch, module, name, after):
     monkeypatch.setattr(module, name, wrapped)
 
 
-@pytest.mark.parametrize("where", ["set_data", "refresh_module", "delete_unreferenced", "_sync_gates", "count_flops"])
+@pytest.mark.parametrize("where", ["set_data", "refresh_module", "delete_unreferenced", "_sync_gates", "counted_run"])
 def test_a_removal_that_fails_half_way_leaves_everything_as_it_was(monkeypatch, where):
     torch.manual_seed(0)
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
