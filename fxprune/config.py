@@ -99,8 +99,8 @@ class PruneConfig:
             shrink them).
         patience: consecutive checks a structure must pass before it is removed.
         reset_moments: when a structure's theta has been switched off for ``patience`` checks
-            but its weights are not yet small, zero its optimizer moments, so that the spike
-            prior alone drives them (adaptive optimizers otherwise damp that pull with
+            but its weights are not yet small, zero its optimizer moments once, so that the
+            spike prior alone drives them (adaptive optimizers otherwise damp that pull with
             second moments remembered from the structure's active past).
         cost_reference: a :class:`CostReference` (FLOPs per example, parameters, gates)
             the cost is normalised by; ``None`` means the dense model's own

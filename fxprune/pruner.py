@@ -340,8 +340,8 @@ class Pruner:
             drop, ripe = masks[0], masks[1]
         if not ripe.any():
             return None
-        if c.reset_moments:
-            self._reset_moments(ripe & ~drop)
+        if c.reset_moments:  # once, at the check that first finds it ripe: later momentum is the prior's pull
+            self._reset_moments(ripe & ~drop & (self.below == c.patience))
         if not drop.any():
             return None
         units = {g: drop[sl] for g, sl in state.layout.units.items() if drop[sl].any()}
@@ -353,7 +353,8 @@ class Pruner:
         A switched-off structure gets no data gradient any more, only the spike prior's
         pull to zero; moments remembered from its active past would damp that pull for
         thousands of steps under Adam (second moments decay with 1 - beta2 = 1e-3), and the
-        structure would never reach the weight condition."""
+        structure would never reach the weight condition. Done once per switch-off: the
+        momentum built afterwards is that pull's own, and zeroing it again slows it."""
         if not reset.any():
             return
         for w, dim, slots in self.objective.unit_channels():
