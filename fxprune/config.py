@@ -89,7 +89,10 @@ class PruneConfig:
         sharpen: weight of ``sum theta (1 - theta)`` in the objective: a small push of
             every theta away from 1/2 (a budget met exactly can otherwise hold gates at
             fractional theta).
-        check_every: steps between pruning checks.
+        check_every: steps between pruning checks. A structure switched off is removed
+            ``patience - 1`` to ``patience`` checks later, so this sets how long training
+            still pays for it; a check reads the thetas and weight norms (one host
+            synchronisation), and a removal rewrites the graph once.
         theta_tol: theta at or below this counts as switched off.
         w_tol: a structure's weight RMS must be at most ``w_tol`` times the RMS of the kept
             weights of its group (layer gates: of the whole model) to be removed; ``None``:
@@ -126,7 +129,7 @@ class PruneConfig:
     theta_init: float = 1.0
     estimator: Literal["straight_through", "balanced"] = "balanced"
     warmup: int | float | None = None
-    check_every: int = 50
+    check_every: int = 20
     theta_tol: float = 0.01
     w_tol: float | None = None
     patience: int = 2
