@@ -41,26 +41,19 @@ from torch import Tensor, nn
 
 from .gates import factor_slots
 from .passes.channel_graph import ChannelGraph
-from .state import example_for
+from .state import run_example
 
 __all__ = ["ComplexityCost", "forward_flops", "count_flops", "counted_run"]
 
 
-@torch.no_grad()
 def counted_run(model: nn.Module, example: tuple) -> tuple[Any, Any]:
-    """Run ``model`` on ``example`` (moved to its device) once in eval mode under
-    ``FlopCounterMode``: ``(counter, output)``, the counter with totals and per-module
-    counts, the output what a plain eval run computes (the counter only observes)."""
+    """:func:`fxprune.state.run_example` (``model`` on ``example`` in eval mode, without
+    grad) under ``FlopCounterMode``: ``(counter, output)``, the counter with totals and
+    per-module counts, the output what the plain run computes (the counter only observes)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    example = example_for(model, example)
-    was_training = model.training
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as counter:
-            out = model(*example)
-    finally:
-        model.train(was_training)
+    with FlopCounterMode(display=False) as counter:
+        out = run_example(model, example)
     return counter, out
 
 
