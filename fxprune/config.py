@@ -14,10 +14,12 @@ from typing import Literal, NamedTuple
 
 from .gates import ESTIMATORS
 
-__all__ = ["PruneConfig", "CostReference", "COSTS"]
+__all__ = ["PruneConfig", "CostReference", "COSTS", "EXEMPT_KINDS"]
 
 #: the cost measures ``PruneConfig.cost`` accepts
 COSTS = ("complexity", "structures", "gates")
+#: the kinds of parameter ``PruneConfig.prior_exempt`` can leave out of the weight prior
+EXEMPT_KINDS = ("bias", "norm", "embedding")
 
 
 class CostReference(NamedTuple):
@@ -37,8 +39,8 @@ class PruneConfig:
             ``"layers"`` (residual branches) or ``"both"``.
         gamma: strength of the complexity cost: task loss traded for removing the whole cost
             (fixed-strength mode). ``None`` (the default): the strength is learnt to meet a
-            budget; with no budget given either, ``target_flops=0.5``. With a budget, a
-            given ``gamma`` is the multipliers' starting value.
+            budget; with no budget given either, ``target_flops=0.5``. With a budget,
+            ``gamma`` is not used (warned): the budget controller sets the strength.
         cost: what a structure costs (method.md sections 2 and 3). ``"complexity"``
             (paper C): ``C = beta E[FLOPs]/FLOPs_ref + (1 - beta) E[Params]/Params_ref``, so
             a structure's price is the FLOPs and parameters it removes, which depend on
@@ -52,6 +54,12 @@ class PruneConfig:
         beta: in [0, 1], weight of FLOPs against parameters in the ``"complexity"`` cost.
         alpha: multiplies the cost gradient of layer gates (>1 favours removing layers).
         lam1: slab precision of the weight prior, i.e. the ordinary weight decay.
+        prior_exempt: the kinds of parameter the weight prior (slab and spike) leaves
+            alone, as timm's and the Hugging Face Trainer's no-decay groups do: ``"bias"``,
+            ``"norm"`` (every other parameter of at most one dimension: norm gains, layer
+            scales) and ``"embedding"`` (embedding tables); ``()`` decays every parameter.
+            A norm's gains are 1 at initialisation: decayed, they dominate the prior of a
+            transformer (on a 4-layer Llama, 1,152 of its 1,519 squared norm).
         spike_ratio: ``lam0 / lam1``, the spike precision that pulls switched-off weights to 0.
         theta_lr: learning rate of the projected SGD on theta.
         theta_init: initial keep probability of every gate (1 = start from the full network).
@@ -60,7 +68,7 @@ class PruneConfig:
             equally, so its mean is the same at every theta and theta does not settle between
             0 and 1; method.md section 4).
         warmup: how long the cost strength ramps linearly from 0 to ``gamma``: steps (an
-            int), or a fraction of ``total_steps`` (a float); ``None``: a fifth of
+            int), or a fraction of ``total_steps`` (a float); ``None``: a tenth of
             ``total_steps`` when it is given, else 300 steps. At the start the weights are
             random and no unit is worth its cost yet; a full ``gamma`` from step 0 can
             switch off whole layers before the network learns what it needs.
@@ -69,27 +77,30 @@ class PruneConfig:
             it; without it they are 300, 750 and 1,500 steps).
         target_flops: a budget: the forward FLOPs per example the trained model may keep,
             as a fraction of the dense model's (as the complexity cost counts them).
-            The cost's strength is then a Lagrange multiplier the pruner learns (dual
-            ascent on ``E[FLOPs]/FLOPs_dense - target_flops``), not ``gamma``.
+            The cost's strength is then a Lagrange multiplier the budget controller sets
+            at every step (:mod:`fxprune.budget`) so that ``E[FLOPs]/FLOPs_dense`` follows
+            the scheduled target, not ``gamma``.
         target_params: the same for the parameters. Both at once: two multipliers.
-        budget_lr: the multipliers' step: each step multiplies a multiplier by
-            ``exp(budget_lr * v)``, ``v = (cost - target) / target`` clipped to [-1, 1];
-            ``None``: ``7 / budget schedule steps`` (in [0.001, 0.2]), so the multiplier can
-            grow a thousandfold while the target falls, however long the training.
+        budget_lr: in (0, 1], the share of its distance to the scheduled target that one
+            theta step takes an expected cost over its target (``None``: 1, the whole
+            distance: the cost is on the schedule at every step).
         budget_steps: with a budget, the target falls from 1 to its value over this many
             steps after the warm-up (a cubic schedule), so the model shrinks while it
             learns instead of all at once: steps (an int), a fraction of ``total_steps``,
-            or ``None``: half of ``total_steps`` (750 steps without it); 0: at once.
+            or ``None``: a quarter of ``total_steps`` (750 steps without it), so that the
+            budget is reached at about a third of the run; 0: at once.
         decide: the step at which the gates are decided: every theta is rounded to what
             eval mode keeps (0 or 1) and stays, what is off is removed at once, and the
             rest of training fine-tunes the model that will be deployed. Steps (an int), a
-            fraction of ``total_steps``, 0 (never), or ``None``: with a budget, at 0.8 of
+            fraction of ``total_steps``, 0 (never), or ``None``: with a budget, at 0.6 of
             ``total_steps`` (or when the schedule is over plus a fifth of it, plus 300
-            steps, without ``total_steps``); without a budget, never.
+            steps, without ``total_steps``), so the deployed model is fine-tuned for the last
+            0.4 of the run; without a budget, never.
         sharpen: weight of ``sum theta (1 - theta)`` in the objective: a small push of
             every theta away from 1/2 (a budget met exactly can otherwise hold gates at
             fractional theta).
-        check_every: steps between pruning checks. A structure switched off is removed
+        check_every: steps between pruning checks; ``None``: a fortieth of ``total_steps``
+            (2 to 20 steps), or 20 without it. A structure switched off is removed
             ``patience - 1`` to ``patience`` checks later, so this sets how long training
             still pays for it; a check reads the thetas and weight norms (one host
             synchronisation), and a removal rewrites the graph once.
@@ -124,12 +135,13 @@ class PruneConfig:
     beta: float = 0.5
     alpha: float = 1.0
     lam1: float = 5e-4
+    prior_exempt: tuple[str, ...] = EXEMPT_KINDS
     spike_ratio: float = 100.0
     theta_lr: float = 2.0
     theta_init: float = 1.0
     estimator: Literal["straight_through", "balanced"] = "balanced"
     warmup: int | float | None = None
-    check_every: int = 20
+    check_every: int | None = None
     theta_tol: float = 0.01
     w_tol: float | None = None
     patience: int = 2
@@ -145,26 +157,30 @@ class PruneConfig:
     budget_steps: int | float | None = None
     decide: int | float | None = None
 
+    def check_steps(self) -> int:
+        """``check_every`` in steps (None: ``total_steps // 40`` in [2, 20], or 20 without it)."""
+        if self.check_every is not None:
+            return self.check_every
+        return min(DEFAULT_CHECK_EVERY, max(2, self.total_steps // 40)) if self.total_steps else DEFAULT_CHECK_EVERY
+
     def schedule_steps(self) -> int:
-        """``budget_steps`` in steps (a fraction is taken of ``total_steps``; None: half of
-        ``total_steps`` when it is given, else ``DEFAULT_BUDGET_STEPS``)."""
+        """``budget_steps`` in steps (a fraction is taken of ``total_steps``; None: a quarter
+        of ``total_steps`` when it is given, else ``DEFAULT_BUDGET_STEPS``)."""
         if self.budget_steps is None:
-            return round(0.5 * self.total_steps) if self.total_steps else DEFAULT_BUDGET_STEPS
+            return round(BUDGET_STEPS * self.total_steps) if self.total_steps else DEFAULT_BUDGET_STEPS
         return self._steps("budget_steps", self.budget_steps)
 
     def budget_rate(self) -> float:
-        """``budget_lr``, or its default for this schedule."""
-        if self.budget_lr is not None:
-            return self.budget_lr
-        return min(0.2, max(1e-3, 7 / max(self.schedule_steps(), 1)))
+        """``budget_lr``, or its default: 1 (the whole distance to the target at every step)."""
+        return 1.0 if self.budget_lr is None else self.budget_lr
 
     def decide_step(self) -> int:
         """``decide`` in steps (0: never; a fraction is taken of ``total_steps``; None: when
-        the budget schedule is over plus a fifth of it, or 0.8 of ``total_steps``
+        the budget schedule is over plus a fifth of it, or 0.6 of ``total_steps``
         when that is given)."""
         if self.decide is None:
             if self.total_steps:
-                return max(round(0.8 * self.total_steps), self.warmup_steps() + self.schedule_steps())
+                return max(round(DECIDE * self.total_steps), self.warmup_steps() + self.schedule_steps())
             return self.warmup_steps() + round(1.2 * self.schedule_steps()) + DEFAULT_WARMUP
         return self._steps("decide", self.decide)
 
@@ -180,7 +196,7 @@ class PruneConfig:
         """``warmup`` in steps (a fraction is taken of ``total_steps``; None: a tenth of
         ``total_steps`` if given, else ``DEFAULT_WARMUP`` steps)."""
         if self.warmup is None:
-            return round(0.2 * self.total_steps) if self.total_steps else DEFAULT_WARMUP
+            return round(WARMUP * self.total_steps) if self.total_steps else DEFAULT_WARMUP
         return self._steps("warmup", self.warmup)
 
     @property
@@ -215,13 +231,18 @@ _RANGES = {
     "spike_ratio": (0.0, math.inf, True, False), "theta_lr": (0.0, math.inf, True, False),
     "w_tol": (0.0, math.inf, True, False), "beta": (0.0, 1.0, True, True), "theta_init": (0.0, 1.0, True, True),
     "theta_tol": (0.0, 1.0, True, True), "target_flops": (0.0, 1.0, False, True),
-    "target_params": (0.0, 1.0, False, True), "budget_lr": (0.0, math.inf, False, False),
+    "target_params": (0.0, 1.0, False, True), "budget_lr": (0.0, 1.0, False, True),
     "sharpen": (0.0, math.inf, True, False),
 }
 _INTS = {"check_every": 1, "patience": 1, "min_units": 1}
-_OPTIONAL = {"gamma", "budget_lr", "w_tol", "total_steps", "target_flops", "target_params", "warmup", "budget_steps", "decide"}
+_OPTIONAL = {"check_every", "gamma", "budget_lr", "w_tol", "total_steps", "target_flops", "target_params", "warmup", "budget_steps", "decide"}
+#: the warm-up, the budget schedule and the decision, as fractions of ``total_steps``: the budget is
+#: reached at about a third of the run, and the model the decision fixes is fine-tuned for the last 0.4
+WARMUP, BUDGET_STEPS, DECIDE = 0.1, 0.25, 0.6
 #: the warm-up, in steps, when neither ``warmup`` nor ``total_steps`` is given
 DEFAULT_WARMUP = 300
+#: steps between pruning checks when neither ``check_every`` nor ``total_steps`` is given
+DEFAULT_CHECK_EVERY = 20
 #: the budget schedule's length, in steps, when neither ``budget_steps`` nor ``total_steps`` is given
 DEFAULT_BUDGET_STEPS = 750
 #: the budget of ``PruneConfig()``: half the dense model's FLOPs
@@ -269,6 +290,12 @@ def _check(name: str, value: object) -> object:
             raise ValueError(f"{field_} must be a CostReference(flops, params, structures) of positive numbers, "
                              f"got {value!r}")
         value = CostReference(*(float(v) for v in value))
+    elif name == "prior_exempt":
+        if isinstance(value, str):
+            value = (value,)
+        if not isinstance(value, (tuple, list)) or any(v not in EXEMPT_KINDS for v in value):
+            raise ValueError(f"{field_} must be a tuple of {EXEMPT_KINDS}, got {value!r}")
+        value = tuple(value)
     elif name == "exclude":
         if isinstance(value, str):
             value = (value,)

@@ -24,9 +24,10 @@ from .gates import GateBank
 from .objective import Objective
 from .passes.channel_graph import floor_keep
 
-__all__ = ["TOLERANCE", "closest_to_budget", "fill"]
+__all__ = ["TOLERANCE", "DECIDED", "closest_to_budget", "fill", "undecided"]
 
 TOLERANCE = 0.05  # a relative miss of the budget the decision accepts from rounding at 0.5
+DECIDED = 0.01  # a theta within this of 0 or 1 is decided: the cut never drops a gate training kept at 1
 FILL_TRIES = 256  # structures the greedy fill tries at most (each is one evaluation of the cost)
 
 
@@ -35,7 +36,10 @@ def closest_to_budget(objective: Objective, bank: GateBank, keep: Tensor,
     """``(cut, miss of keep, miss of cut)``: ``keep`` itself when it misses no budget by more
     than ``TOLERANCE`` (relative), else the structures of highest score whose compact model
     is the closest to every budget (the largest relative miss, over the budgets, is the
-    smallest), when that is closer than ``keep``. The score is theta, ties (the gates a sharp
+    smallest), when that is closer than ``keep``. A gate training has decided on (theta at
+    least ``1 - DECIDED``) is never dropped: a budget the cut cannot reach without cutting
+    what training kept (a residual stream, the stem) is missed, and said so by the
+    pruner, rather than met by destroying the model. The score is theta, ties (the gates a sharp
     dual step has just switched off, all at 0 but not yet removed) broken by the weights'
     RMS. The fractions only grow as the cut falls, so a bisection over the distinct scores
     finds the two cuts around the budget; the one under it is filled (:func:`fill`)."""
@@ -58,8 +62,10 @@ def closest_to_budget(objective: Objective, bank: GateBank, keep: Tensor,
     score = theta.to(torch.float64) + 1e-6 * rms / rms.max().clamp_min(1e-30)
     levels = torch.unique(score)  # ascending
 
+    decided_on = theta >= 1 - DECIDED  # what training kept stays: the cut moves only gates it left undecided
+
     def at(i: int) -> Tensor:  # the structures scored at or above levels[i]
-        return floor_keep(score >= levels[i], score, bank.segments, bank.min_units).to(theta.dtype)
+        return floor_keep((score >= levels[i]) | decided_on, score, bank.segments, bank.min_units).to(theta.dtype)
 
     lo, hi = 0, levels.numel() - 1  # the cut at lo keeps the most, at hi the least
     if max(misses(at(hi))) > 0:  # the fewest structures are still over: keep them
@@ -101,3 +107,10 @@ def fill(keep: Tensor, score: Tensor, misses: Callable[[Tensor], list[float]]) -
         else:
             keep[i] = 0
     return keep
+
+
+def undecided(theta: Tensor) -> float:
+    """The share of ``theta`` strictly between ``DECIDED`` and ``1 - DECIDED``."""
+    if not theta.numel():
+        return 0.0
+    return float(((theta > DECIDED) & (theta < 1 - DECIDED)).float().mean())

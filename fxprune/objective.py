@@ -24,14 +24,48 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import Tensor, fx
+from torch import Tensor, fx, nn
 
-from .config import CostReference, PruneConfig
+from .config import EXEMPT_KINDS, CostReference, PruneConfig
 from .cost import ComplexityCost, forward_flops
 from .gates import factor_slots
 from .state import gate_bank, state_of
 
-__all__ = ["Objective"]
+__all__ = ["Objective", "prior_exempt", "EXEMPT_KINDS"]
+
+_EMBEDDING_CALLS = {torch.nn.functional.embedding, torch.embedding}
+
+
+def prior_exempt(model: nn.Module, kinds: tuple[str, ...] = EXEMPT_KINDS) -> set[str]:
+    """The names of ``model``'s parameters of ``kinds`` (as timm's and the Hugging Face
+    Trainer's no-decay groups): ``"bias"`` (a name ending in ``bias``), ``"norm"`` (any
+    other parameter of at most one dimension: norm gains, layer scales) and
+    ``"embedding"`` (the table of an ``nn.Embedding``, or the weight of an
+    ``F.embedding`` call in a traced graph).
+
+    Example::
+
+        >>> sorted(prior_exempt(nn.Sequential(nn.Embedding(5, 4), nn.LayerNorm(4), nn.Linear(4, 2))))
+        ['0.weight', '1.bias', '1.weight', '2.bias']
+    """
+    out: set[str] = set()
+    embedding_of: set[int] = set()
+    if "embedding" in kinds:
+        embedding_of = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        if isinstance(model, fx.GraphModule):
+            for node in model.graph.nodes:
+                if node.op == "call_function" and node.target in _EMBEDDING_CALLS:
+                    weight = node.kwargs.get("weight", node.args[1] if len(node.args) > 1 else None)
+                    weight = node.args[0] if node.target is torch.embedding else weight
+                    if isinstance(weight, fx.Node) and weight.op == "get_attr":
+                        embedding_of.add(id(model.get_parameter(weight.target))) if weight.target in dict(
+                            model.named_parameters(remove_duplicate=False)) else None
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if ("bias" in kinds and name.rpartition(".")[2].endswith("bias")) or ("embedding" in kinds and id(p) in embedding_of):
+            out.add(name)
+        elif "norm" in kinds and p.dim() <= 1 and not name.rpartition(".")[2].endswith("bias"):
+            out.add(name)
+    return out
 
 
 class Objective:
@@ -58,11 +92,14 @@ class Objective:
         state = state_of(self.gated)
         cg, layout = state.graph, state.layout
         named = dict(self.gated.named_parameters(remove_duplicate=False))
+        #: the model's own parameters by canonical name (by identity, gates excluded): what the cost counts
         self.names = [c for c, p in cg.params.items()
                       if p.used and not p.buffer and any(n in named for n in p.names)]
-        #: the model's own parameters (by identity, gates excluded)
-        self.weights: list[Tensor] = [next(named[n] for n in cg.params[c].names if n in named) for c in self.names]
-        position = {c: i for i, c in enumerate(self.names)}
+        exempt = prior_exempt(self.gated, self.config.prior_exempt)
+        #: the parameters the weight prior decays (``PruneConfig.prior_exempt`` left out)
+        self.prior_names = [c for c in self.names if not exempt.intersection(cg.params[c].names)]
+        self.weights: list[Tensor] = [next(named[n] for n in cg.params[c].names if n in named) for c in self.prior_names]
+        position = {c: i for i, c in enumerate(self.prior_names)}
         self.size = layout.size
         device = self._device = gate_bank(self.gated).theta.device
         # one row vector per weight: squared sums along its unit dim (or its total)
@@ -147,7 +184,10 @@ class Objective:
 
     def scaled_theta(self, alpha: float = 1.0) -> Tensor:
         """The thetas, with the layer gates' gradient multiplied by ``alpha`` (values unchanged)."""
-        theta = self.theta()
+        return self.scaled_theta_of(self.theta(), alpha)
+
+    def scaled_theta_of(self, theta: Tensor, alpha: float = 1.0) -> Tensor:
+        """``theta`` (a flat vector of this layout) with the layer gates' gradient multiplied by ``alpha``."""
         if alpha != 1.0:
             theta = theta + (alpha - 1.0) * (theta - theta.detach()) * self.is_layer
         return theta
@@ -186,8 +226,7 @@ class Objective:
         """The regulariser. ``gamma`` overrides the config's (the pruner's warm-up ramp);
         with ``multipliers`` (budgets: ``{"flops": lambda, "params": mu}``) the cost term is
         ``sum_k multiplier_k * max(fraction_k - target_k, 0)`` instead of ``gamma * C``: an
-        exact penalty, which pushes the cost down to its target and no further. The
-        fractions the term used are kept, detached, in ``last_fractions``."""
+        exact penalty, which pushes the cost down to its target and no further."""
         c = self.config
         theta = self.theta()
         per_weight, per_structure = self.squared_norms()
@@ -199,7 +238,6 @@ class Objective:
             multipliers = dict.fromkeys(c.targets, 1.0)
         if multipliers:
             fractions = self.fractions(c.alpha)
-            self.last_fractions = {k: v.detach() for k, v in fractions.items()}
             targets = c.targets if targets is None else targets
             return prior + sum(m * (fractions[k] - targets[k]).clamp_min(0) for k, m in multipliers.items()).to(theta.dtype)
         gamma = c.gamma if gamma is None else gamma

@@ -26,7 +26,8 @@ from torch import Tensor, fx
 from . import distributed, live_compaction, optim_state
 from .config import PruneConfig
 from .cost import forward_flops
-from .cut import closest_to_budget
+from .budget import BudgetController
+from .cut import DECIDED, TOLERANCE, closest_to_budget, undecided
 from .decisions import decisions_record
 from .objective import Objective
 from .passes.channel_graph import ChannelGraph
@@ -123,14 +124,15 @@ class Pruner:
         self.dense_graph, self.dense_layout = state.graph, state.layout
         self.dense_flops = self.objective.dense_flops
         self._flops = self.dense_flops
+        #: the budgets: their target schedule, multipliers and the correction of the theta step
+        self.budget = BudgetController(self.config, self.objective)
         self._warmup = self.config.warmup_steps()
-        self._schedule = self.config.schedule_steps()
-        self._budget_lr = self.config.budget_rate()
+        self._check_every = self.config.check_steps()
         self._decide = self.config.decide_step() if self.config.targets or self.config.decide else 0
-        #: the budgets' Lagrange multipliers (device tensors), learnt by dual ascent
-        start = 1.0 if self.config.gamma is None else float(self.config.gamma)
-        self.multipliers = {k: torch.tensor(start) for k in self.config.targets}
         self._penalties = self._without_penalty = 0
+        #: at the decision: the share of gates left undecided, and the decided model's relative miss of its budget
+        self.undecided_at_decision: float | None = None
+        self.budget_miss = 0.0
         self._warned: set[str] = set()
         self._hooked: Tensor | None = None
         self._device: torch.device | None = None
@@ -151,7 +153,7 @@ class Pruner:
             self._step_t = torch.full((), self.steps, dtype=torch.long, device=theta.device)
             self._first_nonfinite = torch.full((), -1, dtype=torch.long, device=theta.device)
             self._used_scale = torch.ones((), device=theta.device)
-            self.multipliers = {k: m.to(theta.device) for k, m in self.multipliers.items()}
+            self.budget.to(theta.device)
             gate_bank(self.gated).generator = distributed.rank_generator(theta.device)
         if self.scaler is not None and self._hooked is not theta:
             theta.register_hook(self._unscale)
@@ -181,24 +183,20 @@ class Pruner:
             self._warn("step", f"pruner.penalty() was called {_NAG_AFTER} times without pruner.step(): call "
                                "pruner.step() after optimizer.step(), or the gates never learn nor remove anything")
         self._follow_device()
-        if self.multipliers:
-            ramp = self._ramp()
-            return self.objective.penalty(multipliers={k: m * ramp for k, m in self.multipliers.items()},
-                                          targets=self.targets())
+        if self.budget:  # the cost's pull on theta is the controller's (step()); the value is reported
+            return self.objective.penalty(gamma=0.0) + self.budget.penalty_value(self.steps).to(self.theta.dtype)
         return self.objective.penalty(self.gamma())
+
+    @property
+    def multipliers(self) -> dict[str, Tensor]:
+        """The budgets' Lagrange multipliers (:class:`fxprune.budget.BudgetController`)."""
+        return self.budget.multipliers
 
     def targets(self) -> dict[str, float]:
         """The budgets at this step: after the warm-up, each target falls from 1 to its
         final value over ``budget_steps`` (a cubic schedule: fast at first, gently at the
         end), then stays."""
-        final = self.config.targets
-        if not self._schedule:
-            return final
-        t = min(1.0, max(0, self.steps - self._warmup) / self._schedule)
-        return {k: f + (1 - f) * (1 - t) ** 3 for k, f in final.items()}
-
-    def _ramp(self) -> float:
-        return min(1.0, self.steps / self._warmup) if self._warmup else 1.0
+        return self.budget.targets(self.steps)
 
     def _warn(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -207,25 +205,14 @@ class Pruner:
 
     def gamma(self) -> float:
         """The cost strength at this step: ``gamma``, ramped linearly over ``warmup`` steps."""
-        return self.config.gamma * self._ramp()
-
-    @torch.no_grad()
-    def _dual_step(self) -> None:
-        """Dual ascent on every budget, in log space: a multiplier grows while the expected
-        cost is above its target and shrinks below it, by ``exp(budget_lr * v)`` per step,
-        ``v`` the relative violation ``(cost - target) / target`` clipped to [-1, 1]."""
-        fractions = getattr(self.objective, "last_fractions", None)
-        if not fractions:
-            return
-        for k, target in self.targets().items():
-            m = self.multipliers[k]
-            v = ((fractions[k].to(m) - target) / target).clamp(-1.0, 1.0)
-            m.mul_(torch.exp(self._budget_lr * v)).clamp_(1e-4, 1e4)
+        return self.config.gamma * self.budget.ramp(self.steps)
 
     def report(self) -> dict[str, float]:
         """Where training stands (reads the device: call it at a check, not every step):
         the step, the expected FLOPs and parameter fractions, and each budget's multiplier
-        (or the strength ``gamma``)."""
+        (or the strength ``gamma``); after the decision, the share of gates it found
+        undecided (``undecided_at_decision``: a schedule that did not separate them) and
+        the decided model's relative miss of its budget (``budget_miss``)."""
         with torch.no_grad():
             fractions = {k: float(v) for k, v in self.objective.fractions().items()}
         out = {"step": self.steps, "flops": fractions["flops"], "params": fractions["params"]}
@@ -233,6 +220,9 @@ class Pruner:
             out.update({f"multiplier_{k}": float(m) for k, m in self.multipliers.items()})
         else:
             out["gamma"] = self.gamma()
+        if self.undecided_at_decision is not None:
+            out["undecided_at_decision"] = self.undecided_at_decision
+            out["budget_miss"] = self.budget_miss
         return out
 
     @torch.no_grad()
@@ -260,16 +250,17 @@ class Pruner:
                 self._first_nonfinite.copy_(torch.where(first, self._step_t, self._first_nonfinite))
             else:  # an overflow the scaler skips: so does the theta update
                 finite = finite & ~skipped & finite.all()
-            theta.sub_(self.config.theta_lr * torch.where(finite, grad, 0.0)).clamp_(0.0, 1.0)
+            step_ = self.config.theta_lr * torch.where(finite, grad, 0.0)
+            if self.budget:  # the expected cost tracks the scheduled target
+                step_ = self.budget.corrected(theta, step_, self.config.theta_lr, self.steps)
+            theta.sub_(step_).clamp_(0.0, 1.0)
             theta.grad = None
-        if self.multipliers and not fixed:
-            self._dual_step()
         self._step_t.add_(1)
         self.steps += 1
         self.flops_per_step.append(self._flops)
         if self.steps == self._decide:
             return self._decide_gates()
-        return self.check() if self.steps % self.config.check_every == 0 else None
+        return self.check() if self.steps % self._check_every == 0 else None
 
     @property
     def decided(self) -> bool:
@@ -285,11 +276,21 @@ class Pruner:
         the same function before and after."""
         bank = gate_bank(self.gated)
         keep = bank.deterministic()
+        self.undecided_at_decision = undecided(bank.theta.detach())
+        if self.undecided_at_decision > 0.01:
+            log.warning("step %d: %.1f%% of the gates are undecided (theta in (%g, %g)) at the decision: the budget's "
+                        "schedule did not separate them; the decision rounds them", self.steps,
+                        100 * self.undecided_at_decision, DECIDED, 1 - DECIDED)
         if self.multipliers:
             cut, rounded, miss = closest_to_budget(self.objective, bank, keep, self.config.targets)
             if cut is not keep:
                 log.info("step %d: rounding at 0.5 misses the budget by %.1f%%; the %d structures of highest theta "
                          "that fit miss it by %.1f%%", self.steps, 100 * rounded, int(cut.sum()), 100 * miss)
+            self.budget_miss = miss
+            if miss > TOLERANCE:
+                self._warn("budget", f"the decision at step {self.steps} misses the budget {self.config.targets} by "
+                                     f"{100 * miss:.1f}% (relative): reaching it would cut structures training kept; "
+                                     "train longer (total_steps), or give a looser budget")
             keep = cut
         self.theta.copy_(keep)
         log.info("step %d: gates decided, %d of %d kept", self.steps, int(self.theta.sum()), self.theta.numel())
@@ -413,7 +414,7 @@ class Pruner:
             "steps": self.steps,
             "below": self.below.tolist(),
             "flops_per_step": list(self.flops_per_step),
-            "multipliers": {k: float(m) for k, m in self.multipliers.items()},
+            "multipliers": self.budget.state_dict(),
             "removals": [{"step": r.step, "units": dict(r.units), "layers": list(r.layers), "flops": r.flops,
                           "keep": {g: list(k) for g, k in r.keep.items()}} for r in self.removals],
         }
@@ -435,8 +436,7 @@ class Pruner:
             record = self.remove({g: ~k for g, k in keep.items()}, set(saved["layers"]), verify=False)
             record.step = int(saved["step"])
         self.steps = int(state["steps"])
-        for k, v in state.get("multipliers", {}).items():
-            self.multipliers[k].fill_(v)
+        self.budget.load_state_dict(state.get("multipliers", {}))
         self._step_t.fill_(self.steps)
         self.below = np.asarray(state["below"], dtype=np.int64)
         self.flops_per_step = list(state["flops_per_step"])

@@ -21,6 +21,7 @@ from torch import Tensor, fx, nn
 from ..api import convert, prepare
 from ..config import PruneConfig
 from ..cost import forward_flops
+from ..objective import prior_exempt
 from ..passes import ChannelGraph
 from ..pruner import Pruner
 from ..state import decisions, gate_bank, state_of
@@ -117,11 +118,13 @@ def _l2(params, lam1: float) -> Tensor:
 def train_epochs(model: nn.Module, loader, epochs: int, optimizer: torch.optim.Optimizer, lam1: float,
                  after_step: Callable[[], object] | None = None, loss_extra: Callable[[], Tensor] | None = None,
                  schedule: torch.optim.lr_scheduler.LRScheduler | None = None) -> float:
-    """``epochs`` passes of cross-entropy (+ ``loss_extra()``, default the L2 term) over
+    """``epochs`` passes of cross-entropy (+ ``loss_extra()``, default the L2 term on the
+    parameters the weight prior decays: not biases, norm gains or embeddings) over
     ``loader``, stepping ``schedule`` after every optimizer step; returns the mean loss of
     the last pass."""
     model.train()
-    extra = loss_extra or (lambda: _l2([p for p in model.parameters() if p.requires_grad], lam1))
+    decayed = [p for n, p in model.named_parameters() if p.requires_grad and n not in prior_exempt(model)]
+    extra = loss_extra or (lambda: _l2(decayed, lam1))
     total = count = 0
     for _ in range(epochs):
         total = count = 0

@@ -1,0 +1,138 @@
+"""The budget controller: the target schedule, the Lagrange multipliers, and a theta step
+whose expected cost follows the scheduled target (method.md section 2, "budgets").
+
+After the warm-up each budget's target falls from 1 to its value over ``budget_steps``
+(a cubic: fast first, gently at the end). Dual ascent on a multiplier lags that
+schedule: a multiplier that starts at 1 needs tens of steps to grow to the strength at
+which the cost's gradient outweighs the data's, and on a model with thousands of units
+(each a fraction of a per mille of the FLOPs) nothing moved until the schedule was over
+(torchvision's resnet18: no removal before the decision, then one cut of its stem).
+
+So the controller sets the strength at every step instead. The theta step the data
+gradient and the weight prior ask for, ``clip(theta - lr g)``, is taken as it is when it
+leaves the expected cost at or under the next step's target; when it does not, the cost
+direction ``dF/dtheta`` is added, scaled by the smallest factor that brings the cost to
+the target (a bisection over the exact cost polynomial, on the device: no host
+synchronisation). That factor over ``lr`` is the multiplier of the step: the strength
+``lambda`` for which ``g + lambda dF/dtheta`` is the step taken. The cost presses every
+gate by its price, so the structures whose data gradient is weakest for what they cost
+go first: the structure is learnt, while the expected cost is on the schedule at every
+step after the warm-up. The penalty carries the cost term's value, not its gradient:
+the pull on theta is this step's, and the task loss's scale is left alone.
+
+Example::
+
+    >>> controller = BudgetController(config, objective)
+    >>> controller.targets(step)               # {"flops": 0.73}
+    >>> step_ = controller.corrected(theta, lr * grad, lr, step)   # the theta step to take
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from .config import PruneConfig
+from .objective import Objective
+
+__all__ = ["BudgetController", "BISECTIONS"]
+
+#: bisection steps of the correction (the step's size is found to 2^-BISECTIONS of its range, in log space)
+BISECTIONS = 24
+
+
+class BudgetController:
+    """The budgets of ``config`` (``config.targets``) for the gates of ``objective``."""
+
+    def __init__(self, config: PruneConfig, objective: Objective) -> None:
+        self.config, self.objective = config, objective
+        self.final = dict(config.targets)
+        self.warmup = config.warmup_steps()
+        self.schedule = config.schedule_steps()
+        self.rate = config.budget_rate()
+        if self.final and config.gamma is not None:
+            warnings.warn(f"PruneConfig(gamma={config.gamma:g}) is not used with a budget ({self.final}): the budget "
+                          "controller sets the cost's strength at every step; drop gamma, or the budget for a fixed "
+                          "strength", stacklevel=4)
+        #: the budgets' Lagrange multipliers (device tensors): the strength of the last theta step's cost pull
+        self.multipliers: dict[str, Tensor] = {k: torch.tensor(0.0) for k in self.final}
+        #: the expected cost fractions after the last theta step (device tensors)
+        self.fractions: dict[str, Tensor] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.final)
+
+    def to(self, device: torch.device) -> None:
+        self.multipliers = {k: m.to(device) for k, m in self.multipliers.items()}
+        self.fractions = {k: f.to(device) for k, f in self.fractions.items()}
+
+    # ------------------------------------------------------------------ schedule
+    def targets(self, step: int) -> dict[str, float]:
+        """The budgets at ``step``: 1 during the warm-up, then falling to their values over
+        the schedule (``(1 - u)^3``), then staying."""
+        if not self.schedule:
+            return dict(self.final)
+        u = min(1.0, max(0, step - self.warmup) / self.schedule)
+        return {k: f + (1 - f) * (1 - u) ** 3 for k, f in self.final.items()}
+
+    def ramp(self, step: int) -> float:
+        """The warm-up's ramp of the cost strength, 0 to 1."""
+        return min(1.0, step / self.warmup) if self.warmup else 1.0
+
+    @torch.no_grad()
+    def penalty_value(self, step: int) -> Tensor:
+        """``sum_k multiplier_k * max(fraction_k - target_k, 0)`` at ``step``, the fractions
+        those the last theta step left: the cost term's value in the objective, without a
+        gradient (the controller moves theta itself)."""
+        targets = self.targets(step)
+        return sum((m * (self.fractions[k] - targets[k]).clamp_min(0).to(m) for k, m in self.multipliers.items()
+                    if k in self.fractions), torch.zeros(()))
+
+    # ------------------------------------------------------------------ the theta step
+    @torch.no_grad()
+    def corrected(self, theta: Tensor, step_: Tensor, lr: float, step: int) -> Tensor:
+        """The theta step to take at ``step`` (``theta - result``, then clipped to [0, 1]):
+        ``step_`` (the learning rate times the gradient), plus the cost direction of every
+        budget whose expected cost the step would leave above the next step's target, as
+        far as brings it there; the multipliers follow (see the module's docstring)."""
+        obj, alpha = self.objective, self.objective.config.alpha
+        targets = self.targets(step + 1)
+        for k, target in targets.items():
+            with torch.enable_grad():
+                t = theta.detach().clone().requires_grad_(True)
+                grad = torch.autograd.grad(obj.fractions_at(obj.scaled_theta_of(t, alpha))[k], t)[0]
+            grad = grad.to(theta.dtype).clamp_min(0)
+            top = grad.max().clamp_min(1e-30)
+            direction = grad / top  # the costliest gate moves by its own ``a``
+            # at ``a = hi`` every gate with a cost reaches 0: the least the direction can do
+            hi = (1.0 / torch.where(direction > 0, direction, 1.0).min().clamp_min(1e-12)).clamp_min(1.0)
+
+            def cost(a: Tensor) -> Tensor:
+                return obj.fractions_at((theta - step_ - a * direction).clamp(0.0, 1.0))[k]
+
+            start = cost(torch.zeros((), dtype=theta.dtype, device=theta.device))
+            over = start > target
+            target = start - self.rate * (start - target)  # budget_lr: the share of the distance taken
+            lo_log = torch.full((), -14.0, dtype=torch.float64, device=theta.device)
+            hi_log = hi.to(torch.float64).log()
+            for _ in range(BISECTIONS):  # the smallest a (log scale) that meets the target
+                mid = (lo_log + hi_log) / 2
+                above = cost(mid.exp().to(theta.dtype)) > target
+                lo_log = torch.where(above, mid, lo_log)
+                hi_log = torch.where(above, hi_log, mid)
+            a = torch.where(over, hi_log.exp().to(theta.dtype), 0.0)
+            step_ = step_ + a * direction
+            # the multiplier is the strength that made this step: the cost's gradient times it is ``a * direction``
+            self.multipliers[k].copy_((a / (lr * top)).to(self.multipliers[k]))
+            self.fractions[k] = cost(a).detach()
+        return step_
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, float]:
+        return {k: float(m) for k, m in self.multipliers.items()}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        for k, v in state.items():
+            self.multipliers[k].fill_(v)
