@@ -141,12 +141,14 @@ def _sync_gates(gated: fx.GraphModule, state: PruneState, keep_flat: np.ndarray)
             m.index = state.layout.layers[m.branch]
 
 
-def _drop_from_optimizer(optimizer: torch.optim.Optimizer, live: set[int]) -> None:
+def _drop_from_optimizer(optimizer: torch.optim.Optimizer, gone: set[int]) -> None:
+    """Take the parameters the removal deleted (``gone``: ids) out of the optimizer; every
+    other parameter it trains (a separate head, a loss module) stays as it is."""
     for group in optimizer.param_groups:
         for p in group["params"]:
-            if id(p) not in live:
+            if id(p) in gone:
                 optimizer.state.pop(p, None)
-        group["params"] = [p for p in group["params"] if id(p) in live]
+        group["params"] = [p for p in group["params"] if id(p) not in gone]
 
 
 def remove(gated: fx.GraphModule, unit_drop: dict[int, np.ndarray], layer_drop: set[int],
@@ -198,10 +200,11 @@ def remove(gated: fx.GraphModule, unit_drop: dict[int, np.ndarray], layer_drop: 
         for name in owners:
             refresh_module(modules[name], name in cg.depthwise)
         gated.graph = graph
+        owned = {id(p) for p in gated.parameters()}
         gone = delete_unreferenced(gated)
         gated.recompile()
         if optimizer is not None:
-            _drop_from_optimizer(optimizer, {id(p) for p in gated.parameters()})
+            _drop_from_optimizer(optimizer, owned - {id(p) for p in gated.parameters()})
         state.graph = restrict(cg, effective, layer_drop, replaced, set(gone))
         state.layout, keep_flat = layout.restrict(effective, layer_drop, state.graph)
         _sync_gates(gated, state, keep_flat)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -81,6 +82,8 @@ def describe_removal(cg: ChannelGraph, record: live_compaction.Removal) -> str:
     return "removed " + "; ".join(parts) if parts else "removed nothing"
 
 
+#: the ``gm.meta`` key of the (weak) reference to the gated model's Pruner
+_PRUNER_META = "fxprune_pruner"
 #: steps after which a loop that never adds penalty() or never calls step() is warned about
 _NAG_AFTER = 20
 
@@ -100,6 +103,11 @@ class Pruner:
     def __init__(self, gated: fx.GraphModule, optimizer: torch.optim.Optimizer, config: PruneConfig | None = None,
                  *, scaler: torch.amp.GradScaler | None = None) -> None:
         state = state_of(gated)
+        other = gated.meta.get(_PRUNER_META)
+        if other is not None and other() is not None:
+            raise RuntimeError("this gated model already has a Pruner: one Pruner learns its gates and removes its "
+                               "structures (two would slice the model and the optimizer twice); use that one, or "
+                               "prepare the model again for a second run")
         self.gated, self.optimizer, self.scaler = gated, optimizer, scaler
         self.config = config or state.config
         if not state.layout.size:
@@ -136,7 +144,10 @@ class Pruner:
         self._warned: set[str] = set()
         self._hooked: Tensor | None = None
         self._device: torch.device | None = None
+        #: a trainable parameter of the model: its gradient cleared says the user's zero_grad ran
+        self._sentinel = next((p for p in gated.parameters() if p.requires_grad), None)
         self._follow_device()
+        gated.meta[_PRUNER_META] = weakref.ref(self)
 
     # ----------------------------------------------------------------- training loop
     @property
@@ -179,6 +190,9 @@ class Pruner:
     def penalty(self) -> Tensor:
         """GSM prior plus ``gamma * C(theta)``; add it to the task loss."""
         self._penalties += 1
+        theta = self.theta
+        if theta.grad is not None and self._sentinel is not None and self._sentinel.grad is None:
+            theta.grad = None  # the model's gradients were cleared since theta's accrued (a skipped batch): so are its
         if self._penalties == _NAG_AFTER + 1:
             self._warn("step", f"pruner.penalty() was called {_NAG_AFTER} times without pruner.step(): call "
                                "pruner.step() after optimizer.step(), or the gates never learn nor remove anything")
@@ -305,6 +319,7 @@ class Pruner:
         weight norms once: the only host synchronisation of training)."""
         first = int(self._first_nonfinite)
         if first >= 0:
+            self._first_nonfinite.fill_(-1)  # said once: training that goes on finite removes again
             raise FloatingPointError(
                 f"the theta gradient was not finite at step {first}: the loss diverged; "
                 "lower the weight learning rate or gamma")
