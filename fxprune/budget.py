@@ -39,7 +39,8 @@ from .objective import Objective
 
 __all__ = ["BudgetController", "BISECTIONS"]
 
-#: bisection steps of the correction (the step's size is found to 2^-BISECTIONS of its range, in log space)
+#: bisection steps of the correction (its size is found to 2^-24 of its range, in log space; 12 left the
+#: expected FLOPs 4.6 % off the target on the digits ResNet of tests/test_controller.py)
 BISECTIONS = 24
 
 

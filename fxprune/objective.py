@@ -49,18 +49,17 @@ def prior_exempt(model: nn.Module, kinds: tuple[str, ...] = EXEMPT_KINDS) -> set
         ['0.weight', '1.bias', '1.weight', '2.bias']
     """
     out: set[str] = set()
+    params = dict(model.named_parameters(remove_duplicate=False))
     embedding_of: set[int] = set()
     if "embedding" in kinds:
         embedding_of = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-        if isinstance(model, fx.GraphModule):
-            for node in model.graph.nodes:
-                if node.op == "call_function" and node.target in _EMBEDDING_CALLS:
-                    weight = node.kwargs.get("weight", node.args[1] if len(node.args) > 1 else None)
-                    weight = node.args[0] if node.target is torch.embedding else weight
-                    if isinstance(weight, fx.Node) and weight.op == "get_attr":
-                        embedding_of.add(id(model.get_parameter(weight.target))) if weight.target in dict(
-                            model.named_parameters(remove_duplicate=False)) else None
-    for name, p in model.named_parameters(remove_duplicate=False):
+        for node in model.graph.nodes if isinstance(model, fx.GraphModule) else ():
+            if node.op == "call_function" and node.target in _EMBEDDING_CALLS:
+                weight = node.args[0] if node.target is torch.embedding else \
+                    node.kwargs.get("weight", node.args[1] if len(node.args) > 1 else None)
+                if isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target in params:
+                    embedding_of.add(id(params[weight.target]))
+    for name, p in params.items():
         if ("bias" in kinds and name.rpartition(".")[2].endswith("bias")) or ("embedding" in kinds and id(p) in embedding_of):
             out.add(name)
         elif "norm" in kinds and p.dim() <= 1 and not name.rpartition(".")[2].endswith("bias"):

@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from torch import Tensor
 from .passes.surgery import index_tensor
 
 __all__ = ["StateLayout", "register_optimizer", "layout_of", "UnsupportedOptimizer", "plan_slices", "zero_entries",
-           "check_optimizer"]
+           "check_optimizer", "check_holds"]
 
 
 class UnsupportedOptimizer(TypeError):
@@ -94,6 +95,28 @@ def plan_slices(optimizer: torch.optim.Optimizer, param: Tensor, slices: list[tu
                 f"{tuple(param.shape)}: fxprune cannot slice it")
         out[key] = index_tensor(value, slices)
     return out
+
+
+def check_holds(optimizer: torch.optim.Optimizer, model: torch.nn.Module, lam1: float) -> None:
+    """The optimizer must train the gated model's own parameters; weight decay on them
+    doubles the prior's ``lam1``."""
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    missing = [n for n, p in named if id(p) not in held]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(
+            f"the optimizer does not hold {len(missing)} of the gated model's trainable parameters "
+            f"({', '.join(missing[:5])}{more}): build it from gated.parameters() after fxprune.prepare "
+            "(prepare works on a copy of the model, so an optimizer over the original trains other tensors)")
+    mine = {id(p) for _, p in named}
+    decayed = sorted({g.get("weight_decay", 0.0) for g in optimizer.param_groups
+                      if g.get("weight_decay", 0.0) and any(id(p) in mine for p in g["params"])})
+    if decayed:
+        warnings.warn(
+            f"the optimizer applies weight_decay={decayed[-1]:g} to gated parameters, and the pruner's penalty already "
+            f"holds the ordinary weight decay (PruneConfig.lam1={lam1:g}): decay is applied twice; build the "
+            "optimizer with weight_decay=0", stacklevel=3)
 
 
 def zero_entries(optimizer: torch.optim.Optimizer, param: Tensor, dim: int, index: Tensor) -> None:

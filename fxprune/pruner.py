@@ -39,28 +39,6 @@ __all__ = ["Pruner", "describe_removal"]
 log = logging.getLogger("fxprune")
 
 
-def _check_holds(gated: fx.GraphModule, optimizer: torch.optim.Optimizer, config: PruneConfig) -> None:
-    """The optimizer must train the gated model's own parameters; weight decay on them
-    doubles the prior's ``lam1``."""
-    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    named = [(n, p) for n, p in gated.named_parameters() if p.requires_grad]
-    missing = [n for n, p in named if id(p) not in held]
-    if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise ValueError(
-            f"the optimizer does not hold {len(missing)} of the gated model's trainable parameters "
-            f"({', '.join(missing[:5])}{more}): build it from gated.parameters() after fxprune.prepare "
-            "(prepare works on a copy of the model, so an optimizer over the original trains other tensors)")
-    mine = {id(p) for _, p in named}
-    decayed = sorted({g.get("weight_decay", 0.0) for g in optimizer.param_groups
-                      if g.get("weight_decay", 0.0) and any(id(p) in mine for p in g["params"])})
-    if decayed:
-        warnings.warn(
-            f"the optimizer applies weight_decay={decayed[-1]:g} to gated parameters, and the pruner's penalty already "
-            f"holds the ordinary weight decay (PruneConfig.lam1={config.lam1:g}): decay is applied twice; build the "
-            "optimizer with weight_decay=0", stacklevel=3)
-
-
 def describe_removal(cg: ChannelGraph, record: live_compaction.Removal) -> str:
     """What a removal took, by layer name: units per group (the layers producing them)
     and residual branches (their first layer)."""
@@ -118,7 +96,7 @@ class Pruner:
                 f"branch (reasons: {'; '.join(reasons)})")
         optim_state.check_optimizer(optimizer)
         distributed.check_shardable(gated)
-        _check_holds(gated, optimizer, self.config)
+        optim_state.check_holds(optimizer, gated, self.config.lam1)
         gate_bank(gated).theta.requires_grad_(True)
         self.objective = Objective(gated, self.config)
         self.steps = 0
