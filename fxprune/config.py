@@ -57,9 +57,13 @@ class PruneConfig:
         prior_exempt: the kinds of parameter the weight prior (slab and spike) leaves
             alone, as timm's and the Hugging Face Trainer's no-decay groups do: ``"bias"``,
             ``"norm"`` (every other parameter of at most one dimension: norm gains, layer
-            scales) and ``"embedding"`` (embedding tables); ``()`` decays every parameter.
-            A norm's gains are 1 at initialisation: decayed, they dominate the prior of a
-            transformer (on a 4-layer Llama, 1,152 of its 1,519 squared norm).
+            scales) and ``"embedding"`` (embedding tables); ``()`` (the default, for now)
+            decays every parameter. A norm's gains are 1 at initialisation: decayed, they
+            dominate the prior of a transformer (on a 4-layer Llama, 1,152 of its 1,519
+            squared norm). ``EXEMPT_KINDS`` exempts all three; it is not the default yet
+            because the fixed-strength recipes (``gamma``) were set with the gains in the
+            spike term, which holds a unit's gate up: without them the digits demo's
+            gamma 30 removes every residual block (91.7 % against 98.3 %).
         spike_ratio: ``lam0 / lam1``, the spike precision that pulls switched-off weights to 0.
         theta_lr: learning rate of the projected SGD on theta.
         theta_init: initial keep probability of every gate (1 = start from the full network).
@@ -135,7 +139,7 @@ class PruneConfig:
     beta: float = 0.5
     alpha: float = 1.0
     lam1: float = 5e-4
-    prior_exempt: tuple[str, ...] = EXEMPT_KINDS
+    prior_exempt: tuple[str, ...] = ()
     spike_ratio: float = 100.0
     theta_lr: float = 2.0
     theta_init: float = 1.0

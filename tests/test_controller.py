@@ -1,6 +1,6 @@
 """The budget controller (fxprune.budget): the expected cost follows the scheduled target
 at every step after the warm-up, with removals along the way, and the penalty stays on
-the task loss's scale; the weight prior leaves biases, norm gains and embeddings alone."""
+the task loss's scale; the weight prior can leave biases, norm gains and embeddings alone."""
 
 import pytest
 import torch
@@ -9,6 +9,7 @@ from torch import nn
 
 import fxprune
 from fxprune.digits import models
+from fxprune.config import EXEMPT_KINDS
 from fxprune.objective import prior_exempt
 
 
@@ -95,13 +96,13 @@ class TinyLM(nn.Module):
         return self.head(h)
 
 
-def test_the_weight_prior_leaves_biases_norm_gains_and_embeddings_alone_unless_asked():
+def test_the_weight_prior_leaves_biases_norm_gains_and_embeddings_alone_when_asked():
     ids = torch.randint(0, 16, (2, 5))
     assert prior_exempt(TinyLM()) == {"embed.weight", "norm.weight", "norm.bias", "up.bias", "down.bias"}
     for kinds, decayed in [((), {"embed.weight", "norm.weight", "norm.bias", "up.weight", "up.bias", "down.weight",
                                  "down.bias", "head.weight"}),
-                           (None, {"up.weight", "down.weight", "head.weight"})]:
-        config = fxprune.PruneConfig("units") if kinds is None else fxprune.PruneConfig("units", prior_exempt=kinds)
+                           (EXEMPT_KINDS, {"up.weight", "down.weight", "head.weight"})]:
+        config = fxprune.PruneConfig("units", prior_exempt=kinds)
         gated = fxprune.prepare(TinyLM(), (ids,), config)
         pruner = fxprune.Pruner(gated, torch.optim.SGD(gated.parameters(), lr=0.1))
         names = {n for n, p in gated.named_parameters() if any(p is w for w in pruner.objective.weights)}

@@ -117,13 +117,15 @@ def _l2(params, lam1: float) -> Tensor:
 
 def train_epochs(model: nn.Module, loader, epochs: int, optimizer: torch.optim.Optimizer, lam1: float,
                  after_step: Callable[[], object] | None = None, loss_extra: Callable[[], Tensor] | None = None,
-                 schedule: torch.optim.lr_scheduler.LRScheduler | None = None) -> float:
+                 schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
+                 exempt: tuple[str, ...] = PruneConfig.prior_exempt) -> float:
     """``epochs`` passes of cross-entropy (+ ``loss_extra()``, default the L2 term on the
-    parameters the weight prior decays: not biases, norm gains or embeddings) over
+    parameters the weight prior decays: those not of the ``exempt`` kinds, the default
+    ``PruneConfig.prior_exempt``) over
     ``loader``, stepping ``schedule`` after every optimizer step; returns the mean loss of
     the last pass."""
     model.train()
-    decayed = [p for n, p in model.named_parameters() if p.requires_grad and n not in prior_exempt(model)]
+    decayed = [p for n, p in model.named_parameters() if p.requires_grad and n not in prior_exempt(model, exempt)]
     extra = loss_extra or (lambda: _l2(decayed, lam1))
     total = count = 0
     for _ in range(epochs):
