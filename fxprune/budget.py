@@ -8,13 +8,14 @@ which the cost's gradient outweighs the data's, and on a model with thousands of
 (each a fraction of a per mille of the FLOPs) nothing moved until the schedule was over
 (torchvision's resnet18: no removal before the decision, then one cut of its stem).
 
-So the controller sets the strength at every step instead. The theta step the data
-gradient and the weight prior ask for, ``clip(theta - lr g)``, is taken as it is when it
-leaves the expected cost at or under the next step's target; when it does not, the cost
-direction ``dF/dtheta`` is added, scaled by the smallest factor that brings the cost to
-the target (a bisection over the exact cost polynomial, on the device: no host
-synchronisation). That factor over ``lr`` is the multiplier of the step: the strength
-``lambda`` for which ``g + lambda dF/dtheta`` is the step taken. The cost presses every
+So the controller sets the strength at every step instead. To the theta step the data
+gradient and the weight prior ask for, ``clip(theta - lr g)``, it adds the cost direction
+``dF/dtheta`` scaled by the factor that brings the expected cost to the next step's
+target: a push down when the plain step would leave the cost above it, a pull up when
+below (found on a log-spaced grid of candidates refined three times, each one batched
+evaluation of the exact cost polynomial, on the device: no host synchronisation). That
+factor over ``lr`` is the multiplier of the step: the strength ``lambda`` for which
+``g + lambda dF/dtheta`` is the step taken, negative when it pulls up. The cost presses every
 gate by its price, so the structures whose data gradient is weakest for what they cost
 go first: the structure is learnt, while the expected cost is on the schedule at every
 step after the warm-up. The penalty carries the cost term's value, not its gradient:
@@ -37,11 +38,14 @@ from torch import Tensor
 from .config import PruneConfig
 from .objective import Objective
 
-__all__ = ["BudgetController", "BISECTIONS"]
+__all__ = ["BudgetController"]
 
-#: bisection steps of the correction (its size is found to 2^-24 of its range, in log space; 12 left the
-#: expected FLOPs 4.6 % off the target on the digits ResNet of tests/test_controller.py)
-BISECTIONS = 24
+#: the correction's size is searched on a grid of this many candidates, refined this many times (one
+#: batched evaluation of the cost polynomial each): to 2 / 15^3 of its log-spaced range, about 2 %
+#: of the step's own size, and never over the target (the candidate taken is the first that meets it)
+_CANDIDATES, _LEVELS = 16, 3
+#: the smallest step of the search's log scale (the costliest gate moved by a millionth)
+_A_MIN = 1e-6
 
 
 class BudgetController:
@@ -95,39 +99,50 @@ class BudgetController:
     @torch.no_grad()
     def corrected(self, theta: Tensor, step_: Tensor, lr: float, step: int) -> Tensor:
         """The theta step to take at ``step`` (``theta - result``, then clipped to [0, 1]):
-        ``step_`` (the learning rate times the gradient), plus the cost direction of every
-        budget whose expected cost the step would leave above the next step's target, as
-        far as brings it there; the multipliers follow (see the module's docstring)."""
+        ``step_`` (the learning rate times the gradient) plus the cost direction of every
+        budget, scaled to bring the expected cost to the next step's target: a push down
+        when the plain step leaves it above, a pull up when it leaves it below (the
+        sharpening and the data can sink the cost under its budget once the schedule is
+        over; with two budgets, only pushes down: the binding one is met, the other stays
+        under). The multipliers follow (see the module's docstring)."""
         obj, alpha = self.objective, self.objective.config.alpha
-        targets = self.targets(step + 1)
-        for k, target in targets.items():
+        for k, target in self.targets(step + 1).items():
             with torch.enable_grad():
                 t = theta.detach().clone().requires_grad_(True)
                 grad = torch.autograd.grad(obj.fractions_at(obj.scaled_theta_of(t, alpha))[k], t)[0]
             grad = grad.to(theta.dtype).clamp_min(0)
             top = grad.max().clamp_min(1e-30)
-            direction = grad / top  # the costliest gate moves by its own ``a``
-            # at ``a = hi`` every gate with a cost reaches 0: the least the direction can do
+            direction = grad / top  # the costliest gate moves by ``a``
+            # at ``a = +-hi`` every gate with a cost reaches 0 (1): the most the direction can do
             hi = (1.0 / torch.where(direction > 0, direction, 1.0).min().clamp_min(1e-12)).clamp_min(1.0)
+            span = torch.log1p(hi.to(torch.float64) / _A_MIN)
 
-            def cost(a: Tensor) -> Tensor:
-                return obj.fractions_at((theta - step_ - a * direction).clamp(0.0, 1.0))[k]
+            def strength(u: Tensor) -> Tensor:  # u in [-1, 1] -> a, 0 at 0, +-hi at +-1, log-spaced
+                return (u.sign() * _A_MIN * torch.expm1(u.abs() * span)).to(theta.dtype)
 
-            start = cost(torch.zeros((), dtype=theta.dtype, device=theta.device))
-            over = start > target
-            target = start - self.rate * (start - target)  # budget_lr: the share of the distance taken
-            lo_log = torch.full((), -14.0, dtype=torch.float64, device=theta.device)
-            hi_log = hi.to(torch.float64).log()
-            for _ in range(BISECTIONS):  # the smallest a (log scale) that meets the target
-                mid = (lo_log + hi_log) / 2
-                above = cost(mid.exp().to(theta.dtype)) > target
-                lo_log = torch.where(above, mid, lo_log)
-                hi_log = torch.where(above, hi_log, mid)
-            a = torch.where(over, hi_log.exp().to(theta.dtype), 0.0)
+            def cost(a: Tensor) -> Tensor:  # the expected cost after the step with ``a`` (a batch of them)
+                return obj.fractions_at((theta - step_ - a[..., None] * direction).clamp(0.0, 1.0))[k]
+
+            one = torch.ones((), dtype=torch.float64, device=theta.device)
+            goal: Tensor | float = target
+            if self.rate < 1:  # budget_lr: the share of the distance to the target taken
+                start = cost((0 * one).to(theta.dtype))
+                goal = start - self.rate * (start - target)
+            lo, hi_u = -one, one
+            grid = torch.linspace(0.0, 1.0, _CANDIDATES, dtype=torch.float64, device=theta.device)
+            for _ in range(_LEVELS):  # the cost falls with u: the first candidate at or under the goal
+                u = lo + (hi_u - lo) * grid
+                costs = cost(strength(u))
+                meets = costs <= goal
+                first = torch.where(meets.any(), meets.to(torch.int8).argmax(), _CANDIDATES - 1)
+                lo, hi_u = u[(first - 1).clamp_min(0)], u[first]
+            a = strength(hi_u)
+            if len(self.final) > 1:  # two budgets: each only pushes down, so the binding one is met, the other under
+                a = a.clamp_min(0)
             step_ = step_ + a * direction
             # the multiplier is the strength that made this step: the cost's gradient times it is ``a * direction``
             self.multipliers[k].copy_((a / (lr * top)).to(self.multipliers[k]))
-            self.fractions[k] = cost(a).detach()
+            self.fractions[k] = costs[first].detach()
         return step_
 
     # ------------------------------------------------------------------ state

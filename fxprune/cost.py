@@ -167,19 +167,21 @@ class ComplexityCost:
 
     def expected(self, theta: Tensor) -> tuple[Tensor, Tensor]:
         """``(E[FLOPs from weights], E[Params])`` per example, differentiable in ``theta``
-        (the flat vector; layer entries multiply the terms inside their branches)."""
+        (the flat vector; layer entries multiply the terms inside their branches). A batch
+        of theta vectors (``[..., size]``) gives a batch of each."""
         t = self.terms
         dtype = torch.float64
         theta = theta.to(dtype)
-        base = theta.new_zeros(t.num_dims + 1)
-        base[-1] = 1.0  # the constant slot of parameters with fewer than two pruned dimensions
-        lt = torch.cat([theta, theta.new_ones(1)])
-        counts = base.index_add(0, t.count_rows, lt[t.count_cols] * lt[t.count_cols2] * t.count_vals)
-        size = counts[t.dim_a] * counts[t.dim_b]
+        lead = theta.shape[:-1]
+        base = theta.new_zeros(*lead, t.num_dims + 1)
+        base[..., -1] = 1.0  # the constant slot of parameters with fewer than two pruned dimensions
+        lt = torch.cat([theta, theta.new_ones(*lead, 1)], -1)
+        counts = base.index_add(-1, t.count_rows, lt[..., t.count_cols] * lt[..., t.count_cols2] * t.count_vals)
+        size = counts[..., t.dim_a] * counts[..., t.dim_b]
         if t.var_rows.numel():
             q = theta * (1 - theta)
-            size = size.index_add(0, t.var_rows, q[t.var_cols] * t.var_vals)
+            size = size.index_add(-1, t.var_rows, q[..., t.var_cols] * t.var_vals)
         if t.branches.shape[1]:
-            size = size * lt[t.branches].prod(1)
+            size = size * lt[..., t.branches].prod(-1)
         size = size * t.k
-        return (size * t.flops).sum(), (size * t.params).sum()
+        return (size * t.flops).sum(-1), (size * t.params).sum(-1)
