@@ -15,6 +15,8 @@ states (the gates sample from torch's generator): resumed training takes the sam
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import random
 from pathlib import Path
@@ -31,6 +33,8 @@ from .pruner import Pruner
 __all__ = ["save_checkpoint", "load_checkpoint"]
 
 FORMAT = "fxprune-checkpoint-2"
+#: the first bytes of a checkpoint file; the SHA-256 of the payload (hex) and a newline follow, then the payload
+_MAGIC = b"fxprune-checkpoint sha256 "
 
 
 def _rng_state() -> dict:
@@ -86,25 +90,60 @@ def save_checkpoint(path: str | os.PathLike, gated: fx.GraphModule, optimizer: t
         "optimizer": optimizer.state_dict(),
         "pruner": pruner.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": pruner.scaler.state_dict() if pruner.scaler is not None else None,
         "rng": _rng_state(),
         "extra": extra,
     }
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getbuffer()
     tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:  # a header with the payload's digest, then the payload; on disk before the rename
+            f.write(_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n")
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
     except OSError as exc:
+        tmp.unlink(missing_ok=True)
         raise OSError(f"cannot write the checkpoint to '{path}': {exc.strerror or exc}; choose a writable path") from None
     if distributed.active():
         torch.distributed.barrier()
     return path
 
 
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (where the platform can open a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _read(path: str | os.PathLike) -> dict:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"no checkpoint at '{path}'") from None
+    source: Any = io.BytesIO(data)
+    if data.startswith(_MAGIC):  # this format: the digest of the payload, checked before anything is read
+        header = len(_MAGIC) + 65
+        digest, payload = data[len(_MAGIC):header - 1].decode(errors="replace"), memoryview(data)[header:]
+        if hashlib.sha256(payload).hexdigest() != digest:
+            raise ValueError(f"'{path}' is not a readable fxprune checkpoint: it does not match the checksum written "
+                             "with it, so it was changed or corrupted after it was saved (a copy cut short, a flipped "
+                             "bit); use another checkpoint")
+        source = io.BytesIO(payload)
+    try:
+        state = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated, garbage or a pickle of arbitrary objects
         raise ValueError(f"'{path}' is not a readable fxprune checkpoint (truncated, not written by "
                          f"fxprune.checkpoint.save_checkpoint, or holding objects weights_only loading refuses): "
@@ -131,6 +170,17 @@ def load_checkpoint(path: str | os.PathLike, gated: fx.GraphModule, optimizer: t
                          f"{len(want['units'])} channel groups, {len(want['layers'])} branches; this model's: "
                          f"{len(have['units'])} and {len(have['layers'])}, or of other sizes): prepare the same model "
                          "with the same config as the run that wrote it")
+    saved_groups = state["optimizer"].get("param_groups", [])
+    if len(saved_groups) != len(optimizer.param_groups) or any(
+            len(g["params"]) > len(h["params"]) for g, h in zip(saved_groups, optimizer.param_groups)):
+        raise ValueError(f"the checkpoint '{path}' was written with an optimizer of {len(saved_groups)} parameter "
+                         f"group(s) of {[len(g['params']) for g in saved_groups]} parameters; this optimizer has "
+                         f"{len(optimizer.param_groups)} of {[len(g['params']) for g in optimizer.param_groups]}: build "
+                         "the optimizer's groups as the run that wrote it did")
+    if (state.get("scaler") is None) != (pruner.scaler is None):
+        raise ValueError(f"the checkpoint '{path}' was written {'with' if state.get('scaler') else 'without'} a "
+                         f"GradScaler and this pruner has {'one' if pruner.scaler is not None else 'none'}: give "
+                         "fxprune.Pruner(..., scaler=...) as the run that wrote it did")
     pruner.load_state_dict(state["pruner"])
     try:
         gated.load_state_dict(state["model"])
@@ -143,6 +193,8 @@ def load_checkpoint(path: str | os.PathLike, gated: fx.GraphModule, optimizer: t
         if state["scheduler"] is None:
             raise ValueError(f"the checkpoint '{path}' has no scheduler state; resume without a scheduler")
         scheduler.load_state_dict(state["scheduler"])
+    if pruner.scaler is not None:
+        pruner.scaler.load_state_dict(state["scaler"])
     if restore_rng:
         _set_rng_state(state["rng"])
     return dict(state["extra"])

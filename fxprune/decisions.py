@@ -84,19 +84,46 @@ def apply_decisions(gated: fx.GraphModule, source: str | os.PathLike | dict[str,
         raise ValueError(f"{where} is not an fxprune decisions file (written by fxprune.decisions.save_decisions)")
     state = state_of(gated)
     layout, cg = state.layout, state.graph
+    for key in ("groups", "branches"):
+        if not isinstance(record.get(key), dict):
+            raise ValueError(f"{where} has no '{key}' table (a mapping): it is not a whole fxprune decisions file")
     if set(record["groups"]) != {str(g) for g in layout.units} or set(record["branches"]) != {str(b) for b in layout.layers}:
         raise ValueError(f"{where} was made for another model or config ({len(record['groups'])} unit gates and "
                          f"{len(record['branches'])} layer gates; this model has {len(layout.units)} and "
                          f"{len(layout.layers)}): prepare the same model with the same config first")
     units = {}
-    for g, sl in layout.units.items():
+    for g, sl in layout.units.items():  # every entry is checked before any theta changes
         saved = record["groups"][str(g)]
-        if saved["units"] != sl.stop - sl.start or saved["layers"] != _producers(cg, g):
+        n = sl.stop - sl.start
+        missing = [k for k in ("units", "kept", "layers") if not isinstance(saved, dict) or k not in saved]
+        if missing:
+            raise ValueError(f"{where}: group {g} has no '{missing[0]}'")
+        if saved["units"] != n or saved["layers"] != _producers(cg, g):
             raise ValueError(f"{where} does not fit group {g} of this model ({saved['units']} units of "
-                             f"{', '.join(saved['layers'])}; this model's: {sl.stop - sl.start} of "
+                             f"{', '.join(map(str, saved['layers']))}; this model's: {n} of "
                              f"{', '.join(_producers(cg, g))})")
-        keep = np.zeros(sl.stop - sl.start, dtype=bool)
-        keep[np.asarray(saved["kept"], dtype=np.int64)] = True
-        units[g] = keep
-    set_decisions(gated, units, {b: bool(record["branches"][str(b)]["kept"]) for b in layout.layers})
+        units[g] = _kept_units(saved["kept"], n, f"{where}: group {g}")
+    layers = {}
+    for b in layout.layers:
+        saved = record["branches"][str(b)]
+        kept = saved.get("kept") if isinstance(saved, dict) else None
+        if not isinstance(kept, bool):
+            raise ValueError(f"{where}: branch {b}: 'kept' must be true or false, got {kept!r}")
+        layers[b] = kept
+    set_decisions(gated, units, layers)
     return gated
+
+
+def _kept_units(kept: Any, n: int, where: str) -> np.ndarray:
+    """The keep mask of a group of ``n`` units from its saved ``kept`` list of unit indices,
+    refusing anything else (a bool or a float is not an index, -1 is not the last unit)."""
+    if not isinstance(kept, list):
+        raise ValueError(f"{where}: 'kept' must be a list of unit indices, got {kept!r}")
+    keep = np.zeros(n, dtype=bool)
+    for i in kept:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
+            raise ValueError(f"{where}: 'kept' holds {i!r}, not a unit index in [0, {n})")
+        if keep[i]:
+            raise ValueError(f"{where}: 'kept' lists unit {i} twice")
+        keep[i] = True
+    return keep
