@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import inspect
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -87,6 +88,23 @@ def _check_model(model: nn.Module) -> None:
         raise ValueError(
             f"the model's tensors are on the meta device ({', '.join(meta[:3])}{', ...' if len(meta) > 3 else ''}): "
             "materialise them first (model.to_empty(device='cpu'), then initialise or load the weights)")
+
+
+def _check_dtypes(model: nn.Module, values: list[Any]) -> None:
+    """Refuse a floating example input in another dtype than the model's floating
+    parameters: the stored example is run in the model's dtype later (FLOP counts, the
+    removal's check), so the graph would be traced for inputs the model never gets."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) != 1:
+        return
+    (dtype,) = dtypes
+    names = list(inspect.signature(model.forward).parameters)
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != dtype:
+            name = names[i] if i < len(names) else str(i)
+            raise TypeError(f"the example input '{name}' is {v.dtype} and {type(model).__name__}'s parameters are "
+                            f"{dtype}: give the example in the dtype the model will be trained with (or convert the "
+                            "model first, model.to(dtype))")
 
 
 def _excluded(cg: ChannelGraph, patterns: tuple[str, ...]) -> set[int]:
@@ -197,6 +215,7 @@ def prepare(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, co
         except Exception:  # noqa: BLE001 - parametrized modules refuse deepcopy: copy modules and tensors instead
             model = copy_module(model)
     values, _ = bind_inputs(model, _as_tuple(example_inputs), kwargs)
+    _check_dtypes(model, values)
     dims = _input_dims(model, values, batch_dim)
     gm = None
     doubled = _two_examples(tuple(values), dims)

@@ -126,6 +126,10 @@ class Pruner:
         self._sentinel = next((p for p in gated.parameters() if p.requires_grad), None)
         self._follow_device()
         gated.meta[_PRUNER_META] = weakref.ref(self)
+        #: optimizer steps since the last pruner.step() (a loop that never calls it is warned about)
+        self._optimizer_steps = 0
+        me = weakref.ref(self)
+        self._hook = optimizer.register_step_post_hook(lambda *_: (p := me()) is not None and p._optimizer_stepped())
 
     # ----------------------------------------------------------------- training loop
     @property
@@ -167,13 +171,10 @@ class Pruner:
 
     def penalty(self) -> Tensor:
         """GSM prior plus ``gamma * C(theta)``; add it to the task loss."""
-        self._penalties += 1
         theta = self.theta
         if theta.grad is not None and self._sentinel is not None and self._sentinel.grad is None:
             theta.grad = None  # the model's gradients were cleared since theta's accrued (a skipped batch): so are its
-        if self._penalties == _NAG_AFTER + 1:
-            self._warn("step", f"pruner.penalty() was called {_NAG_AFTER} times without pruner.step(): call "
-                               "pruner.step() after optimizer.step(), or the gates never learn nor remove anything")
+        self._penalties += 1
         self._follow_device()
         if self.budget:  # the cost's pull on theta is the controller's (step()); the value is reported
             return self.objective.penalty(gamma=0.0) + self.budget.penalty_value(self.steps).to(self.theta.dtype)
@@ -189,6 +190,12 @@ class Pruner:
         final value over ``budget_steps`` (a cubic schedule: fast at first, gently at the
         end), then stays."""
         return self.budget.targets(self.steps)
+
+    def _optimizer_stepped(self) -> None:
+        self._optimizer_steps += 1
+        if self._optimizer_steps == _NAG_AFTER:
+            self._warn("step", f"optimizer.step() ran {_NAG_AFTER} times without pruner.step(): call pruner.step() "
+                               "after optimizer.step(), or the gates never learn nor remove anything")
 
     def _warn(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -222,7 +229,11 @@ class Pruner:
         """Projected SGD on theta; every ``check_every`` steps, the pruning check.
         Returns what was removed at this step, if anything."""
         self._without_penalty = self._without_penalty + 1 if not self._penalties else 0
-        self._penalties = 0
+        self._penalties = self._optimizer_steps = 0
+        skipped = self._scaler_skipped()
+        if skipped is not None and bool(skipped):  # the scaler skipped the optimizer's step: so does the pruner's
+            self.theta.grad = None  # (GradScaler.step reads its overflow flag on the host already)
+            return None
         if self._without_penalty == _NAG_AFTER:
             self._warn("penalty", f"pruner.penalty() has not been added to the loss for {_NAG_AFTER} steps: without it "
                                   "nothing pays for the structures, and the weight prior is missing")
@@ -236,12 +247,11 @@ class Pruner:
         if grad is not None:
             grad = distributed.average_(grad)  # every process takes the same theta step
             finite = torch.isfinite(grad)
-            skipped = self._scaler_skipped()
             if skipped is None:  # without a scaler a non-finite gradient is an error, reported at the check
                 first = (self._first_nonfinite < 0) & ~finite.all()
                 self._first_nonfinite.copy_(torch.where(first, self._step_t, self._first_nonfinite))
-            else:  # an overflow the scaler skips: so does the theta update
-                finite = finite & ~skipped & finite.all()
+            else:  # a step the scaler took: its gradient is finite (an overflow skips above)
+                finite = finite & finite.all()
             step_ = self.config.theta_lr * torch.where(finite, grad, 0.0)
             if self.budget:  # the expected cost tracks the scheduled target
                 step_ = self.budget.corrected(theta, step_, self.config.theta_lr, self.steps)

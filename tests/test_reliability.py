@@ -265,3 +265,55 @@ def test_the_grad_scaler_travels_in_the_checkpoint(tmp_path):
     assert fresh_scaler.get_scale() == 512.0
     with pytest.raises(ValueError, match="GradScaler"):
         load_checkpoint(path, *_ckpt_run(steps=0))  # saved with a scaler, resumed without one
+
+
+# ---------------------------------------------------------------- minor
+def test_gradient_accumulation_over_many_micro_batches_is_not_warned_about():
+    """32 micro-batches per optimizer step called penalty() 32 times per pruner.step():
+    the warning 'penalty() was called 20 times without pruner.step()' was false."""
+    import warnings
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    gated = fxprune.prepare(mlp(), (x,), fxprune.PruneConfig("units", gamma=1.0))
+    opt = torch.optim.SGD(gated.parameters(), lr=0.01)
+    pruner = fxprune.Pruner(gated, opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            opt.zero_grad()
+            for _ in range(32):
+                (F.cross_entropy(gated(x), y) + pruner.penalty()).div(32).backward()
+            opt.step()
+            pruner.step()
+
+
+def test_an_optimizer_stepping_without_the_pruner_is_warned_about():
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    gated = fxprune.prepare(mlp(), (x,), fxprune.PruneConfig("units", gamma=1.0))
+    opt = torch.optim.SGD(gated.parameters(), lr=0.01)
+    pruner = fxprune.Pruner(gated, opt)
+    with pytest.warns(UserWarning, match=r"optimizer.step\(\) ran 20 times without pruner.step\(\)"):
+        for _ in range(20):
+            opt.zero_grad()
+            (F.cross_entropy(gated(x), y) + pruner.penalty()).backward()
+            opt.step()
+
+
+def test_a_step_the_grad_scaler_skips_moves_no_theta_and_no_counter():
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    gated = fxprune.prepare(mlp(), (x,), fxprune.PruneConfig("units", target_flops=0.5, warmup=0, budget_steps=0))
+    opt = torch.optim.SGD(gated.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    pruner = fxprune.Pruner(gated, opt, scaler=scaler)
+    loss = F.cross_entropy(gated(x), y) + pruner.penalty()
+    scaler.scale(loss * float("inf")).backward()  # an overflow: the scaler skips this step
+    scaler.step(opt)
+    scaler.update()
+    theta = pruner.theta.detach().clone()
+    pruner.step()
+    assert pruner.steps == 0, "a skipped step is not a step of the schedule"
+    assert torch.equal(pruner.theta.detach(), theta), "nor does the controller move the gates"
+
+
+def test_an_example_in_another_floating_dtype_than_the_model_is_refused():
+    with pytest.raises(TypeError, match=r"example input 'input' is torch.float64.*parameters are torch.float32"):
+        fxprune.prepare(mlp(), (torch.randn(4, 6, dtype=torch.float64),))
