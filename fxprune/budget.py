@@ -134,15 +134,16 @@ class BudgetController:
                 u = lo + (hi_u - lo) * grid
                 costs = cost(strength(u))
                 meets = costs <= goal
-                first = torch.where(meets.any(), meets.to(torch.int8).argmax(), _CANDIDATES - 1)
-                lo, hi_u = u[(first - 1).clamp_min(0)], u[first]
+                first = torch.where(meets.any(), meets.to(torch.int8).argmax(), _CANDIDATES - 1).reshape(1)
+                # index_select, not u[first]: indexing with a tensor reads it on the host
+                lo, hi_u = u.index_select(0, (first - 1).clamp_min(0))[0], u.index_select(0, first)[0]
             a = strength(hi_u)
             if len(self.final) > 1:  # two budgets: each only pushes down, so the binding one is met, the other under
                 a = a.clamp_min(0)
             step_ = step_ + a * direction
             # the multiplier is the strength that made this step: the cost's gradient times it is ``a * direction``
             self.multipliers[k].copy_((a / (lr * top)).to(self.multipliers[k]))
-            self.fractions[k] = costs[first].detach()
+            self.fractions[k] = costs.index_select(0, first)[0].detach()
         return step_
 
     # ------------------------------------------------------------------ state
