@@ -27,7 +27,7 @@ from .passes.analysis import unread_functions
 from .passes.channel_graph import ChannelGraph
 from .passes.insert_gates import strip_gate_nodes
 from .passes.surgery import copy_module, replace_tensor, skeleton
-from .passes.trace import FRONT_END_META, LEAVES_META, bind_inputs
+from .passes.trace import FRONT_END_META, LEAVES_META, bind_inputs, restore_buffers
 from .state import STATE, GateLayout, PruneState, decisions, gate_bank, run_example, state_of
 
 __all__ = ["prepare", "convert", "channel_graph", "config_of", "decisions", "gate_bank", "run_example"]
@@ -216,6 +216,15 @@ def prepare(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, co
             model = copy_module(model)
     values, _ = bind_inputs(model, _as_tuple(example_inputs), kwargs)
     _check_dtypes(model, values)
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    try:
+        return _prepare(model, values, config, batch_dim, mode, front_end)
+    finally:  # prepare's own runs (tracing, shapes, checks) leave the model's buffers as they were
+        restore_buffers(model, buffers)
+
+
+def _prepare(model: nn.Module, values: list[Any], config: PruneConfig, batch_dim: int | Sequence[int | None] | None,
+             mode: str, front_end: str) -> fx.GraphModule:
     dims = _input_dims(model, values, batch_dim)
     gm = None
     doubled = _two_examples(tuple(values), dims)

@@ -67,6 +67,7 @@ BENCHES = {
     "defaults": "PruneConfig() and FLOPs budgets on five tasks and three optimizers",
     "digits": "pruning while training against dense and magnitude pruning",
     "latency": "dense vs compact latency against the FLOPs ratio",
+    "real": "PruneConfig(total_steps) on torchvision and transformers models against dense, Torch-Pruning, from scratch",
     "step": "a training step with gates against without",
     "tradeoff": "what gamma, beta and alpha do, and unit/layer/combined gates",
     "zoo": "the zoo check side by side with Torch-Pruning on the same models (timm by default)",

@@ -93,6 +93,7 @@ def bind_inputs(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] 
 
 def _symbolic_trace(model: nn.Module, concrete: dict[str, Any]) -> fx.GraphModule:
     tracer = LeafTracer()
+    before = {name: b.detach().clone() for name, b in model.named_buffers()}
     try:
         graph = tracer.trace(model, concrete or None)
     except Exception as exc:
@@ -100,6 +101,14 @@ def _symbolic_trace(model: nn.Module, concrete: dict[str, Any]) -> fx.GraphModul
             f"cannot trace module '{type(model).__name__}': {reason(exc)}. Make its forward symbolically traceable "
             "(no data-dependent Python control flow), or wrap the offending function with torch.fx.wrap."
         ) from exc
+    finally:
+        written = restore_buffers(model, before)
+    if written:  # symbolic tracing runs a write with no traced input once, at trace time, and records nothing
+        raise TraceError(
+            f"cannot trace module '{type(model).__name__}': its forward writes into buffer "
+            f"{', '.join(repr(n) for n in written)}, and symbolic tracing would run that write once instead of "
+            "recording it. Make its forward symbolically traceable (no data-dependent Python control flow), or "
+            "prepare with front_end='export', which keeps the write.")
     if concrete:  # a specialised argument defaults to its value, so the call may leave it out
         names = list(inspect.signature(model.forward).parameters)
         for name, node in zip(names, [n for n in graph.nodes if n.op == "placeholder"]):
@@ -109,6 +118,19 @@ def _symbolic_trace(model: nn.Module, concrete: dict[str, Any]) -> fx.GraphModul
     gm.meta[LEAVES_META] = tracer.leaves
     FollowModuleMode()(gm)
     return gm
+
+
+def restore_buffers(model: nn.Module, before: dict[str, torch.Tensor]) -> list[str]:
+    """Put ``model``'s buffers back to ``before`` (name -> value), in place; returns the
+    names of those that had changed."""
+    changed = []
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            old = before.get(name)
+            if old is not None and old.shape == b.shape and not torch.equal(b, old):
+                changed.append(name)
+                b.copy_(old)
+    return changed
 
 
 def _forward_names(model: nn.Module, n: int) -> list[str]:

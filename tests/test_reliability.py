@@ -2,6 +2,8 @@
 own stay in the optimizer, a skipped non-finite batch does not poison the pruner, and a
 second Pruner on one gated model is refused."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -317,3 +319,47 @@ def test_a_step_the_grad_scaler_skips_moves_no_theta_and_no_counter():
 def test_an_example_in_another_floating_dtype_than_the_model_is_refused():
     with pytest.raises(TypeError, match=r"example input 'input' is torch.float64.*parameters are torch.float32"):
         fxprune.prepare(mlp(), (torch.randn(4, 6, dtype=torch.float64),))
+
+
+# ---------------------------------------------------------------- buffer mutations
+class Counting(nn.Module):
+    """A forward that writes into its buffers: a call counter and a running mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.l, self.o = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("ema", torch.zeros(8))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        h = torch.relu(self.l(x))
+        self.ema.mul_(0.9).add_(0.1 * h.mean(0).detach())
+        return self.o(h)
+
+
+def test_buffer_writes_in_forward_are_kept_and_prepare_runs_leave_buffers_as_they_were():
+    """Symbolic tracing ran calls.add_(1) and ema.mul_(0.9) once at trace time instead of
+    recording them (calls left the state_dict, the running mean lost its decay), and the
+    check compared outputs only; the export front end kept them, but prepare's own runs
+    bumped the counter."""
+    torch.manual_seed(0)
+    model = Counting()
+    x = torch.randn(3, 4)
+    gated = fxprune.prepare(model, (x,), fxprune.PruneConfig("units", gamma=1.0))
+    assert fxprune.front_end_of(gated)[0] == "export" and "buffer" in fxprune.front_end_of(gated)[1]
+    buffers = dict(gated.named_buffers())
+    assert float(buffers["calls"]) == 0.0 and not buffers["ema"].any(), "prepare's own runs change no buffer"
+    reference = copy.deepcopy(model)
+    gated.eval()
+    for _ in range(3):
+        with torch.no_grad():
+            torch.testing.assert_close(gated(x), reference(x))
+    buffers = dict(gated.named_buffers())
+    assert float(buffers["calls"]) == 3.0
+    torch.testing.assert_close(buffers["ema"], reference.ema)
+
+
+def test_buffer_writes_refused_by_the_symbolic_front_end_name_the_buffer():
+    with pytest.raises(fxprune.TraceError, match=r"writes into buffer 'calls'"):
+        fxprune.prepare(Counting(), (torch.randn(3, 4),), fxprune.PruneConfig("units", gamma=1.0), front_end="symbolic")
