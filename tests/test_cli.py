@@ -113,3 +113,16 @@ def test_bench_defaults_prints_one_grid_with_the_from_scratch_control_and_meets_
     for f in (0.25, 0.1):
         assert float(row[header.index(f"target_flops={f:g}: FLOPs")]) == pytest.approx(f, rel=0.1)
     assert row[header.index("undecided %")] == "0"
+
+
+def test_bench_real_prints_each_cell_against_dense_torch_pruning_and_its_shape_from_scratch(capsys):
+    """torchvision's resnet18 in the quick mode (12 steps): every column is measured, none
+    skipped, and the budget of PruneConfig(total_steps) is met."""
+    assert main(["bench", "real", "--quick", "--models", "resnet18", "--optimizers", "sgd"]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    header, row = [c.strip() for c in table[0].split("|")[1:-1]], [c.strip() for c in table[2].split("|")[1:-1]]
+    assert len(table) == 3 and row[:3] == ["resnet18", "sgd", "12"]
+    for column in ("PruneConfig(total_steps): (vs dense)", "Torch-Pruning + fine-tune", "its shape from scratch"):
+        assert not row[header.index(column)].startswith("not run"), (column, row[header.index(column)])
+    assert float(row[header.index("FLOPs fraction")]) == pytest.approx(0.5, rel=0.1)
+    assert float(row[header.index("training FLOPs")]) < 1.0
