@@ -4,46 +4,142 @@
 
 * ``folder/model.pt2``: ``torch.export.save`` of the model (its batch dim dynamic), loaded
   with ``torch.export.load("model.pt2").module()``;
-* ``folder/compact_model/``: the model as Python source plus its state dict
-  (``torch.fx.GraphModule.to_folder``), rebuilt with
+* ``folder/compact_model/``: the model as Python source plus its state dict, rebuilt with
   ``sys.path.insert(0, folder); from compact_model import CompactModel; m = CompactModel()``.
-  ``compact_model/state_dict.pt`` is the plain state dict.
+  Every module is built by its constructor, written out from its repr and checked to
+  rebuild the same module, and the weights are read from ``compact_model/state_dict.pt``
+  with ``torch.load(..., weights_only=True)``: loading the package runs no pickle (unlike
+  ``GraphModule.to_folder``, which pickles every module it cannot write, weights and all,
+  and loads them with ``weights_only=False``). The package is checked: it is imported and
+  run on the example, and must give the compact model's outputs.
+
+Both are written into a temporary folder beside them and renamed into place, so a failure
+leaves no partial ``model.pt2`` or package.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import re
-import warnings
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
+from torch.fx.graph import _custom_builtins
 
 from .files import writable
 
-__all__ = ["save_compact", "PT2", "PACKAGE", "CLASS"]
+__all__ = ["save_compact", "PT2", "PACKAGE", "CLASS", "PackageError"]
 
 PT2, PACKAGE, CLASS = "model.pt2", "compact_model", "CompactModel"
 
-_HEADER = "import os\n_HERE = os.path.dirname(os.path.abspath(__file__))\n"
+
+class PackageError(ValueError):
+    """The compact model cannot be written as a package that loads without pickles."""
 
 
-def _to_folder(compact: fx.GraphModule, folder: Path) -> Path:
-    """``GraphModule.to_folder``, with the absolute paths it writes made relative to the
-    package, so the folder can be moved or shipped."""
-    package = folder / PACKAGE
-    with warnings.catch_warnings():
-        # containers without a repr are pickled next to module.py: plain torch modules, loadable as they are
-        warnings.filterwarnings("ignore", message="Was not able to save the following children modules as reprs")
-        compact.to_folder(package, CLASS)
-    source = package / "module.py"
-    text = source.read_text()
-    text = re.sub(r"r'" + re.escape(str(package)) + r"/([^']*)'", r"os.path.join(_HERE, r'\1')", text)
-    if str(package) in text:
-        raise RuntimeError(f"could not make the paths in '{source}' relative; please report this model")
-    source.write_text(_HEADER + text)
+def _rebuilt(module: nn.Module) -> str | None:
+    """``torch.nn.X(...)``, the constructor call that rebuilds ``module`` (its repr, for the
+    modules of ``torch.nn`` whose repr is their constructor call), or None when the repr
+    does not rebuild the same module (the same class, repr and tensor shapes)."""
+    cls = type(module)
+    if cls.__module__.split(".")[:2] != ["torch", "nn"] or getattr(nn, cls.__name__, None) is not cls:
+        return None
+    text = f"torch.nn.{repr(module)}"
+    if "\n" in text:
+        return None
+    try:
+        other = eval(text, {"torch": torch, "inf": float("inf")})  # noqa: S307 - the repr of a torch.nn module, here
+    except Exception:  # noqa: BLE001 - a repr that is not a constructor call
+        return None
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    if type(other) is not cls or repr(other) != repr(module) or shapes(other) != shapes(module):
+        return None
+    return text
+
+
+def _package_source(compact: fx.GraphModule) -> str:
+    """``module.py`` of the package: the module tree built by constructors, the tensors held
+    outside them registered empty, the state dict loaded without pickles, then the forward."""
+    called = {n.target for n in compact.graph.nodes if n.op == "call_module"}
+    lines = []
+    for name, module in compact.named_modules():
+        if not name:
+            continue
+        if any(True for _ in module.children()):
+            if name in called:
+                raise PackageError(f"module '{name}' ({type(module).__name__}) is called whole and holds submodules: "
+                                   "it cannot be rebuilt without pickling it")
+            lines.append(f"_put(self, {name!r}, torch.nn.Module())")
+            continue
+        text = _rebuilt(module)
+        if text is None:
+            raise PackageError(f"module '{name}' ({type(module).__module__}.{type(module).__name__}) cannot be rebuilt "
+                               "from its constructor, so the package would have to pickle it")
+        lines.append(f"_put(self, {name!r}, {text})")
+    owned = {id(t) for m in compact.modules() if _rebuilt(m) for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]}
+    for kind, tensors in (("parameter", compact.named_parameters()), ("buffer", compact.named_buffers())):
+        for name, t in tensors:
+            if id(t) in owned:
+                continue
+            owner, _, attr = name.rpartition(".")
+            where = f"self.get_submodule({owner!r})" if owner else "self"
+            empty = f"torch.empty({list(t.shape)}, dtype={t.dtype})"
+            value = f"torch.nn.Parameter({empty}, requires_grad={t.requires_grad})" if kind == "parameter" else empty
+            lines.append(f"{where}.register_{kind}({attr!r}, {value})")
+    imports = "\n".join(sorted({v.import_str for v in _custom_builtins.values()}))
+    body = "\n".join(f"        {line}" for line in lines)
+    forward = "\n".join(f"    {line}" if line else line for line in compact.code.strip("\n").splitlines())
+    return f"""\
+import os
+
+{imports}
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _put(root, path, module):
+    owner, _, name = path.rpartition(".")
+    setattr(root.get_submodule(owner) if owner else root, name, module)
+
+
+class {CLASS}(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+{body}
+        self.load_state_dict(torch.load(os.path.join(_HERE, "state_dict.pt"), weights_only=True))
+
+{forward}
+"""
+
+
+def _write_package(compact: fx.GraphModule, where: Path, example: tuple[Any, ...]) -> Path:
+    """Write the package under ``where`` and check it: imported and run on ``example``, it
+    gives the compact model's outputs."""
+    package = where / PACKAGE
+    package.mkdir()
+    torch.save(compact.state_dict(), package / "state_dict.pt")
+    (package / "module.py").write_text(_package_source(compact))
+    (package / "__init__.py").write_text(f"from .module import {CLASS}\n")
+    name = f"_fxprune_package_check_{id(package)}"
+    spec = importlib.util.spec_from_file_location(name, package / "module.py")
+    loaded = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(loaded)
+        rebuilt = getattr(loaded, CLASS)().eval()
+        with torch.no_grad():
+            got, want = rebuilt(*example), compact(*example)
+    finally:
+        sys.modules.pop(name, None)
+    got, want = torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)
+    if len(got) != len(want) or any(isinstance(w, torch.Tensor) and not torch.allclose(g, w, rtol=1e-5, atol=1e-6)
+                                    for g, w in zip(got, want)):
+        raise PackageError("the written package does not compute what the compact model computes on the example; "
+                           "please report it, with the model")
     return package
 
 
@@ -81,6 +177,7 @@ def save_compact(compact: fx.GraphModule, example_inputs: tuple[Any, ...] | torc
         example, dynamic_shapes = _batch_shapes(example, batch_dim)
     was = compact.training
     compact.eval()
+    staging = Path(tempfile.mkdtemp(prefix=".fxprune-save-", dir=folder))
     try:
         try:
             program = torch.export.export(compact, example, dynamic_shapes=dynamic_shapes)
@@ -89,8 +186,14 @@ def save_compact(compact: fx.GraphModule, example_inputs: tuple[Any, ...] | torc
                 f"torch.export could not export the compact model with dynamic_shapes={dynamic_shapes!r}: "
                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. If the model fixes its batch "
                 "size, pass dynamic_shapes=None") from exc
-        torch.export.save(program, folder / PT2)
-        package = _to_folder(compact, folder)
+        torch.export.save(program, staging / PT2)
+        _write_package(compact, staging, example)
+        os.replace(staging / PT2, folder / PT2)  # both complete: into place
+        if (folder / PACKAGE).exists():
+            shutil.rmtree(folder / PACKAGE)
+        os.replace(staging / PACKAGE, folder / PACKAGE)
     finally:
+        shutil.rmtree(staging, ignore_errors=True)
         compact.train(was)
+    package = folder / PACKAGE
     return {"pt2": folder / PT2, "package": package, "state_dict": package / "state_dict.pt"}

@@ -64,3 +64,72 @@ def test_saving_a_gated_model_or_to_an_unwritable_path_is_a_clear_error(tmp_path
     (tmp_path / "a-file").write_text("")
     with pytest.raises(OSError, match="cannot write the compact model"):
         save_compact(fxprune.convert(gated.eval()), (x,), tmp_path / "a-file" / "out")
+
+
+def test_the_package_holds_no_pickle_and_loads_its_weights_with_weights_only(tmp_path):
+    """to_folder pickled every module without a safe repr next to module.py (7 files for the
+    digits ResNet, the weights a second time) and loaded them with weights_only=False: a
+    replaced file ran a command at CompactModel()."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 8, 8)
+    gated = random_masks(fxprune.prepare(resnet(blocks=2, widths=(8, 12)).eval(), (x,)), keep=0.5, seed=1).eval()
+    compact = fxprune.convert(gated).eval()
+    paths = save_compact(compact, (x,), tmp_path / "out")
+    package = paths["package"]
+    assert sorted(p.name for p in package.iterdir() if p.is_file()) == ["__init__.py", "module.py", "state_dict.pt"]
+    source = (package / "module.py").read_text()
+    assert "weights_only=False" not in source and source.count("torch.load(") == 1 and "weights_only=True" in source
+    torch.load(package / "state_dict.pt", weights_only=True)
+
+
+class _Ran:
+    def __reduce__(self):
+        return (print, ("ran code",))
+
+
+def test_a_replaced_state_dict_with_a_pickle_does_not_run(tmp_path, capfd):
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 8, 8)
+    compact = fxprune.convert(fxprune.prepare(resnet(blocks=1, widths=(4,)).eval(), (x,)).eval())
+    paths = save_compact(compact, (x,), tmp_path / "out")
+    torch.save({"weight": _Ran()}, paths["state_dict"])
+    loader = textwrap.dedent("""
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        from compact_model import CompactModel
+        try:
+            CompactModel()
+        except Exception as exc:
+            print("refused:", type(exc).__name__)
+    """)
+    out = subprocess.run([sys.executable, "-c", loader, str(tmp_path / "out")], capture_output=True, text=True).stdout
+    assert "refused: UnpicklingError" in out and "ran code" not in out
+
+
+def test_a_failed_save_leaves_no_partial_files(tmp_path, monkeypatch):
+    import fxprune.export as export
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 8, 8)
+    compact = fxprune.convert(fxprune.prepare(resnet(blocks=1, widths=(4,)).eval(), (x,)).eval())
+
+    def fail(*args, **kwargs):
+        raise export.PackageError("module 'x' cannot be rebuilt")
+
+    monkeypatch.setattr(export, "_write_package", fail)
+    with pytest.raises(export.PackageError):
+        save_compact(compact, (x,), tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == [], "no model.pt2, no package, no staging folder"
+
+
+def test_a_module_that_cannot_be_rebuilt_without_a_pickle_is_named():
+    import fxprune.export as export
+
+    class Custom(torch.nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(4, 4))
+    gm.add_submodule("c", Custom())  # a module the package could only pickle
+    with pytest.raises(export.PackageError, match=r"module 'c' \(.*Custom\) cannot be rebuilt"):
+        export._package_source(gm)
