@@ -1,4 +1,4 @@
-"""The layering of architecture.md, checked on the source: passes import nothing from the
+"""The layering of docs/architecture.md, checked on the source: passes import nothing from the
 fxprune core, the core imports no application or view, nothing imports the CLI, and no
 two modules import each other in a cycle."""
 
