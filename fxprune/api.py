@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import inspect
+import threading
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -123,6 +124,11 @@ def _excluded(cg: ChannelGraph, patterns: tuple[str, ...]) -> set[int]:
                                                            if s in cg.spaces and cg.spaces[s].node in br.nodes)}
 
 
+#: held while ``prepare`` traces: torch.fx's symbolic tracer patches ``nn.Module.__call__`` and
+#: torch.export its dispatch modes for the whole process while they run, so two prepares at
+#: once break each other (a model running in another thread meanwhile is not safe either)
+_TRACING = threading.RLock()
+
 #: ``prepare`` warns when less than this share of the conv/linear output channels is prunable
 LOW_PRUNABLE_SHARE = 0.25
 
@@ -203,6 +209,11 @@ def prepare(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, co
     ``"symbolic"`` or ``"export"`` takes only that one. :func:`fxprune.front_end_of`
     tells which one a gated model came from, and why.
 
+    ``prepare`` calls in several threads run one at a time. While one traces, no other thread
+    may run a model: torch.fx's symbolic tracer patches ``nn.Module.__call__`` process-wide
+    (a training loop in another thread would be traced, or fail), so prepare before
+    starting other threads' work, or in another process.
+
     The gated model works on a copy of ``model`` (``inplace=False``): the caller's model
     is never changed, live removal included. ``inplace=True`` shares its modules and
     parameters instead (no copy; the model is then changed by training and removal).
@@ -218,7 +229,8 @@ def prepare(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, co
     _check_dtypes(model, values)
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     try:
-        return _prepare(model, values, config, batch_dim, mode, front_end)
+        with _TRACING:  # one prepare at a time in a process: both front ends patch process-wide state
+            return _prepare(model, values, config, batch_dim, mode, front_end)
     finally:  # prepare's own runs (tracing, shapes, checks) leave the model's buffers as they were
         restore_buffers(model, buffers)
 

@@ -363,3 +363,28 @@ def test_buffer_writes_in_forward_are_kept_and_prepare_runs_leave_buffers_as_the
 def test_buffer_writes_refused_by_the_symbolic_front_end_name_the_buffer():
     with pytest.raises(fxprune.TraceError, match=r"writes into buffer 'calls'"):
         fxprune.prepare(Counting(), (torch.randn(3, 4),), fxprune.PruneConfig("units", gamma=1.0), front_end="symbolic")
+
+
+def test_prepare_in_two_threads_at_once_works():
+    """Two threads preparing through torch.export at once failed with a message saying the
+    model cannot be exported (both front ends patch process-wide state while tracing)."""
+    import threading
+
+    from fxprune.digits.models import resnet
+    results, errors = [], []
+
+    def work(seed):
+        try:
+            torch.manual_seed(seed)
+            results.append(fxprune.prepare(resnet(blocks=1, widths=(4,)), (torch.randn(2, 1, 8, 8),),
+                                           fxprune.PruneConfig(gamma=1.0), front_end="export"))
+        except Exception as exc:  # noqa: BLE001 - collected and asserted on
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert len(results) == 2
