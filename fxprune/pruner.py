@@ -34,7 +34,7 @@ from .objective import Objective
 from .passes.channel_graph import ChannelGraph
 from .state import gate_bank, state_of
 
-__all__ = ["Pruner", "describe_removal"]
+__all__ = ["Pruner", "describe_removal", "PREPARE_TIME"]
 
 log = logging.getLogger("fxprune")
 
@@ -60,6 +60,8 @@ def describe_removal(cg: ChannelGraph, record: live_compaction.Removal) -> str:
     return "removed " + "; ".join(parts) if parts else "removed nothing"
 
 
+#: the PruneConfig fields ``prepare`` builds the gates with: a Pruner's config must agree on them
+PREPARE_TIME = ("structures", "theta_init", "estimator", "exclude", "min_units")
 #: the ``gm.meta`` key of the (weak) reference to the gated model's Pruner
 _PRUNER_META = "fxprune_pruner"
 #: steps after which a loop that never adds penalty() or never calls step() is warned about
@@ -68,7 +70,8 @@ _NAG_AFTER = 20
 
 class Pruner:
     """Learns the gates of ``gated`` next to the user's ``optimizer`` and removes
-    structures during training. ``config`` defaults to the one given to ``prepare``.
+    structures during training. ``config`` defaults to the one given to ``prepare``; one
+    given must agree with it on the fields the gates were built with (``PREPARE_TIME``).
 
     With mixed precision, pass the ``torch.amp.GradScaler`` as ``scaler``: theta
     gradients are unscaled with the scale the backward used, and the theta update is
@@ -87,6 +90,13 @@ class Pruner:
                                "structures (two would slice the model and the optimizer twice); use that one, or "
                                "prepare the model again for a second run")
         self.gated, self.optimizer, self.scaler = gated, optimizer, scaler
+        if config is not None:
+            for name in PREPARE_TIME:  # the gates were built with these: another value would not be what runs
+                given, prepared = getattr(config, name), getattr(state.config, name)
+                if given != prepared:
+                    raise ValueError(f"Pruner got PruneConfig({name}={given!r}), but the model was prepared with "
+                                     f"{prepared!r}: {name} is fixed when the gates are built; prepare the model with "
+                                     "this config, or leave config out to use the prepared one")
         self.config = config or state.config
         if not state.layout.size:
             cg = state.graph

@@ -388,3 +388,17 @@ def test_prepare_in_two_threads_at_once_works():
         t.join(timeout=300)
     assert not errors, errors
     assert len(results) == 2
+
+
+def test_a_pruner_config_that_differs_from_the_prepared_one_in_a_prepare_time_field_is_refused():
+    """Pruner(gated, opt, config=...) silently replaced the prepared config: the Pruner then
+    reported estimator="straight_through" while the gates stayed balanced."""
+    x = torch.randn(4, 6)
+    gated = fxprune.prepare(mlp(), (x,), fxprune.PruneConfig("units", gamma=1.0))
+    opt = torch.optim.SGD(gated.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"estimator='straight_through'.*prepared with 'balanced'"):
+        fxprune.Pruner(gated, opt, fxprune.PruneConfig("units", gamma=1.0, estimator="straight_through"))
+    with pytest.raises(ValueError, match=r"min_units=3.*prepared with 1"):
+        fxprune.Pruner(gated, opt, fxprune.PruneConfig("units", gamma=1.0, min_units=3))
+    pruner = fxprune.Pruner(gated, opt, fxprune.PruneConfig("units", gamma=2.0))  # a training-time field may differ
+    assert pruner.config.gamma == 2.0
