@@ -34,7 +34,7 @@ from .passes.restrict import restrict
 from .passes.surgery import delete_unreferenced, index_tensor, refresh_module, set_data
 from .state import PruneState, gate_bank, run_example, state_of
 
-__all__ = ["Removal", "RemovalError", "remove"]
+__all__ = ["Removal", "RemovalError", "remove", "describe_removal"]
 
 
 class RemovalError(RuntimeError):
@@ -224,3 +224,24 @@ def remove(gated: fx.GraphModule, unit_drop: dict[int, np.ndarray], layer_drop: 
         keep={gid: k.tolist() for gid, k in unit_keep.items()}, flops=counter.get_total_flops(),
         extra={"kept": keep_flat},
     )
+
+
+def describe_removal(cg: ChannelGraph, record: Removal) -> str:
+    """What a removal took, by layer name: units per group (the layers producing them)
+    and residual branches (their first layer)."""
+    producers: dict[int, list[str]] = {}
+    what: dict[int, str] = {}  # the factors of a product group: heads, head_dim entries
+    for owner, s in cg.layer_outputs:
+        if s in cg.spaces:
+            g = cg.group_of(s)
+            producers.setdefault(g.id, []).append(owner)
+            for i, ids in enumerate(g.factor_ids()):
+                for gid in ids:
+                    producers.setdefault(gid, []).append(owner)
+                    what[gid] = "head_dim entries" if i else "heads"
+    parts = [f"{n} {what.get(g, 'units')} of {', '.join(dict.fromkeys(producers.get(g, [f'group {g}'])))}"
+             for g, n in record.units.items() if n]
+    for b in record.layers:
+        inner = sorted(o for o, s in cg.layer_outputs if cg.spaces.get(s) and cg.spaces[s].node in cg.branches[b].nodes)
+        parts.append(f"the residual branch of {inner[0] if inner else cg.branches[b].out}")
+    return "removed " + "; ".join(parts) if parts else "removed nothing"

@@ -25,39 +25,18 @@ import torch
 from torch import Tensor, fx
 
 from . import distributed, live_compaction, optim_state
+from .live_compaction import describe_removal
 from .config import PruneConfig
 from .cost import forward_flops
 from .budget import BudgetController
 from .cut import DECIDED, TOLERANCE, closest_to_budget, undecided
 from .decisions import decisions_record
 from .objective import Objective
-from .passes.channel_graph import ChannelGraph
 from .state import gate_bank, state_of
 
 __all__ = ["Pruner", "describe_removal", "PREPARE_TIME"]
 
 log = logging.getLogger("fxprune")
-
-
-def describe_removal(cg: ChannelGraph, record: live_compaction.Removal) -> str:
-    """What a removal took, by layer name: units per group (the layers producing them)
-    and residual branches (their first layer)."""
-    producers: dict[int, list[str]] = {}
-    what: dict[int, str] = {}  # the factors of a product group: heads, head_dim entries
-    for owner, s in cg.layer_outputs:
-        if s in cg.spaces:
-            g = cg.group_of(s)
-            producers.setdefault(g.id, []).append(owner)
-            for i, ids in enumerate(g.factor_ids()):
-                for gid in ids:
-                    producers.setdefault(gid, []).append(owner)
-                    what[gid] = "head_dim entries" if i else "heads"
-    parts = [f"{n} {what.get(g, 'units')} of {', '.join(dict.fromkeys(producers.get(g, [f'group {g}'])))}"
-             for g, n in record.units.items() if n]
-    for b in record.layers:
-        inner = sorted(o for o, s in cg.layer_outputs if cg.spaces.get(s) and cg.spaces[s].node in cg.branches[b].nodes)
-        parts.append(f"the residual branch of {inner[0] if inner else cg.branches[b].out}")
-    return "removed " + "; ".join(parts) if parts else "removed nothing"
 
 
 #: the PruneConfig fields ``prepare`` builds the gates with: a Pruner's config must agree on them
