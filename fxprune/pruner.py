@@ -25,12 +25,12 @@ import torch
 from torch import Tensor, fx
 
 from . import distributed, live_compaction, optim_state
-from .live_compaction import describe_removal
+from .budget import BudgetController
 from .config import PruneConfig
 from .cost import forward_flops
-from .budget import BudgetController
 from .cut import DECIDED, TOLERANCE, closest_to_budget, undecided
 from .decisions import decisions_record
+from .live_compaction import describe_removal
 from .objective import Objective
 from .state import gate_bank, state_of
 
@@ -111,8 +111,7 @@ class Pruner:
         self._warned: set[str] = set()
         self._hooked: Tensor | None = None
         self._device: torch.device | None = None
-        #: a trainable parameter of the model: its gradient cleared says the user's zero_grad ran
-        self._sentinel = next((p for p in gated.parameters() if p.requires_grad), None)
+        self._pick_sentinel()
         self._follow_device()
         gated.meta[_PRUNER_META] = weakref.ref(self)
         #: optimizer steps since the last pruner.step() (a loop that never calls it is warned about)
@@ -179,6 +178,11 @@ class Pruner:
         final value over ``budget_steps`` (a cubic schedule: fast at first, gently at the
         end), then stays."""
         return self.budget.targets(self.steps)
+
+    def _pick_sentinel(self) -> None:
+        #: a trainable parameter of the model (picked again after a removal, which may delete it): its
+        #: gradient cleared says the user's zero_grad ran
+        self._sentinel = next((p for p in self.gated.parameters() if p.requires_grad), None)
 
     def _optimizer_stepped(self) -> None:
         self._optimizer_steps += 1
@@ -372,6 +376,7 @@ class Pruner:
         record.step = self.steps
         self.below = self.below[record.extra.pop("kept")]
         self.objective.rebuild()
+        self._pick_sentinel()
         self._follow_device()
         self._flops = record.flops
         self.removals.append(record)

@@ -402,3 +402,39 @@ def test_a_pruner_config_that_differs_from_the_prepared_one_in_a_prepare_time_fi
         fxprune.Pruner(gated, opt, fxprune.PruneConfig("units", gamma=1.0, min_units=3))
     pruner = fxprune.Pruner(gated, opt, fxprune.PruneConfig("units", gamma=2.0))  # a training-time field may differ
     assert pruner.config.gamma == 2.0
+
+
+class BranchFirst(nn.Module):
+    """A residual branch registered first: its weight is the model's first parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.branch = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 6))
+        self.hidden, self.out = nn.Linear(6, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.hidden(x + self.branch(x))))
+
+
+def test_theta_gradients_accumulate_over_micro_batches_after_the_first_parameter_was_removed():
+    """The parameter whose cleared gradient tells a user's zero_grad is picked again after a
+    removal: one deleted with its branch has no gradient any more, and penalty() would drop
+    theta's gradient between micro-batches."""
+    from fxprune.state import LayerGate, theta_of
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    gated = fxprune.prepare(BranchFirst(), (x,), fxprune.PruneConfig("both", gamma=1.0))
+    opt = torch.optim.SGD(gated.parameters(), lr=0.01)
+    pruner = fxprune.Pruner(gated, opt)
+    (branch,) = fxprune.state_of(gated).layout.layers
+    assert next(gated.parameters()) is dict(gated.named_parameters())["branch.0.weight"]
+    with torch.no_grad():
+        theta_of(gated, LayerGate(branch)).zero_()
+    pruner.remove({}, {branch})
+    assert "branch.0.weight" not in dict(gated.named_parameters())
+    gated.train()
+    grads = []
+    for _ in range(2):
+        (F.cross_entropy(gated(x), y) + pruner.penalty()).backward()
+        grads.append(pruner.theta.grad.clone())
+    assert not torch.equal(grads[0], grads[1]), "the second micro-batch's theta gradient adds to the first's"
