@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import inspect
 import threading
 import warnings
 from collections.abc import Sequence
@@ -28,7 +27,7 @@ from .passes.analysis import unread_functions
 from .passes.channel_graph import ChannelGraph
 from .passes.insert_gates import strip_gate_nodes
 from .passes.surgery import copy_module, replace_tensor, skeleton
-from .passes.trace import FRONT_END_META, LEAVES_META, bind_inputs, restore_buffers
+from .passes.trace import FRONT_END_META, LEAVES_META, bind_inputs, forward_names, restore_buffers
 from .state import STATE, GateLayout, PruneState, decisions, gate_bank, run_example, state_of
 
 __all__ = ["prepare", "convert", "channel_graph", "config_of", "decisions", "gate_bank", "run_example"]
@@ -99,10 +98,8 @@ def _check_dtypes(model: nn.Module, values: list[Any]) -> None:
     if len(dtypes) != 1:
         return
     (dtype,) = dtypes
-    names = list(inspect.signature(model.forward).parameters)
-    for i, v in enumerate(values):
+    for name, v in zip(forward_names(model, len(values)), values):
         if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != dtype:
-            name = names[i] if i < len(names) else str(i)
             raise TypeError(f"the example input '{name}' is {v.dtype} and {type(model).__name__}'s parameters are "
                             f"{dtype}: give the example in the dtype the model will be trained with (or convert the "
                             "model first, model.to(dtype))")

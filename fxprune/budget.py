@@ -137,13 +137,14 @@ class BudgetController:
                 first = torch.where(meets.any(), meets.to(torch.int8).argmax(), _CANDIDATES - 1).reshape(1)
                 # index_select, not u[first]: indexing with a tensor reads it on the host
                 lo, hi_u = u.index_select(0, (first - 1).clamp_min(0))[0], u.index_select(0, first)[0]
-            a = strength(hi_u)
+            a, after = strength(hi_u), costs.index_select(0, first)[0]
             if len(self.final) > 1:  # two budgets: each only pushes down, so the binding one is met, the other under
                 a = a.clamp_min(0)
+                after = cost(a[None])[0]  # the cost of the step taken, which the clamp may have changed
             step_ = step_ + a * direction
             # the multiplier is the strength that made this step: the cost's gradient times it is ``a * direction``
             self.multipliers[k].copy_((a / (lr * top)).to(self.multipliers[k]))
-            self.fractions[k] = costs.index_select(0, first)[0].detach()
+            self.fractions[k] = after.detach()
         return step_
 
     # ------------------------------------------------------------------ state

@@ -60,9 +60,9 @@ def prior_exempt(model: nn.Module, kinds: tuple[str, ...] = EXEMPT_KINDS) -> set
                 if isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target in params:
                     embedding_of.add(id(params[weight.target]))
     for name, p in params.items():
-        if ("bias" in kinds and name.rpartition(".")[2].endswith("bias")) or ("embedding" in kinds and id(p) in embedding_of):
-            out.add(name)
-        elif "norm" in kinds and p.dim() <= 1 and not name.rpartition(".")[2].endswith("bias"):
+        bias = name.rpartition(".")[2].endswith("bias")
+        if ("bias" in kinds and bias) or ("embedding" in kinds and id(p) in embedding_of) or \
+                ("norm" in kinds and p.dim() <= 1 and not bias):
             out.add(name)
     return out
 
@@ -240,4 +240,6 @@ class Objective:
             targets = c.targets if targets is None else targets
             return prior + sum(m * (fractions[k] - targets[k]).clamp_min(0) for k, m in multipliers.items()).to(theta.dtype)
         gamma = c.gamma if gamma is None else gamma
+        if not gamma:  # no cost term (a budget's is the controller's): its polynomial is not evaluated
+            return prior
         return prior + gamma * self.cost(c.alpha).to(theta.dtype)

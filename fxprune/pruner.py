@@ -165,7 +165,7 @@ class Pruner:
         self._penalties += 1
         self._follow_device()
         if self.budget:  # the cost's pull on theta is the controller's (step()); the value is reported
-            return self.objective.penalty(gamma=0.0) + self.budget.penalty_value(self.steps).to(self.theta.dtype)
+            return self.objective.penalty(gamma=0.0) + self.budget.penalty_value(self.steps).to(theta.dtype)
         return self.objective.penalty(self.gamma())
 
     @property

@@ -47,7 +47,7 @@ from .recognize import RecognizeRMSNorm
 from .shape_prop import ShapePropError, propagate_shapes
 from .tracer import LEAVES_META, LeafTracer, TraceError, reason
 
-__all__ = ["TraceError", "LeafTracer", "trace", "bind_inputs", "LEAVES_META", "MODES", "FRONT_ENDS", "FRONT_END_META",
+__all__ = ["TraceError", "LeafTracer", "trace", "bind_inputs", "forward_names", "restore_buffers", "LEAVES_META", "MODES", "FRONT_ENDS", "FRONT_END_META",
            "front_end_of"]
 
 #: what ``trace`` and ``prepare`` accept as ``mode``
@@ -133,7 +133,8 @@ def restore_buffers(model: nn.Module, before: dict[str, torch.Tensor]) -> list[s
     return changed
 
 
-def _forward_names(model: nn.Module, n: int) -> list[str]:
+def forward_names(model: nn.Module, n: int) -> list[str]:
+    """The names of ``forward``'s first ``n`` parameters (``args_i`` for ``*args``)."""
     params = list(inspect.signature(model.forward).parameters.values())
     if any(p.kind == p.VAR_POSITIONAL for p in params):
         return [f"args_{i}" for i in range(n)]
@@ -176,7 +177,7 @@ def _graph_module(model: nn.Module, concrete: dict[str, Any], training: bool, va
                 raise
             why = str(exc).split(". Make its forward")[0]
     try:
-        gm = export_trace(model, values, _forward_names(model, len(values)))
+        gm = export_trace(model, values, forward_names(model, len(values)))
     except TraceError as exc:
         raise TraceError(f"{why}; {exc}" if front_end == "auto" else str(exc)) from exc
     gm.meta[LEAVES_META] = {}

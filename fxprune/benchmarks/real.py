@@ -247,10 +247,10 @@ def cell(spec: Model, task: Task, steps: int, optimizer: str, seeds: int) -> lis
         return f"{m:.3f} ({100 * statistics.mean(r.metric / d.metric - 1 for r, d in zip(rs, dense)):+.1f} %)"
 
     ours = runs["fxprune"]
-    wall = statistics.mean(r.seconds / d.seconds for r, d in zip(ours, dense))
+    cpu = statistics.mean(r.seconds / d.seconds for r, d in zip(ours, dense))
     return [spec.name, optimizer, steps, f"{statistics.mean(d.metric for d in dense):.{1 if higher else 3}f}", vs(ours),
             vs(runs["tp"]), vs(runs["scratch"]), f"{statistics.mean(r.flops for r in ours):.3f}",
-            f"{statistics.mean(r.train_flops for r in ours):.2f}", f"{wall:.2f}"]
+            f"{statistics.mean(r.train_flops for r in ours):.2f}", f"{cpu:.2f}"]
 
 
 HEADERS = ["model", "optimizer", "steps", "dense", "PruneConfig(total_steps): (vs dense)", "Torch-Pruning + fine-tune",
