@@ -128,6 +128,11 @@ class PruneConfig:
             channels are never gated: every channel group a matching module produces or
             reads is kept whole, and no residual branch containing one gets a layer gate.
         min_units: every channel dimension keeps at least this many units (or all it has).
+        min_share: every gated group keeps at least this share of the units it had when
+            the gates were built, rounded up (and at least ``min_units``): a residual
+            stream or a stem is never cut to a few channels. The cost prices the floor (a
+            group at it saves nothing more, so the budget is sought elsewhere), and eval
+            mode, the removals and the decision keep it. 0 leaves ``min_units`` alone.
 
     Every field is checked when it is set, at construction and on later assignment
     (``config.gamma = -5`` raises), and the error names the field.
@@ -153,6 +158,7 @@ class PruneConfig:
     cost_reference: CostReference | None = None
     exclude: tuple[str, ...] = ()
     min_units: int = 1
+    min_share: float = 0.1
     total_steps: int | None = None
     target_flops: float | None = None
     target_params: float | None = None
@@ -236,7 +242,7 @@ _RANGES = {
     "w_tol": (0.0, math.inf, True, False), "beta": (0.0, 1.0, True, True), "theta_init": (0.0, 1.0, True, True),
     "theta_tol": (0.0, 1.0, True, True), "target_flops": (0.0, 1.0, False, True),
     "target_params": (0.0, 1.0, False, True), "budget_lr": (0.0, 1.0, False, True),
-    "sharpen": (0.0, math.inf, True, False),
+    "sharpen": (0.0, math.inf, True, False), "min_share": (0.0, 1.0, True, False),
 }
 _INTS = {"check_every": 1, "patience": 1, "min_units": 1}
 _OPTIONAL = {"check_every", "gamma", "budget_lr", "w_tol", "total_steps", "target_flops", "target_params", "warmup", "budget_steps", "decide"}

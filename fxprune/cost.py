@@ -87,6 +87,19 @@ class _Terms:
     var_cols: Tensor
     var_vals: Tensor
     num_dims: int
+    floors: Tensor  # [num_dims + 1]: the channels a dimension keeps at least (its group's floor)
+
+
+def _floor_channels(cg: ChannelGraph, gid: int, m: np.ndarray, floors: dict[int, int], product: bool) -> float:
+    """The channels a dimension of group ``gid`` (``m``: its channels per unit) keeps at
+    least when the group keeps its floor of units: the floor's units of fewest channels (a
+    product group: its heads' floor times its head_dims')."""
+    if product:
+        keep = int(np.prod([min(floors.get(f, 1), cg.groups[f].num_units) for f in
+                            (ids[0] for ids in cg.groups[gid].factor_ids())]))
+    else:
+        keep = floors.get(gid, 1)
+    return float(np.sort(m)[:keep].sum())
 
 
 class ComplexityCost:
@@ -96,8 +109,9 @@ class ComplexityCost:
     structures, ``size`` the length of the theta vector."""
 
     def __init__(self, cg: ChannelGraph, names: list[str], units: dict[int, slice], layers: dict[int, int], size: int,
-                 device: torch.device | str = "cpu") -> None:
-        rows_k, rows_f, rows_p, dims_a, dims_b, rows_br = [], [], [], [], [], []
+                 device: torch.device | str = "cpu", floors: dict[int, int] | None = None) -> None:
+        floors = floors or {}
+        rows_k, rows_f, rows_p, dims_a, dims_b, rows_br, slot_floors = [], [], [], [], [], [], []
         c_rows, c_cols, c_cols2, c_vals, v_rows, v_cols, v_vals = [], [], [], [], [], [], []
         products = {g: slots for g in cg.groups if (slots := factor_slots(cg, units, g)) is not None and slots.shape[1] == 2}
         bound: dict[str, dict[int, tuple[int, int | None]]] = {}
@@ -133,6 +147,7 @@ class ComplexityCost:
                 c_cols.append(first)
                 c_cols2.append(second)
                 c_vals.append(m[cols])
+                slot_floors.append(_floor_channels(cg, gid, m, floors, gid in products))
                 slots.append(n_dims)
                 n_dims += 1
             if len(gated_dims) == 2 and gated_dims[0][0] == gated_dims[1][0] and gated_dims[0][0] in units:
@@ -163,6 +178,7 @@ class ComplexityCost:
             count_vals=cat(c_vals, torch.float64),
             var_rows=cat(v_rows, torch.long), var_cols=cat(v_cols, torch.long), var_vals=cat(v_vals, torch.float64),
             num_dims=n_dims,
+            floors=torch.tensor(slot_floors + [0.0], dtype=torch.float64, device=device),
         )
 
     def expected(self, theta: Tensor) -> tuple[Tensor, Tensor]:
@@ -177,6 +193,7 @@ class ComplexityCost:
         base[..., -1] = 1.0  # the constant slot of parameters with fewer than two pruned dimensions
         lt = torch.cat([theta, theta.new_ones(*lead, 1)], -1)
         counts = base.index_add(-1, t.count_rows, lt[..., t.count_cols] * lt[..., t.count_cols2] * t.count_vals)
+        counts = torch.maximum(counts, t.floors)  # a group at its floor saves nothing more
         size = counts[..., t.dim_a] * counts[..., t.dim_b]
         if t.var_rows.numel():
             q = theta * (1 - theta)

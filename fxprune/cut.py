@@ -65,7 +65,7 @@ def closest_to_budget(objective: Objective, bank: GateBank, keep: Tensor,
     decided_on = theta >= 1 - DECIDED  # what training kept stays: the cut moves only gates it left undecided
 
     def at(i: int) -> Tensor:  # the structures scored at or above levels[i]
-        return floor_keep((score >= levels[i]) | decided_on, score, bank.segments, bank.min_units).to(theta.dtype)
+        return floor_keep((score >= levels[i]) | decided_on, score, bank.segments, bank.least).to(theta.dtype)
 
     lo, hi = 0, levels.numel() - 1  # the cut at lo keeps the most, at hi the least
     if max(misses(at(hi))) > 0:  # the fewest structures are still over: keep them

@@ -21,13 +21,15 @@ scales a branch output by its layer gate.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .passes.channel_graph import ChannelGraph, floor_keep, segment_matrix
 
-__all__ = ["GateBank", "GateRead", "GateNorm", "LayerGateApply", "GATE_MODULES", "ESTIMATORS", "bank_structure", "read_index", "factor_slots"]
+__all__ = ["GateBank", "GateRead", "GateNorm", "LayerGateApply", "GATE_MODULES", "ESTIMATORS", "bank_structure", "group_floors", "read_index", "factor_slots"]
 
 #: the theta gradient estimators a gate can use
 ESTIMATORS = ("straight_through", "balanced")
@@ -40,7 +42,9 @@ class GateBank(nn.Module):
     read from ``ref.shape[batch_dim]`` (1 when ``batch_dim`` is None). Entries where
     ``per_example`` is False use the first example's sample for the whole batch (their
     group has a read without a batch dim). ``segments`` ([k, width], flat indices padded
-    with -1) are the unit sets that must each keep one unit.
+    with -1) are the unit sets that must each keep ``least`` units (one per segment, at
+    least one): ``floors`` (group id -> units, fixed at prepare from the groups' widths
+    then, :func:`group_floors`) and ``min_units``.
 
     ``theta`` is a buffer, not a parameter: the pruner updates it with projected SGD,
     never the user's optimizer, and it is saved in the state dict.
@@ -54,15 +58,20 @@ class GateBank(nn.Module):
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         self.estimator, self.batch_dim, self.min_units = estimator, batch_dim, min_units
+        #: group id -> the units it keeps at least (its floor, set at prepare; other groups: ``min_units``)
+        self.floors: dict[int, int] = {}
         #: the generator masks are sampled with (None: torch's default; set per process under torch.distributed)
         self.generator: torch.Generator | None = None
         self.register_buffer("theta", torch.full((n,), float(theta_init)))
-        self.set_structure(torch.zeros(0, 0, dtype=torch.long), torch.ones(n, dtype=torch.bool))
+        self.set_structure(torch.zeros(0, 0, dtype=torch.long), torch.ones(n, dtype=torch.bool),
+                           torch.zeros(0, dtype=torch.long))
 
-    def set_structure(self, segments: Tensor, per_example: Tensor) -> None:
-        """The never-empty unit sets and the per-example flags (after building or removal)."""
+    def set_structure(self, segments: Tensor, per_example: Tensor, least: Tensor) -> None:
+        """The never-empty unit sets, the units each keeps at least, and the per-example
+        flags (after building or removal)."""
         device = self.theta.device
         self.register_buffer("segments", segments.to(device), persistent=False)
+        self.register_buffer("least", least.to(device), persistent=False)
         self.register_buffer("per_example", per_example.to(device), persistent=False)
         self._all_per_example = bool(per_example.all())
 
@@ -77,10 +86,10 @@ class GateBank(nn.Module):
 
     def deterministic(self, level: float | Tensor = 0.5) -> Tensor:
         """``1[theta >= level]`` (what eval mode keeps at the default 0.5), plus the best
-        units of any segment that would keep fewer than ``min_units`` (at least one: no
-        channel dimension becomes empty)."""
+        units of any segment that would keep fewer than its floor (``least``; at least one:
+        no channel dimension becomes empty)."""
         theta = self.theta.detach()
-        return floor_keep(theta >= level, theta, self.segments, self.min_units).to(theta.dtype)
+        return floor_keep(theta >= level, theta, self.segments, self.least).to(theta.dtype)
 
     def forward(self, ref: Tensor) -> Tensor:
         theta = self.theta
@@ -117,7 +126,8 @@ class GateRead(nn.Module):
 
     def set_index(self, index: np.ndarray) -> None:
         device = self.index.device if hasattr(self, "index") else None
-        self.register_buffer("index", torch.as_tensor(np.asarray(index), dtype=torch.long, device=device))
+        # contiguous: a transposed [factors, channels] index is refused by safetensors (transformers' Trainer saves)
+        self.register_buffer("index", torch.as_tensor(np.ascontiguousarray(index), dtype=torch.long, device=device))
 
     def channel_mask(self, x: Tensor, mask: Tensor) -> Tensor:
         """The mask entries of ``x``'s channels, shaped to broadcast against ``x`` (for a
@@ -209,15 +219,29 @@ class LayerGateApply(nn.Module):
 GATE_MODULES = (GateBank, GateRead, GateNorm, LayerGateApply)
 
 
-def bank_structure(cg: ChannelGraph, units: dict[int, slice], size: int) -> tuple[Tensor, Tensor]:
-    """The bank's ``segments`` (every gated group's unit sets, as flat indices) and
-    ``per_example`` flags, for the gated groups at ``units`` (group id -> flat slice)."""
-    segments = [seg + units[g].start for g in units for seg in cg.groups[g].segments()]
+def group_floors(cg: ChannelGraph, groups: list[int], share: float, min_units: int) -> dict[int, int]:
+    """The floor of every gated group (id -> units): ``share`` of its units rounded up, at
+    least ``min_units``, at most all of them. Fixed when the gates are built, so a floor
+    does not fall as removals narrow its group."""
+    return {g: min(cg.groups[g].num_units, max(min_units, math.ceil(share * cg.groups[g].num_units - 1e-9)))
+            for g in groups}
+
+
+def bank_structure(cg: ChannelGraph, units: dict[int, slice], size: int,
+                   floors: dict[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+    """The bank's ``segments`` (every gated group's unit sets, as flat indices), the
+    per-example flags, and each segment's floor (its group's in ``floors``, at least one),
+    for the gated groups at ``units`` (group id -> flat slice)."""
+    segments, least = [], []
+    for g in units:
+        for seg in cg.groups[g].segments():
+            segments.append(seg + units[g].start)
+            least.append(max(1, floors.get(g, 1)))
     per_example = torch.ones(size, dtype=torch.bool)
     for g, sl in units.items():
         if not cg.groups[g].per_example:
             per_example[sl] = False
-    return segment_matrix(segments), per_example
+    return segment_matrix(segments), per_example, torch.tensor(least, dtype=torch.long)
 
 
 def factor_slots(cg: ChannelGraph, units: dict[int, slice], group: int) -> np.ndarray | None:

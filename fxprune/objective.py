@@ -147,7 +147,8 @@ class Objective:
         #: weight entries of every structure (units: in its producers and carriers; layers: in its branch)
         self.elems = torch.as_tensor(elems[: self.size], dtype=torch.float32, device=device)
         self.is_layer = torch.as_tensor(layout.is_layer(), device=device)
-        self.complexity = ComplexityCost(cg, self.names, layout.units, layout.layers, self.size, device)
+        self.complexity = ComplexityCost(cg, self.names, layout.units, layout.layers, self.size, device,
+                                         gate_bank(self.gated).floors)
 
     def unit_channels(self) -> list[tuple[Tensor, int, np.ndarray]]:
         """``(weight, dim, flat unit slot of every index of that dim)`` for every producer

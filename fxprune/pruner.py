@@ -40,7 +40,7 @@ log = logging.getLogger("fxprune")
 
 
 #: the PruneConfig fields ``prepare`` builds the gates with: a Pruner's config must agree on them
-PREPARE_TIME = ("structures", "theta_init", "estimator", "exclude", "min_units")
+PREPARE_TIME = ("structures", "theta_init", "estimator", "exclude", "min_units", "min_share")
 #: the ``gm.meta`` key of the (weak) reference to the gated model's Pruner
 _PRUNER_META = "fxprune_pruner"
 #: steps after which a loop that never adds penalty() or never calls step() is warned about

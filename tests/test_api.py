@@ -55,7 +55,7 @@ def test_convert_is_plain_and_equivalent(resnet):
 
 def test_a_group_switched_off_keeps_its_best_unit(resnet):
     model, x = resnet
-    gated = fxprune.prepare(model, (x,)).eval()
+    gated = fxprune.prepare(model, (x,), fxprune.PruneConfig(min_share=0.0)).eval()  # the floor is one unit
     gid = next(iter(state_of(gated).layout.units))
     theta = theta_of(gated, UnitGate(gid))
     with torch.no_grad():

@@ -2,6 +2,7 @@
 at every step after the warm-up, with removals along the way, and the penalty stays on
 the task loss's scale; the weight prior can leave biases, norm gains and embeddings alone."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,8 @@ from torch import nn
 import fxprune
 from fxprune.digits import models
 from fxprune.config import EXEMPT_KINDS
-from fxprune.objective import prior_exempt
+from fxprune.objective import Objective, prior_exempt
+from fxprune.state import decisions, gate_bank, state_of
 
 
 def _digits_like(n=256, seed=0):
@@ -143,3 +145,70 @@ def test_the_decision_never_cuts_what_training_kept_and_says_when_the_budget_is_
     assert report["budget_miss"] > 0.05
     compact = fxprune.convert(gated)
     assert dict(compact.named_parameters())["0.weight"].shape[0] == 56, "every gate training kept at 1 stays; the undecided ones go"
+
+
+# ---------------------------------------------------------------- the floor of a group
+def _wide_mlp():
+    return nn.Sequential(nn.Linear(6, 40), nn.ReLU(), nn.Linear(40, 20), nn.ReLU(), nn.Linear(20, 3))
+
+
+def test_every_group_keeps_its_floor_in_eval_removal_and_the_compact_model():
+    """min_share (default 0.1) of a group's units, rounded up, stays whatever the gates say:
+    resnet18 under AdamW had its stem stream cut to 1 of 64 channels."""
+    x = torch.randn(8, 6)
+    gated = fxprune.prepare(_wide_mlp(), (x,), fxprune.PruneConfig("units", total_steps=100))
+    assert sorted(gate_bank(gated).floors.values()) == [2, 4]  # ceil(0.1 * 20), ceil(0.1 * 40)
+    with torch.no_grad():
+        gate_bank(gated).theta.zero_()
+    assert sorted(int(k.sum()) for k in decisions(gated)[0].values()) == [2, 4]
+    opt = torch.optim.SGD(gated.parameters(), lr=0.1)
+    pruner = fxprune.Pruner(gated, opt)
+    pruner.remove({g: np.ones(sl.stop - sl.start, bool) for g, sl in state_of(gated).layout.units.items()}, set())
+    assert [w[2] for w in pruner.widths()][:2] == [4, 2]  # removal keeps the floor too
+    compact = fxprune.convert(gated.eval())
+    assert [m.out_features for m in compact.modules() if isinstance(m, nn.Linear)] == [4, 2, 3]
+    # the floor was fixed at prepare: after the removal the group of 4 still keeps 4, not ceil(0.4)
+    with torch.no_grad():
+        gate_bank(gated).theta.zero_()
+    assert sorted(int(k.sum()) for k in decisions(gated)[0].values()) == [2, 4]
+
+
+def test_the_cost_prices_the_floor():
+    """Below its floor a group saves nothing: the expected cost there is the floor's, and
+    its gates get no cost gradient, so the budget is sought in other groups."""
+    x = torch.randn(8, 6)
+    gated = fxprune.prepare(_wide_mlp(), (x,), fxprune.PruneConfig("units", min_share=0.25))
+    objective = Objective(gated)
+    layout = state_of(gated).layout
+    wide = next(g for g, sl in layout.units.items() if sl.stop - sl.start == 40)
+    theta = torch.ones(layout.size, dtype=torch.float64)
+
+    def flops_with(kept):
+        t = theta.clone()
+        t[layout.units[wide]] = (torch.arange(40) < kept).double()
+        return float(objective.complexity.expected(t)[0])
+
+    assert flops_with(10) == flops_with(3) == flops_with(0) < flops_with(11)  # floor: ceil(0.25 * 40) = 10
+    t = theta.clone().requires_grad_(True)
+    with torch.no_grad():
+        t[layout.units[wide]] = 0.1  # E[n] = 4 < 10
+    grad = torch.autograd.grad(objective.complexity.expected(t)[0], t)[0]
+    assert grad[layout.units[wide]].abs().max() == 0
+    assert grad[[i for g, sl in layout.units.items() if g != wide for i in range(sl.start, sl.stop)]].abs().min() > 0
+    # what eval mode keeps and the compact model count the same
+    with torch.no_grad():
+        gate_bank(gated).theta[layout.units[wide]] = 0.0
+    compact = fxprune.convert(gated.eval())
+    assert objective.fractions_at(gate_bank(gated).deterministic().double())["flops"] == pytest.approx(
+        fxprune.cost.forward_flops(compact, (x[:1],)) / objective.dense_flops, rel=1e-6)
+
+
+def test_min_share_zero_leaves_min_units_alone_and_is_fixed_at_prepare():
+    x = torch.randn(8, 6)
+    gated = fxprune.prepare(_wide_mlp(), (x,), fxprune.PruneConfig("units", min_share=0.0))
+    assert sorted(gate_bank(gated).floors.values()) == [1, 1]
+    with pytest.raises(ValueError, match="min_share"):
+        fxprune.PruneConfig(min_share=1.0)
+    opt = torch.optim.SGD(gated.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="min_share"):
+        fxprune.Pruner(gated, opt, config=fxprune.PruneConfig("units", min_share=0.2))

@@ -18,7 +18,8 @@ def random_masks(gated: fx.GraphModule, keep: float = 0.5, seed: int = 0) -> fx.
     """Set every gate of ``gated`` to a random 0/1 pattern, in place.
 
     Each unit gate keeps ``round(keep * n)`` of its ``n`` units (at least one, and at
-    least one in every channel space of the group, so no dimension becomes empty); each
+    least its floor in every channel space of the group, as eval mode keeps, so no
+    dimension becomes empty); each
     layer gate is dropped with probability ``1 - keep``. Returns ``gated``.
     """
     if not 0.0 <= keep <= 1.0:
@@ -30,7 +31,8 @@ def random_masks(gated: fx.GraphModule, keep: float = 0.5, seed: int = 0) -> fx.
         n = sl.stop - sl.start
         flat[sl.start + rng.choice(n, max(1, round(keep * n)), replace=False)] = True
     scores = torch.as_tensor(rng.random(layout.size))
-    flat = floor_keep(torch.as_tensor(flat), scores, gate_bank(gated).segments.cpu()).numpy()
+    bank = gate_bank(gated)
+    flat = floor_keep(torch.as_tensor(flat), scores, bank.segments.cpu(), bank.least.cpu()).numpy()
     set_decisions(gated, {g: flat[sl] for g, sl in layout.units.items()},
                   {b: bool(rng.random() < keep) for b in layout.layers})
     return gated
