@@ -21,7 +21,7 @@ from torch import fx, nn
 
 from .config import PruneConfig
 from .distributed import sync_buffers
-from .gates import GateBank, GateNorm, GateRead, LayerGateApply, bank_structure, read_index
+from .gates import GateBank, GateNorm, GateRead, LayerGateApply, bank_structure, group_floors, read_index
 from .passes import Compact, InsertGates, TraceError, analyze, front_end_of, trace
 from .passes.analysis import unread_functions
 from .passes.channel_graph import ChannelGraph
@@ -188,7 +188,10 @@ def prepare(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, co
 
     The example inputs are bound to ``forward`` like a call ``model(*example_inputs,
     **kwargs)``; parameters left out take their defaults, and those that hold no tensor
-    are specialised to their value (see :func:`fxprune.trace`). ``batch_dim`` is the dim
+    are specialised to their value (see :func:`fxprune.trace`). A forward that takes
+    ``**kwargs`` (transformers' models) is bound by its named parameters, and a
+    ``use_cache`` left out is ``False`` (a generation cache is not trained). The gated
+    model returns what the model returns (a ``ModelOutput`` stays one). ``batch_dim`` is the dim
     of the inputs that indexes examples: one for all inputs, or one per ``forward``
     parameter (None: no batch dim); e.g. ``batch_dim=1`` for sequence-first ``[T, B, C]``
     inputs. Gates sample one mask per example along it.
@@ -253,6 +256,7 @@ def _prepare(model: nn.Module, values: list[Any], config: PruneConfig, batch_dim
     branches = sorted(set(cg.branches) - no_layer_gate) if config.layers else []
     layout = GateLayout.build(groups, branches)
     bank = GateBank(layout.size, config.theta_init, config.estimator, cg.inputs.get(cg.batch_input), config.min_units)
+    bank.floors = group_floors(cg, list(groups), config.min_share, config.min_units)
     InsertGates(
         cg, list(groups), branches, bank,
         read=lambda r: GateRead(read_index(cg, layout.units, cg.spaces[r.space].group, r.space), r.dim, r.batch_dim,
@@ -261,7 +265,7 @@ def _prepare(model: nn.Module, values: list[Any], config: PruneConfig, batch_dim
         norm=lambda r, nc: GateNorm(read_index(cg, layout.units, cg.spaces[r.space].group, r.space), r.dim,
                                     r.batch_dim, cg.spaces[r.space].group, r.space, nc.kind, nc.eps, nc.groups),
     )(gm)
-    bank.set_structure(*bank_structure(cg, layout.units, layout.size))
+    bank.set_structure(*bank_structure(cg, layout.units, layout.size, bank.floors))
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     gm.meta[STATE] = PruneState(cg, config, layout, _one_example(tuple(values), dims), dict(zip(placeholders, dims)))
     return gm
@@ -291,10 +295,12 @@ def convert(gated: fx.GraphModule) -> fx.GraphModule:
     unit_keep, drop = decisions(gated)
     expected = run_example(gated, state.example)
     graph = fx.Graph()
+    graph.set_codegen(copy.deepcopy(gated.graph._codegen))  # a typed output stays typed
     out = graph.graph_copy(gated.graph, {})
     graph.output(out)
     strip_gate_nodes(graph)
     compact = fx.GraphModule(skeleton(gated), graph, type(gated).__name__)
+    compact._tracer_cls = gated._tracer_cls  # torch.load rebuilds it as the gated model would be (passes.reload)
     Compact(state.graph, unit_keep, drop, check=(state.example, expected))(compact)
     originals = {id(t) for t in [*gated.parameters(), *gated.buffers()]}
     copies: dict[int, torch.Tensor] = {}

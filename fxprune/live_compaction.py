@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,7 +121,7 @@ def _floored_keep(gated: fx.GraphModule, state: PruneState, unit_drop: dict[int,
         raise RemovalError(f"these units have their gates on (theta >= 0.5), so removing them would change the "
                            f"model's output: {'; '.join(where)}")
     keep |= bank.deterministic().cpu() > 0  # the best unit of a dimension whose gates are all off stays
-    keep = floor_keep(keep, theta, bank.segments.cpu(), bank.min_units).numpy()
+    keep = floor_keep(keep, theta, bank.segments.cpu(), bank.least.cpu()).numpy()
     return {gid: keep[layout.units[gid]] for gid in unit_drop if not keep[layout.units[gid]].all()}
 
 
@@ -133,7 +134,7 @@ def _sync_gates(gated: fx.GraphModule, state: PruneState, keep_flat: np.ndarray)
     if theta.grad is not None:
         new.grad = theta.grad.index_select(0, idx)
     bank.theta = new
-    bank.set_structure(*bank_structure(state.graph, state.layout.units, state.layout.size))
+    bank.set_structure(*bank_structure(state.graph, state.layout.units, state.layout.size, bank.floors))
     for m in gated.modules():
         if isinstance(m, GateRead):
             m.set_index(read_index(state.graph, state.layout.units, m.group, m.space))
@@ -186,6 +187,7 @@ def remove(gated: fx.GraphModule, unit_drop: dict[int, np.ndarray], layer_drop: 
     snapshot = _Snapshot(gated, optimizer, state)
     try:
         graph = fx.Graph()
+        graph.set_codegen(copy.deepcopy(gated.graph._codegen))  # a typed output stays typed
         graph.output(graph.graph_copy(gated.graph, {}))
         modules = dict(gated.named_modules())
         replaced, _ = rewrite_graph(graph, modules, cg, effective, layer_drop)

@@ -38,7 +38,8 @@ from torch.export import Dim
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
-from .tracer import TraceError, reason
+from .reload import TypedOutput
+from .tracer import TraceError, as_call, reason
 
 __all__ = ["export_trace", "ATEN_RULES", "FRONT_END_META"]
 
@@ -89,6 +90,15 @@ def _embedding(g: fx.Graph, args: tuple, kwargs: dict) -> fx.Node:
     return g.call_function(F.embedding, (indices, weight, padding_idx))
 
 
+def _to_dtype_layout(g: fx.Graph, args: tuple, kwargs: dict) -> fx.Node:
+    """``aten.to.dtype_layout`` (``x.to(dtype=..., device=...)``) as ``x.to(...)`` when it only
+    casts or moves a strided tensor; otherwise left as the ATen call."""
+    if kwargs.get("layout") not in (None, torch.strided) or kwargs.get("memory_format") not in (None, torch.preserve_format):
+        return g.call_function(aten.to.dtype_layout, args, kwargs)
+    keep = {k: v for k, v in kwargs.items() if k in ("dtype", "device", "non_blocking", "copy") and v is not None}
+    return g.call_method("to", args, keep)
+
+
 def _dropout(inplace: bool) -> Write:
     def write(g: fx.Graph, args: tuple, kwargs: dict) -> fx.Node:
         x, p, train = args
@@ -108,7 +118,7 @@ _BINARY = {aten.add: torch.add, aten.sub: torch.sub, aten.mul: torch.mul, aten.d
 
 #: ATen overload -> how it is written as a torch call the analysis has a rule for
 ATEN_RULES: dict[Any, Write] = {
-    aten.linear.default: _call(F.linear),
+    aten.linear.default: _call(F.linear), aten.addmm.default: _call(torch.addmm),
     aten.conv1d.default: _call(F.conv1d), aten.conv2d.default: _call(F.conv2d), aten.conv3d.default: _call(F.conv3d),
     aten.batch_norm.default: _batch_norm,
     aten.layer_norm.default: _call(F.layer_norm, 5),
@@ -129,7 +139,8 @@ ATEN_RULES: dict[Any, Write] = {
     aten.clamp.default: _call(torch.clamp), aten.square.default: _call(torch.square),
     aten.clamp_min.default: _call(torch.clamp_min), aten.linalg_vector_norm.default: _call(torch.linalg.vector_norm),
     aten.hardtanh_.default: lambda g, a, k: g.call_function(F.hardtanh, a, {"inplace": True}),
-    aten.to.dtype: _method("to"),
+    aten.to.dtype: _method("to"), aten.type_as.default: _method("type_as"),
+    aten.to.dtype_layout: lambda g, a, k: _to_dtype_layout(g, a, k),
     aten.matmul.default: _call(torch.matmul), aten.bmm.default: _call(torch.bmm),
     aten.view.default: _method("view"), aten.reshape.default: _call(torch.reshape),
     aten._unsafe_view.default: _call(torch.reshape),
@@ -255,8 +266,11 @@ def export_trace(model: nn.Module, values: list[Any], param_names: list[str]) ->
     """``model`` exported on ``values`` (its forward's arguments in order; the model's
     training flag as it is) and written back as a ``GraphModule`` over its parameters."""
     name = type(model).__name__
+    args, kwargs = as_call(model, values)
+    dynamic = _dynamic_dims(values)
     try:
-        ep = torch.export.export(model, tuple(values), dynamic_shapes=_dynamic_dims(values), strict=False)
+        ep = torch.export.export(model, args, kwargs, dynamic_shapes=dict(zip(kwargs, dynamic)) if kwargs else dynamic,
+                                 strict=False)
     except Exception as exc:  # noqa: BLE001 - export raises many kinds; one clear message
         raise TraceError(f"torch.export cannot export '{name}' either: {reason(exc)}") from exc
     sig = ep.graph_signature
@@ -264,16 +278,19 @@ def export_trace(model: nn.Module, values: list[Any], param_names: list[str]) ->
     graph, env, attrs, names = fx.Graph(), {}, {}, {}
     state = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
     user = iter(zip(param_names, values))
+    defaulted = False
     for n in ep.graph.nodes:
         if n.op == "placeholder":
             spec = specs.get(n.name)
             if spec is None or spec.kind == InputKind.USER_INPUT:
                 pname, value = next(user)
                 if isinstance(value, torch.Tensor):
-                    env[n] = graph.placeholder(pname)
+                    # after a parameter with a default every one needs one: a tensor's is None (give it)
+                    env[n] = graph.placeholder(pname, default_value=None) if defaulted else graph.placeholder(pname)
                 else:  # specialised to its value, as symbolic tracing does; the call keeps its arity
                     graph.placeholder(pname, default_value=value)
                     env[n] = value
+                    defaulted = True
                 continue
             if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
                 attrs[spec.target] = state[spec.target]
@@ -311,6 +328,9 @@ def export_trace(model: nn.Module, values: list[Any], param_names: list[str]) ->
                 raise TraceError(f"'{name}' mutates {', '.join(map(str, mutated))} in its forward: fxprune reads "
                                  "forwards that change no state but BatchNorm's running statistics")
             result = pytree.tree_unflatten([env[o] if isinstance(o, fx.Node) else o for o in outs], ep.call_spec.out_spec)
+            if isinstance(result, dict) and type(result) is not dict:  # a transformers ModelOutput
+                graph.set_codegen(TypedOutput(type(result)))
+                result = dict(result)
             graph.output(result)
         else:  # pragma: no cover - the training IR has no other node kinds
             raise TraceError(f"'{name}' exports a '{n.op}' node ('{n.name}'), which fxprune does not read")

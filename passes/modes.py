@@ -17,13 +17,17 @@ Example::
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-__all__ = ["FollowModuleMode", "first_difference"]
+__all__ = ["FollowModuleMode", "first_difference", "MODE_RATE"]
+
+#: ``node.meta`` key of the nodes that make an attention's dropout rate follow the mode
+MODE_RATE = "fxprune_mode_rate"
 
 #: functional op -> (module class, position of p, position of the training flag, extra args -> module kwargs)
 _DROPOUTS: dict[Any, tuple[type, int, int, Any]] = {
@@ -83,9 +87,30 @@ class FollowModuleMode(PassBase):
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
             self.replaced.append(node.name)
+        self._attention_dropout(gm)
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, bool(self.replaced))
+
+    def _attention_dropout(self, gm: fx.GraphModule) -> None:
+        """``F.scaled_dot_product_attention(..., dropout_p=p)`` with a constant ``p > 0`` (a
+        forward traced in training mode: ``dropout_p=self.p if self.training else 0.0``)
+        gets ``dropout_p=p * self.training``: the attention's dropout follows the mode too."""
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node.target is not F.scaled_dot_product_attention:
+                continue
+            p = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
+            if isinstance(p, fx.Node) or not p:
+                continue
+            with gm.graph.inserting_before(node):
+                flag = gm.graph.create_node("get_attr", "training")  # a flag, not a tensor: no reference check
+                rate = gm.graph.call_function(operator.mul, (flag, float(p)))
+            flag.meta[MODE_RATE] = rate.meta[MODE_RATE] = True
+            if len(node.args) > 4:
+                node.update_arg(4, rate)
+            else:
+                node.update_kwarg("dropout_p", rate)
+            self.replaced.append(node.name)
 
 
 def _describe(node: fx.Node) -> str:
@@ -95,14 +120,47 @@ def _describe(node: fx.Node) -> str:
     return f"'{node.name}' ({node.op} {what}{f' in module {where!r}' if where else ''})"
 
 
+def _layout_only(node: fx.Node) -> bool:
+    """A node that changes no value: ``x.contiguous()`` (the training graph of an attention
+    with dropout has one where the eval graph has none), or a mode-following rate's own nodes."""
+    return MODE_RATE in node.meta or (node.op == "call_method" and node.target == "contiguous")
+
+
+def _signatures(gm: fx.GraphModule) -> list[tuple[fx.Node, str]]:
+    """Every node but the layout-only ones, with what it computes from which earlier node
+    (by position, so the names a trace numbers do not count); a mode-following dropout
+    rate reads as the eval mode's 0, and a rate of 0 as the default it is."""
+    index: dict[fx.Node, Any] = {}
+    out: list[tuple[fx.Node, str]] = []
+
+    def ref(v: Any) -> Any:
+        return fx.map_arg(v, lambda n: index[n])
+
+    for n in gm.graph.nodes:
+        if _layout_only(n):
+            index[n] = index[n.args[0]] if n.op == "call_method" else 0.0
+            continue
+        index[n] = f"%{len(out)}"
+        kwargs = dict(ref(dict(n.kwargs)))
+        if n.target is F.scaled_dot_product_attention and kwargs.get("dropout_p", None) == 0.0:
+            kwargs.pop("dropout_p")
+        args = ref(n.args)
+        if n.target is F.scaled_dot_product_attention and len(args) > 4 and args[4] == 0.0:
+            args = args[:4] + (None,) + args[5:]
+        out.append((n, f"{n.op} {n.target} {args} {kwargs}"))
+    return out
+
+
 def first_difference(train: fx.GraphModule, eval_: fx.GraphModule) -> str | None:
-    """Where the graphs traced in train and eval mode part, in words; None if they are
-    the same graph."""
+    """Where the graphs traced in train and eval mode part, in words; None if they compute
+    the same (up to layout-only nodes, :func:`_layout_only`)."""
     if train.code == eval_.code:
         return None
-    a, b = list(train.graph.nodes), list(eval_.graph.nodes)
-    for x, y in zip(a, b):
-        if (x.op, x.target, str(x.args), str(x.kwargs)) != (y.op, y.target, str(y.args), str(y.kwargs)):
+    a, b = _signatures(train), _signatures(eval_)
+    for (x, sx), (y, sy) in zip(a, b):
+        if sx != sy:
             return f"in train mode the graph runs {_describe(x)} where in eval mode it runs {_describe(y)}"
+    if len(a) == len(b):
+        return None
     longer, mode = (a, "train") if len(a) > len(b) else (b, "eval")
-    return f"only in {mode} mode the graph runs {_describe(longer[min(len(a), len(b))])}"
+    return f"only in {mode} mode the graph runs {_describe(longer[min(len(a), len(b))][0])}"

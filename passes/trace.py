@@ -44,8 +44,9 @@ from .decompose import DecomposeAttention
 from .export_front import FRONT_END_META, export_trace
 from .modes import FollowModuleMode, first_difference
 from .recognize import RecognizeRMSNorm
+from .reload import ReloadTracer
 from .shape_prop import ShapePropError, propagate_shapes
-from .tracer import LEAVES_META, LeafTracer, TraceError, reason
+from .tracer import LEAVES_META, LeafTracer, TraceError, as_call, reason
 
 __all__ = ["TraceError", "LeafTracer", "trace", "bind_inputs", "forward_names", "restore_buffers", "LEAVES_META", "MODES", "FRONT_ENDS", "FRONT_END_META",
            "front_end_of"]
@@ -68,10 +69,20 @@ def bind_inputs(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] 
     sig = inspect.signature(model.forward)
     params = list(sig.parameters.values())
     name = type(model).__name__
-    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
         if kwargs:
-            raise ValueError(f"{name}.forward{sig} takes *args or **kwargs: give the example inputs positionally")
+            raise ValueError(f"{name}.forward{sig} takes *args: give the example inputs positionally")
         return list(args), {}
+    # a forward with **kwargs (transformers' models) is bound by its named parameters; the
+    # extra keywords it passes on are not inputs of the graph
+    named = [p for p in params if p.kind != p.VAR_KEYWORD]
+    extra = [k for k in kwargs if k not in {p.name for p in named}]
+    if extra:
+        raise ValueError(f"{name}.forward has no parameter {', '.join(repr(k) for k in extra)} (it takes "
+                         f"{', '.join(p.name for p in named)}): fxprune traces a forward's named parameters, "
+                         "and keywords its **kwargs would take are not inputs of the graph")
+    params = named
+    sig = sig.replace(parameters=named)
     try:
         bound = sig.bind_partial(*args, **kwargs)
     except TypeError as exc:
@@ -80,6 +91,8 @@ def bind_inputs(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] 
     for p in params:
         if p.name in bound.arguments:
             value = bound.arguments[p.name]
+        elif p.name == "use_cache" and p.default is None:  # transformers: a cache is generation state, not trained
+            value = False
         elif p.default is not p.empty:
             value = p.default
         else:
@@ -147,7 +160,8 @@ def _same_outputs(model: nn.Module, gm: fx.GraphModule, values: list[Any]) -> No
     model.eval()
     gm.eval()
     with torch.no_grad():
-        want, got = tree_leaves(model(*values)), tree_leaves(gm(*values))
+        args, kwargs = as_call(model, values)
+        want, got = tree_leaves(model(*args, **kwargs)), tree_leaves(gm(*values))
     tensors = [(w, g) for w, g in zip(want, got) if isinstance(w, torch.Tensor)]
     if len(want) != len(got) or any(w.shape != g.shape for w, g in tensors) or any(
             not torch.allclose(g.float(), w.float(), rtol=1e-4, atol=1e-5 * max(float(w.float().abs().max()), 1.0))
@@ -248,4 +262,5 @@ def trace(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, kwar
     finally:
         model.train(was_training)
     gm.train(was_training)
+    gm._tracer_cls = ReloadTracer  # what torch.load rebuilds the graph with (its buffers traced, its output type kept)
     return gm

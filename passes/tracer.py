@@ -26,7 +26,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["TraceError", "LeafTracer", "LEAVES_META", "reason", "autograd_function_of"]
+__all__ = ["TraceError", "LeafTracer", "LEAVES_META", "reason", "autograd_function_of", "as_call"]
 
 #: Key under which tracing stores ``{module path: reason}`` for fallback leaves.
 LEAVES_META = "fxprune_leaves"
@@ -37,6 +37,18 @@ _FUNCTION_ATTR = "_fxprune_autograd_function"
 
 class TraceError(RuntimeError):
     """Raised when a model cannot be traced even with every failing submodule as a leaf."""
+
+
+def as_call(model: nn.Module, values: list[Any]) -> tuple[tuple, dict[str, Any]]:
+    """``(args, kwargs)`` that call ``model`` with ``values``, its forward's arguments in
+    parameter order: by keyword, as transformers' models expect (their decorators pass
+    some arguments on again), or positionally for a forward that takes ``*args``."""
+    import inspect
+
+    params = [p for p in inspect.signature(model.forward).parameters.values() if p.kind != p.VAR_KEYWORD]
+    if any(p.kind in (p.VAR_POSITIONAL, p.POSITIONAL_ONLY) for p in params):
+        return tuple(values), {}
+    return (), {p.name: v for p, v in zip(params, values)}
 
 
 def _failing_line(exc: BaseException) -> str:

@@ -1,12 +1,14 @@
 """Model-zoo sweep: every torchvision classifier (or one or two models of every timm
-family), pruned at random and checked numerically.
+family, or the transformers architectures of :mod:`.hf_zoo`), pruned at random and
+checked numerically.
 
 For each model: ``prepare`` -> ``random_masks(keep)`` -> ``convert``; the compact model's
 outputs must equal the gated model's (eval mode) within ``rtol`` of the output scale,
 its parameter count must equal the one the masks imply, and ``torch.export.export`` of
 it must run and give the same outputs. A model that cannot be prepared (traced) is
 listed with its reason, apart from the ones that fail after it. Run as ``fxprune zoo``
-(``--source timm`` for timm, an optional extra: random init, nothing downloaded).
+(``--source timm`` for timm, ``--source transformers`` for transformers, optional extras:
+random init, nothing downloaded).
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torchvision
+from torch.utils._pytree import tree_leaves
 
 from ..api import channel_graph, convert, prepare
 from ..passes import front_end_of
+from ..passes.trace import bind_inputs, forward_names
 from .masks import implied_param_count, random_masks
 
 __all__ = ["ZooResult", "check_model", "classification_models", "timm_models", "build_model", "input_size", "summary", "main"]
@@ -145,19 +149,59 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
+def _leaves_err(got: list, want: list) -> float:
+    """The largest relative error over the tensors of two flattened outputs (inf when their
+    structures differ)."""
+    pairs = [(g, w) for g, w in zip(got, want) if isinstance(w, torch.Tensor) and w.numel()]
+    if len(got) != len(want) or not pairs or any(not isinstance(g, torch.Tensor) or g.shape != w.shape for g, w in pairs):
+        return float("inf")
+    return max(_rel_err(g.float(), w.float()) for g, w in pairs)
+
+
+def _no_cache(model: torch.nn.Module) -> dict:
+    """``use_cache=False`` for a forward that takes it: the gated model is traced without the
+    generation cache (:func:`fxprune.passes.trace.bind_inputs`)."""
+    import inspect
+
+    return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+
+
+def _check_same(want: object, got: object, rtol: float, what: str) -> None:
+    if type(got) is not type(want):
+        raise TypeError(f"{what} returns {type(got).__name__}, the model {type(want).__name__}")
+    err = _leaves_err(tree_leaves(got), tree_leaves(want))
+    if not err <= rtol:
+        raise ValueError(f"{what} differs from the model by {err:.1e} (relative)")
+
+
 def check_model(name: str, keep: float = 0.5, seed: int = 0, rtol: float = 1e-4, batch: int = 2,
                 source: str = "torchvision", front_end: str = "auto") -> ZooResult:
     """Prepare (through ``front_end``), randomly mask, convert and export model ``name`` of
-    ``source`` ("torchvision" or "timm")."""
+    ``source`` ("torchvision", "timm" or "transformers"). transformers' models are taken as
+    users hold them: the hub's class, called with keywords, prepared in the default mode
+    (train and eval), and the gated model checked against the model itself first."""
     res, t0 = ZooResult(name), time.perf_counter()
     try:
         res.stage = "build"
-        model, x = build_model(name, source, seed, batch)
+        if source == "transformers":
+            from .hf_zoo import build_transformer
+
+            model, args, kwargs = build_transformer(name, seed)
+            model.eval()
+        else:
+            model, x = build_model(name, source, seed, batch)
+            args, kwargs = (x,), {}
         res.params_before = sum(p.numel() for p in model.parameters())
         res.stage = "prepare"
         with warnings.catch_warnings():  # the sweep reports the prunable share and its reasons itself
             warnings.simplefilter("ignore")
-            gated = prepare(model, (x,), mode="eval", front_end=front_end, inplace=True)  # an eval-mode sweep
+            if source == "transformers":
+                gated = prepare(model, args, kwargs=kwargs, front_end=front_end)
+                with torch.no_grad():
+                    own = model(*args, **kwargs, **_no_cache(model))
+                    _check_same(own, gated.eval()(*args, **kwargs), rtol, "the gated model")
+            else:
+                gated = prepare(model, args, mode="eval", front_end=front_end, inplace=True)  # an eval-mode sweep
         res.front_end = front_end_of(gated)[0]
         res.stage = "convert"
         cg = channel_graph(gated)
@@ -168,11 +212,13 @@ def check_model(name: str, keep: float = 0.5, seed: int = 0, rtol: float = 1e-4,
         res.params_after = sum(p.numel() for p in compact.parameters())
         res.params_implied = implied_param_count(gated)
         with torch.no_grad():
-            ref = gated(x)
-            res.max_rel_err = _rel_err(compact(x), ref)
+            ref = tree_leaves(gated(*args, **kwargs))
+            res.max_rel_err = _leaves_err(tree_leaves(compact(*args, **kwargs)), ref)
             res.equivalent = res.max_rel_err <= rtol
-            ep = torch.export.export(compact, (x,))
-            res.exported = _rel_err(ep.module()(x), ref) <= rtol
+            # every parameter by keyword, defaults included: export binds a GraphModule's inputs by position
+            full = dict(zip(forward_names(compact, len(values := bind_inputs(compact, args, kwargs)[0])), values))
+            ep = torch.export.export(compact, (), full)
+            res.exported = _leaves_err(tree_leaves(ep.module()(**full)), ref) <= rtol
         res.stage = ""
     except Exception as exc:  # noqa: BLE001 - the sweep reports every failure and goes on
         res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
@@ -183,8 +229,9 @@ def check_model(name: str, keep: float = 0.5, seed: int = 0, rtol: float = 1e-4,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fxprune zoo", description=__doc__.splitlines()[0])
-    p.add_argument("--source", choices=["torchvision", "timm"], default="torchvision",
-                   help="torchvision: every classifier; timm (optional extra): one or two models per family")
+    p.add_argument("--source", choices=["torchvision", "timm", "transformers"], default="torchvision",
+                   help="torchvision: every classifier; timm (optional extra): one or two models per family; "
+                        "transformers (optional extra): the hub's classes from tiny random configs")
     p.add_argument("--models", nargs="*", help="names or glob patterns (default: the whole sweep)")
     p.add_argument("--keep", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
@@ -197,6 +244,14 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             p.error("--source timm needs timm: pip install 'fxprune[timm]'")
         names = timm_models()
+    elif args.source == "transformers":
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            p.error("--source transformers needs transformers: pip install 'fxprune[transformers]'")
+        from .hf_zoo import TRANSFORMERS
+
+        names = list(TRANSFORMERS)
     else:
         names = classification_models()
     if args.models:

@@ -121,18 +121,19 @@ def conv_function(b: "Builder", node: fx.Node) -> Dims:
     return conv_like(b, node, node.args[0], _attr(w), _attr(bias), 1, False)
 
 
-def linear_like(b: "Builder", node: fx.Node, x: fx.Node, w: str, bias: str | None) -> Dims:
+def linear_like(b: "Builder", node: fx.Node, x: fx.Node, w: str, bias: str | None, transposed: bool = False) -> Dims:
+    """``y = x w^T + bias`` (``w`` is ``[out, in]``; ``transposed``: ``[in, out]``, ``x w + bias``)."""
     nd = len(shape(node))
     owner = node.target if node.op == "call_module" else node.name
     cin = b.space(x, nd - 1)
     out = b.new(node, nd - 1, shape(node)[-1])
     b.add_flops(w, 2.0 * math.prod(shape(node)[:-1]) / b.batch_size)
     b.layer_outputs.append((owner, out))
-    b.bind(w, 1, cin, "consumer", owner)
-    b.bind(w, 0, out, "producer", owner)
+    b.bind(w, 0 if transposed else 1, cin, "consumer", owner)
+    b.bind(w, 1 if transposed else 0, out, "producer", owner)
     if bias is not None:
         b.bind(bias, 0, out, "producer", owner)
-    b.read(node, 0, cin, nd - 1)
+    b.read(node, node.args.index(x), cin, nd - 1)
     return {**{d: s for d, s in b.dims_of(x).items() if d < nd - 1}, nd - 1: out}
 
 
@@ -185,6 +186,16 @@ def linear_function(b: "Builder", node: fx.Node) -> Dims:
         s = b.space(bias, 0) if s is None or s in b.batch else s
         b.link(dims[nd - 1], s)
     return dims
+
+
+def addmm_function(b: "Builder", node: fx.Node) -> Dims:
+    """``torch.addmm(bias, x, w)`` with ``w`` (``[in, out]``) and ``bias`` parameters and
+    ``beta = alpha = 1``: a linear layer that holds its weight transposed (transformers'
+    ``Conv1D``, GPT-2's projections)."""
+    bias, x, w = (arg(node, i, k) for i, k in ((0, "input"), (1, "mat1"), (2, "mat2")))
+    if _attr(w) is None or _attr(bias) is None or arg(node, 3, "beta", 1) != 1 or arg(node, 4, "alpha", 1) != 1:
+        return unknown(b, node, f"addmm '{node.name}' of computed tensors is not pruned")
+    return linear_like(b, node, x, _attr(w), _attr(bias), transposed=True)
 
 
 def channel_norm(b: "Builder", node: fx.Node, names: list[str | None]) -> Dims:
