@@ -22,13 +22,14 @@ from torch import fx, nn
 from .config import PruneConfig
 from .distributed import sync_buffers
 from .gates import GateBank, GateNorm, GateRead, LayerGateApply, bank_structure, group_floors, read_index
+from .shaping import role_classes
 from .passes import Compact, InsertGates, TraceError, analyze, front_end_of, trace
 from .passes.analysis import unread_functions
 from .passes.channel_graph import ChannelGraph
 from .passes.insert_gates import strip_gate_nodes
 from .passes.surgery import copy_module, replace_tensor, skeleton
 from .passes.trace import FRONT_END_META, LEAVES_META, bind_inputs, forward_names, restore_buffers
-from .state import STATE, GateLayout, PruneState, decisions, gate_bank, run_example, state_of
+from .state import COMPACT, STATE, CompactOrigin, GateLayout, PruneState, decisions, gate_bank, run_example, state_of
 
 __all__ = ["prepare", "convert", "channel_graph", "config_of", "decisions", "gate_bank", "run_example"]
 
@@ -257,6 +258,7 @@ def _prepare(model: nn.Module, values: list[Any], config: PruneConfig, batch_dim
     layout = GateLayout.build(groups, branches)
     bank = GateBank(layout.size, config.theta_init, config.estimator, cg.inputs.get(cg.batch_input), config.min_units)
     bank.floors = group_floors(cg, list(groups), config.min_share, config.min_units)
+    bank.roles = role_classes(cg, list(groups))
     InsertGates(
         cg, list(groups), branches, bank,
         read=lambda r: GateRead(read_index(cg, layout.units, cg.spaces[r.space].group, r.space), r.dim, r.batch_dim,
@@ -267,8 +269,19 @@ def _prepare(model: nn.Module, values: list[Any], config: PruneConfig, batch_dim
     )(gm)
     bank.set_structure(*bank_structure(cg, layout.units, layout.size, bank.floors))
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    gm.meta[STATE] = PruneState(cg, config, layout, _one_example(tuple(values), dims), dict(zip(placeholders, dims)))
+    gm.meta[STATE] = PruneState(cg, config, layout, _one_example(tuple(values), dims), dict(zip(placeholders, dims)),
+                                origin=_origin(model))
     return gm
+
+
+def _origin(model: nn.Module) -> tuple[type, Any] | None:
+    """The model's class and a copy of its ``config`` (transformers' models: what
+    :func:`fxprune.hf.to_pretrained` builds the stock model from), or None."""
+    config = getattr(model, "config", None)
+    try:
+        return type(model), copy.deepcopy(config)
+    except Exception:  # noqa: BLE001 - a config that cannot be copied: nothing to rebuild from
+        return None
 
 
 def config_of(gated: fx.GraphModule) -> PruneConfig:
@@ -310,4 +323,5 @@ def convert(gated: fx.GraphModule) -> fx.GraphModule:
                 copies[id(t)] = nn.Parameter(t.detach().clone(), t.requires_grad) if isinstance(t, nn.Parameter) \
                     else t.detach().clone()
             replace_tensor(compact, name, copies[id(t)])
+    compact.meta[COMPACT] = CompactOrigin(state.graph, unit_keep, set(drop), state.origin, state.example)
     return compact

@@ -133,6 +133,16 @@ class PruneConfig:
             stream or a stem is never cut to a few channels. The cost prices the floor (a
             group at it saves nothing more, so the budget is sought elsewhere), and eval
             mode, the removals and the decision keep it. 0 leaves ``min_units`` alone.
+        multiple_of: every pruned width (a group's units: channels, heads, head_dims) is
+            kept as a multiple of this, or whole: what tensor cores (8, 16) and tensor
+            parallelism (kept heads and MLP units divisible by its degree) need. Applied
+            at the decision, which the budget's cut searches with it, and by live removal
+            (which keeps back switched-off units to round up).
+        uniform: repeated blocks (the layers of a ``ModuleList`` built from one class)
+            keep the same width for the same role: every layer the same number of heads,
+            the same MLP width (decided jointly at the decision; live removal takes from
+            each layer only what it can take from all), so a stock config can describe
+            the pruned model (:func:`fxprune.hf.to_pretrained`).
 
     Every field is checked when it is set, at construction and on later assignment
     (``config.gamma = -5`` raises), and the error names the field.
@@ -159,6 +169,8 @@ class PruneConfig:
     exclude: tuple[str, ...] = ()
     min_units: int = 1
     min_share: float = 0.1
+    multiple_of: int | None = None
+    uniform: bool = False
     total_steps: int | None = None
     target_flops: float | None = None
     target_params: float | None = None
@@ -244,8 +256,8 @@ _RANGES = {
     "target_params": (0.0, 1.0, False, True), "budget_lr": (0.0, 1.0, False, True),
     "sharpen": (0.0, math.inf, True, False), "min_share": (0.0, 1.0, True, False),
 }
-_INTS = {"check_every": 1, "patience": 1, "min_units": 1}
-_OPTIONAL = {"check_every", "gamma", "budget_lr", "w_tol", "total_steps", "target_flops", "target_params", "warmup", "budget_steps", "decide"}
+_INTS = {"check_every": 1, "patience": 1, "min_units": 1, "multiple_of": 1}
+_OPTIONAL = {"multiple_of", "check_every", "gamma", "budget_lr", "w_tol", "total_steps", "target_flops", "target_params", "warmup", "budget_steps", "decide"}
 #: the warm-up, the budget schedule and the decision, as fractions of ``total_steps``: the budget is
 #: reached at about a third of the run, and the model the decision fixes is fine-tuned for the last 0.4
 WARMUP, BUDGET_STEPS, DECIDE = 0.1, 0.25, 0.6
@@ -290,7 +302,7 @@ def _check(name: str, value: object) -> object:
             raise ValueError(f"{field_} must be {bounds}, got {value:g}")
     elif name in _INTS:
         value = _check_int(field_, value, _INTS[name])
-    elif name == "reset_moments":
+    elif name in ("reset_moments", "uniform"):
         if not isinstance(value, bool):
             raise TypeError(f"{field_} must be True or False, got {value!r}")
     elif name == "cost_reference" and value is not None:

@@ -31,8 +31,8 @@ DECIDED = 0.01  # a theta within this of 0 or 1 is decided: the cut never drops 
 FILL_TRIES = 256  # structures the greedy fill tries at most (each is one evaluation of the cost)
 
 
-def closest_to_budget(objective: Objective, bank: GateBank, keep: Tensor,
-                      targets: dict[str, float]) -> tuple[Tensor, float, float]:
+def closest_to_budget(objective: Objective, bank: GateBank, keep: Tensor, targets: dict[str, float],
+                      shape: Callable[[Tensor], Tensor] = lambda k: k) -> tuple[Tensor, float, float]:
     """``(cut, miss of keep, miss of cut)``: ``keep`` itself when it misses no budget by more
     than ``TOLERANCE`` (relative), else the structures of highest score whose compact model
     is the closest to every budget (the largest relative miss, over the budgets, is the
@@ -42,7 +42,9 @@ def closest_to_budget(objective: Objective, bank: GateBank, keep: Tensor,
     pruner, rather than met by destroying the model. The score is theta, ties (the gates a sharp
     dual step has just switched off, all at 0 but not yet removed) broken by the weights'
     RMS. The fractions only grow as the cut falls, so a bisection over the distinct scores
-    finds the two cuts around the budget; the one under it is filled (:func:`fill`)."""
+    finds the two cuts around the budget; the one under it is filled (:func:`fill`).
+    ``shape`` rounds every cut to the widths ``multiple_of`` and ``uniform`` allow
+    (:class:`fxprune.shaping.Shaper`), so the search measures the cuts it can take."""
 
     def misses(k: Tensor) -> list[float]:  # signed relative misses, one per budget: > 0 is over it
         with torch.no_grad():
@@ -52,6 +54,7 @@ def closest_to_budget(objective: Objective, bank: GateBank, keep: Tensor,
     def miss(k: Tensor) -> float:
         return max(abs(m) for m in misses(k))
 
+    keep = shape(keep)
     rounded = miss(keep)
     if rounded <= TOLERANCE:
         return keep, rounded, rounded
@@ -65,7 +68,7 @@ def closest_to_budget(objective: Objective, bank: GateBank, keep: Tensor,
     decided_on = theta >= 1 - DECIDED  # what training kept stays: the cut moves only gates it left undecided
 
     def at(i: int) -> Tensor:  # the structures scored at or above levels[i]
-        return floor_keep((score >= levels[i]) | decided_on, score, bank.segments, bank.least).to(theta.dtype)
+        return shape(floor_keep((score >= levels[i]) | decided_on, score, bank.segments, bank.least).to(theta.dtype))
 
     lo, hi = 0, levels.numel() - 1  # the cut at lo keeps the most, at hi the least
     if max(misses(at(hi))) > 0:  # the fewest structures are still over: keep them
@@ -78,7 +81,7 @@ def closest_to_budget(objective: Objective, bank: GateBank, keep: Tensor,
             hi = mid
     under = at(hi)
     if max(misses(under)) <= 0:  # fill what the cut leaves of the budget, skipping what does not fit
-        under = fill(under, score, misses)
+        under = shape(fill(under, score, misses))
     best, best_miss = min(((k, miss(k)) for k in (under, at(lo))), key=lambda c: c[1])
     return (best, rounded, best_miss) if best_miss < rounded else (keep, rounded, rounded)
 

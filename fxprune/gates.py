@@ -60,6 +60,8 @@ class GateBank(nn.Module):
         self.estimator, self.batch_dim, self.min_units = estimator, batch_dim, min_units
         #: group id -> the units it keeps at least (its floor, set at prepare; other groups: ``min_units``)
         self.floors: dict[int, int] = {}
+        #: classes of groups playing one role in repeated blocks (set at prepare, :func:`fxprune.shaping.role_classes`)
+        self.roles: list[list[int]] = []
         #: the generator masks are sampled with (None: torch's default; set per process under torch.distributed)
         self.generator: torch.Generator | None = None
         self.register_buffer("theta", torch.full((n,), float(theta_init)))

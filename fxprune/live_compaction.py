@@ -19,12 +19,13 @@ Example::
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from torch import fx, nn
+from torch import Tensor, fx, nn
 
 from . import optim_state
 from .cost import counted_run
@@ -95,7 +96,7 @@ class _Snapshot:
 
 
 def _floored_keep(gated: fx.GraphModule, state: PruneState, unit_drop: dict[int, np.ndarray],
-                  exact: bool = False) -> dict[int, np.ndarray]:
+                  exact: bool = False, shape: Callable[[Tensor, Tensor], Tensor] | None = None) -> dict[int, np.ndarray]:
     """Per gated group: the units kept, with every unit eval mode keeps (its gate on, or the
     best of a channel dimension whose gates are all off) kept too, so the deterministic
     model is unchanged. ``exact``: the masks as given (replaying a recorded removal on a
@@ -121,7 +122,10 @@ def _floored_keep(gated: fx.GraphModule, state: PruneState, unit_drop: dict[int,
         raise RemovalError(f"these units have their gates on (theta >= 0.5), so removing them would change the "
                            f"model's output: {'; '.join(where)}")
     keep |= bank.deterministic().cpu() > 0  # the best unit of a dimension whose gates are all off stays
-    keep = floor_keep(keep, theta, bank.segments.cpu(), bank.least.cpu()).numpy()
+    keep = floor_keep(keep, theta, bank.segments.cpu(), bank.least.cpu())
+    if shape is not None:  # widths rounded up and alike in repeated blocks: the extra units stay gated (off)
+        keep = shape(keep, theta) > 0
+    keep = keep.numpy()
     return {gid: keep[layout.units[gid]] for gid in unit_drop if not keep[layout.units[gid]].all()}
 
 
@@ -153,13 +157,15 @@ def _drop_from_optimizer(optimizer: torch.optim.Optimizer, gone: set[int]) -> No
 
 
 def remove(gated: fx.GraphModule, unit_drop: dict[int, np.ndarray], layer_drop: set[int],
-           optimizer: torch.optim.Optimizer | None = None, verify: bool = True, rtol: float = 1e-3) -> Removal:
+           optimizer: torch.optim.Optimizer | None = None, verify: bool = True, rtol: float = 1e-3,
+           shape: Callable[[Tensor, Tensor], Tensor] | None = None) -> Removal:
     """Remove units (``unit_drop[group]``: True = remove) and residual branches
     (``layer_drop``) from the live model, all or nothing. With ``verify``, structures whose
     gates are on cannot be removed (:class:`RemovalError`), the unit eval mode keeps for a
     dimension whose gates are all off stays, and the model's eval output on the stored
     example must stay the same. ``verify=False`` applies the masks as given (replaying a
-    checkpoint's removals on a fresh model)."""
+    checkpoint's removals on a fresh model). ``shape(keep, theta)`` adds to the kept units
+    what the widths must keep (:class:`fxprune.shaping.Shaper`)."""
     state = state_of(gated)
     cg, layout = state.graph, state.layout
     layer_drop = set(layer_drop)
@@ -171,7 +177,7 @@ def remove(gated: fx.GraphModule, unit_drop: dict[int, np.ndarray], layer_drop: 
     if on and verify:
         raise RemovalError(f"the layer gates of branches {on} are on (theta >= 0.5), so removing them would change "
                            "the model's output")
-    unit_keep = _floored_keep(gated, state, unit_drop, exact=not verify)
+    unit_keep = _floored_keep(gated, state, unit_drop, exact=not verify, shape=shape)
     effective = cg.effective_keep(unit_keep, layer_drop)
     check_nonempty(cg, effective, layer_drop)
     slices = plan_slices(cg, effective)

@@ -32,6 +32,7 @@ from .cut import DECIDED, TOLERANCE, closest_to_budget, undecided
 from .decisions import decisions_record
 from .live_compaction import describe_removal
 from .objective import Objective
+from .shaping import Shaper
 from .state import gate_bank, state_of
 
 __all__ = ["Pruner", "describe_removal", "PREPARE_TIME"]
@@ -78,8 +79,7 @@ class Pruner:
                                      "this config, or leave config out to use the prepared one")
         self.config = config or state.config
         if not state.layout.size:
-            cg = state.graph
-            reasons = sorted({g.frozen[0] for g in cg.groups.values() if g.frozen})[:5]
+            reasons = sorted({g.frozen[0] for g in state.graph.groups.values() if g.frozen})[:5]
             raise ValueError(
                 "the model has no prunable structure: every channel group is frozen and there is no residual "
                 f"branch (reasons: {'; '.join(reasons)})")
@@ -88,6 +88,7 @@ class Pruner:
         optim_state.check_holds(optimizer, gated, self.config.lam1)
         gate_bank(gated).theta.requires_grad_(True)
         self.objective = Objective(gated, self.config)
+        self.shaper = Shaper(gated, self.config.multiple_of, self.config.uniform)
         self.steps = 0
         #: consecutive checks each flat theta entry has been switched off
         self.below = np.zeros(state.layout.size, dtype=np.int64)
@@ -108,9 +109,7 @@ class Pruner:
         #: at the decision: the share of gates left undecided, and the decided model's relative miss of its budget
         self.undecided_at_decision: float | None = None
         self.budget_miss = 0.0
-        self._warned: set[str] = set()
-        self._hooked: Tensor | None = None
-        self._device: torch.device | None = None
+        self._warned, self._hooked, self._device = set(), None, None  # warned kinds, theta hook, device
         self._pick_sentinel()
         self._follow_device()
         gated.meta[_PRUNER_META] = weakref.ref(self)
@@ -270,14 +269,15 @@ class Pruner:
         kept instead (:func:`fxprune.cut.closest_to_budget`); otherwise eval mode computes
         the same function before and after."""
         bank = gate_bank(self.gated)
-        keep = bank.deterministic()
+        keep = self.shaper(bank.deterministic(), bank.theta, "mean")
         self.undecided_at_decision = undecided(bank.theta.detach())
         if self.undecided_at_decision > 0.01:
             log.warning("step %d: %.1f%% of the gates are undecided (theta in (%g, %g)) at the decision: the budget's "
                         "schedule did not separate them; the decision rounds them", self.steps,
                         100 * self.undecided_at_decision, DECIDED, 1 - DECIDED)
         if self.multipliers:
-            cut, rounded, miss = closest_to_budget(self.objective, bank, keep, self.config.targets)
+            cut, rounded, miss = closest_to_budget(self.objective, bank, keep, self.config.targets,
+                                                   lambda k: self.shaper(k, bank.theta, "mean"))
             if cut is not keep:
                 log.info("step %d: rounding at 0.5 misses the budget by %.1f%%; the %d structures of highest theta "
                          "that fit miss it by %.1f%%", self.steps, 100 * rounded, int(cut.sum()), 100 * miss)
@@ -372,7 +372,8 @@ class Pruner:
         model and its optimizer (:func:`fxprune.live_compaction.remove`)."""
         distributed.require_wrapper(self.gated)
         before = state_of(self.gated).graph
-        record = live_compaction.remove(self.gated, unit_drop, layer_drop, self.optimizer, verify=verify)
+        record = live_compaction.remove(self.gated, unit_drop, layer_drop, self.optimizer, verify=verify,
+                                        shape=(lambda k, t: self.shaper(k, t, "max")) if self.shaper and verify else None)
         record.step = self.steps
         self.below = self.below[record.extra.pop("kept")]
         self.objective.rebuild()
