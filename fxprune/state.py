@@ -132,6 +132,25 @@ class PruneState:
     batch_dims: dict[str, int | None]
     #: bumped by every live removal (a wrapper holding parameter references rebuilds on a change)
     version: int = 0
+    #: the model's class and a copy of its ``config`` attribute (transformers' models), or None
+    origin: tuple[type, Any] | None = None
+
+
+#: ``compact.meta`` key of :class:`CompactOrigin`
+COMPACT = "fxprune_compact"
+
+
+@dataclass
+class CompactOrigin:
+    """What a compact model was converted from: the gated model's analysis, the units kept
+    of every gated group and the branches dropped, the prepared model's class and config,
+    and the stored example (``compact.meta["fxprune_compact"]``)."""
+
+    graph: ChannelGraph
+    unit_keep: dict[int, np.ndarray]
+    dropped: set[int]
+    origin: tuple[type, Any] | None
+    example: tuple[Any, ...]
 
 
 def state_of(gm: fx.GraphModule) -> PruneState:

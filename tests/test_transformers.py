@@ -168,3 +168,48 @@ def test_every_architecture_of_the_sweep_builds():
     with pytest.raises(ValueError, match="no transformers architecture 'nope'"):
         build_transformer("nope")
     assert isinstance(build_transformer("mistral")[0], tf.MistralForCausalLM)
+
+
+# ---------------------------------------------------------------- back to a stock checkpoint
+def _switch_off(gated, group, count):
+    layout, bank = fxprune.state.state_of(gated).layout, fxprune.state.gate_bank(gated)
+    with torch.no_grad():
+        bank.theta[layout.units[group].start:layout.units[group].start + count] = 0.0
+
+
+def test_to_pretrained_gives_a_stock_model_that_saves_and_reloads_equal(tmp_path):
+    import fxprune.hf
+
+    model, args, kwargs, gated = _prepare("llama")
+    heads, head_dims, mlps = fxprune.state.gate_bank(gated).roles  # one class per role, a group per layer
+    for g in mlps:
+        _switch_off(gated, g, 40)
+    for g in heads:
+        _switch_off(gated, g, 1)  # one key/value head of two, with its two query heads
+    stock = fxprune.hf.to_pretrained(gated)
+    assert type(stock) is type(model)
+    cfg = stock.config
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size, cfg.hidden_size) == (2, 1, 56, 64)
+    stock.save_pretrained(tmp_path)
+    again = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    compact = fxprune.convert(gated).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(*args, **kwargs).logits, compact(*args, **kwargs).logits, rtol=1e-5, atol=1e-5)
+    assert fxprune.hf.to_pretrained(compact).config.intermediate_size == 56  # from the compact model too
+
+
+def test_to_pretrained_names_the_layers_a_stock_config_cannot_describe():
+    import fxprune.hf
+
+    model, args, kwargs, gated = _prepare("llama")
+    heads, head_dims, mlps = fxprune.state.gate_bank(gated).roles
+    _switch_off(gated, mlps[0], 40)
+    with pytest.raises(fxprune.hf.ConversionError, match=r"layer 0: 56, layer 1: 96.*uniform=True"):
+        fxprune.hf.to_pretrained(gated)
+    model, args, kwargs, gated = _prepare("llama")
+    for g in fxprune.state.gate_bank(gated).roles[1]:
+        _switch_off(gated, g, 4)
+    with pytest.raises(fxprune.hf.ConversionError, match=r"head_dim was pruned \(16 -> layer 0: 12.*multiple_of=16"):
+        fxprune.hf.to_pretrained(gated)
+    with pytest.raises(fxprune.hf.ConversionError, match="GPT2LMHeadModel"):
+        fxprune.hf.to_pretrained(_prepare("gpt2")[3])
