@@ -57,6 +57,7 @@ class BudgetController:
         self.warmup = config.warmup_steps()
         self.schedule = config.schedule_steps()
         self.rate = config.budget_rate()
+        self.decide = config.decide_step() if config.targets or config.decide else 0
         if self.final and config.gamma is not None:
             warnings.warn(f"PruneConfig(gamma={config.gamma:g}) is not used with a budget ({self.final}): the budget "
                           "controller sets the cost's strength at every step; drop gamma, or the budget for a fixed "
@@ -86,6 +87,18 @@ class BudgetController:
         """The warm-up's ramp of the cost strength, 0 to 1."""
         return min(1.0, step / self.warmup) if self.warmup else 1.0
 
+    def separation(self, step: int) -> float:
+        """How far a theta at 0 or 1 of ``2 theta - 1`` is pushed from 0.5 at ``step``: 0 until
+        the budget is reached, then growing linearly to ``2 / (decide - reached)`` at the
+        decision, so that over that phase a theta moves by up to 1 (the gates separate while
+        the controller holds the expected cost on the budget, and the decision finds them
+        decided instead of rounding them)."""
+        reached = self.warmup + self.schedule
+        if not self.decide or step < reached or self.decide <= reached:
+            return 0.0
+        phase = self.decide - reached
+        return 2.0 / phase * min(1.0, (step - reached) / phase)
+
     @torch.no_grad()
     def penalty_value(self, step: int) -> Tensor:
         """``sum_k multiplier_k * max(fraction_k - target_k, 0)`` at ``step``, the fractions
@@ -106,6 +119,9 @@ class BudgetController:
         over; with two budgets, only pushes down: the binding one is met, the other stays
         under). The multipliers follow (see the module's docstring)."""
         obj, alpha = self.objective, self.objective.config.alpha
+        push = self.separation(step)
+        if push:  # away from 0.5, before the cost's correction: the expected cost stays on the target
+            step_ = step_ - push * (2 * theta.detach() - 1)
         for k, target in self.targets(step + 1).items():
             with torch.enable_grad():
                 t = theta.detach().clone().requires_grad_(True)

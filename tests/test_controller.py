@@ -49,6 +49,8 @@ def test_expected_flops_follow_the_scheduled_target_at_every_step_after_the_warm
             expected, target = pruner.report()["flops"], pruner.targets()["flops"]
             misses.append(abs(expected - target) / target)
     assert max(misses) < 0.03, f"expected FLOPs {max(misses):.1%} off the scheduled target"
+    # the gates separate between the budget's arrival and the decision (2.5 % undecided then; 9.9 % without it)
+    assert pruner.report()["undecided_at_decision"] <= 0.04
     assert first_removal is not None and first_removal <= reached, "structures go while the target falls"
     assert pruner.forward_flops() / pruner.dense_flops == pytest.approx(0.5, rel=0.05)
     # the cost term's value is not a multiple of the task loss: the pull on theta is the controller's

@@ -10,6 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 APPS = ("digits", "benchmarks", "report", "testing")
+#: integrations with other frameworks: above the core, imported lazily (the framework only inside them)
+INTEGRATIONS = ("hf",)
 
 
 def module_name(path: Path) -> str:
@@ -65,7 +67,7 @@ def layer(name: str) -> int:
         return 0
     if name in ("fxprune.cli", "fxprune.__main__"):
         return 3
-    if name == "fxprune" or (len(parts) > 1 and parts[1] in APPS):
+    if name == "fxprune" or (len(parts) > 1 and parts[1] in APPS + INTEGRATIONS):
         return 2
     return 1
 
@@ -93,3 +95,14 @@ def test_no_import_cycles():
     cycles = [c for c in nx.simple_cycles(g) if not any(x.startswith(y + ".") or y.startswith(x + ".")
                                                          for x in c for y in c if x != y)]
     assert not cycles, cycles[:3]
+
+
+def test_importing_fxprune_imports_no_framework():
+    """transformers is an optional extra: only fxprune.hf (and what asks for it) imports it."""
+    import subprocess
+    import sys
+
+    code = "import sys, fxprune; print(sorted(m for m in ('transformers', 'lightning', 'accelerate') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert out.stdout.strip() == "[]"
