@@ -13,6 +13,7 @@ RUNS = {
     "layer_pruning_vgg.py": ["--epochs", "1"],
     "inspect_model.py": [],
     "prune_transformer.py": ["--epochs", "2"],
+    "prune_llama.py": ["--steps", "40", "--out", "out"],
 }
 
 
@@ -24,6 +25,10 @@ def test_example_runs(tmp_path, script):
     assert done.stdout.strip()
     if script == "inspect_model.py":
         assert (tmp_path / "out" / "resnet50_gates.png").is_file()
+    if script == "prune_llama.py":  # a stock checkpoint, reloaded equal to the compact model
+        assert (tmp_path / "out" / "config.json").is_file()
+        gap = float(done.stdout.split("logits within ")[1].split()[0])
+        assert gap <= 1e-4, done.stdout
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))

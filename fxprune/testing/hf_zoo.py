@@ -11,12 +11,13 @@ sliding window, Gemma's head_dim set apart from ``hidden_size / heads``, GPT-2's
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["TRANSFORMERS", "build_transformer"]
+__all__ = ["TRANSFORMERS", "build_transformer", "structures"]
 
 _VOCAB, _SEQ, _BATCH = 96, 12, 2
 
@@ -91,3 +92,38 @@ def build_transformer(name: str, seed: int = 0) -> tuple[torch.nn.Module, tuple,
         raise ValueError(f"no transformers architecture {name!r} in the sweep: pick one of {sorted(TRANSFORMERS)}")
     torch.manual_seed(seed)
     return TRANSFORMERS[name]()
+
+
+#: the parameters of an MLP's first projection, by family (``mlp.gate_proj``, ``intermediate.dense``, ``c_fc``, ...)
+_MLP = re.compile(r"(mlp\.(gate_proj|up_proj|c_fc|fc1|dense_h_to_4h|gate_up_proj)|intermediate\.dense|ffn\.lin1|\.fc1|"
+                  r"DenseReluDense\.wi|output\.dense)\.weight$")
+#: the token (or patch) embedding whose width is the residual stream
+_EMBED = re.compile(r"(embed_tokens|word_embeddings|wte|embed_in|shared|patch_embeddings\.projection|conv1)\.weight$")
+
+
+def structures(gated: torch.fx.GraphModule) -> dict[str, bool]:
+    """Which of a transformer's structures carry gates: ``heads`` (a product group whose
+    heads factor is gated), ``head_dim`` (its head_dim factor), ``mlp`` (the units of an
+    MLP's first projection) and ``residual`` (the embedding's width)."""
+    from ..state import state_of
+
+    state = state_of(gated)
+    cg, gated_groups = state.graph, set(state.layout.units)
+    out = {"heads": False, "head_dim": False, "mlp": False, "residual": False}
+    for g in cg.groups.values():
+        if g.derived:
+            heads, dims = (set(ids) for ids in g.factor_ids()[:2])
+            out["heads"] |= heads <= gated_groups
+            out["head_dim"] |= dims <= gated_groups
+    for b in cg.bindings:
+        group = cg.spaces[b.space].group
+        if group not in gated_groups:
+            continue
+        names = cg.params[b.param].names  # a tied embedding is reached as the output head too
+        if b.role == "producer" and any(_MLP.search(n) for n in names) and not cg.groups[group].derived:
+            out["mlp"] = True
+        conv = any("conv1" in n or "projection" in n for n in names)
+        embedding = any(_EMBED.search(n) for n in names) or (b.owner.startswith("embedding") and b.role == "producer")
+        if embedding and b.dim == (0 if conv else 1):
+            out["residual"] = True
+    return out
