@@ -32,6 +32,7 @@ from torch import fx, nn
 from torch.fx.graph import _custom_builtins
 
 from .files import writable
+from .passes.reload import TypedOutput
 
 __all__ = ["save_compact", "PT2", "PACKAGE", "CLASS", "PackageError"]
 
@@ -62,6 +63,12 @@ def _rebuilt(module: nn.Module) -> str | None:
     return text
 
 
+_TYPED_OUTPUT = '''def typed_output(cls, values):
+    module, _, qualname = cls.partition(":")
+    return functools.reduce(getattr, qualname.split("."), importlib.import_module(module))(**values)
+'''
+
+
 def _package_source(compact: fx.GraphModule) -> str:
     """``module.py`` of the package: the module tree built by constructors, the tensors held
     outside them registered empty, the state dict loaded without pickles, then the forward."""
@@ -70,7 +77,7 @@ def _package_source(compact: fx.GraphModule) -> str:
     for name, module in compact.named_modules():
         if not name:
             continue
-        if any(True for _ in module.children()):
+        if any(True for _ in module.children()) or type(module) is nn.Module:  # a plain holder of modules or tensors
             if name in called:
                 raise PackageError(f"module '{name}' ({type(module).__name__}) is called whole and holds submodules: "
                                    "it cannot be rebuilt without pickling it")
@@ -92,6 +99,8 @@ def _package_source(compact: fx.GraphModule) -> str:
             value = f"torch.nn.Parameter({empty}, requires_grad={t.requires_grad})" if kind == "parameter" else empty
             lines.append(f"{where}.register_{kind}({attr!r}, {value})")
     imports = "\n".join(sorted({v.import_str for v in _custom_builtins.values()}))
+    if isinstance(compact.graph._codegen, TypedOutput):  # the model's own output type, imported by name when called
+        imports += "\nimport functools\nimport importlib\n\n\n" + _TYPED_OUTPUT
     body = "\n".join(f"        {line}" for line in lines)
     forward = "\n".join(f"    {line}" if line else line for line in compact.code.strip("\n").splitlines())
     return f"""\

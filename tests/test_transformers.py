@@ -213,3 +213,35 @@ def test_to_pretrained_names_the_layers_a_stock_config_cannot_describe():
         fxprune.hf.to_pretrained(gated)
     with pytest.raises(fxprune.hf.ConversionError, match="GPT2LMHeadModel"):
         fxprune.hf.to_pretrained(_prepare("gpt2")[3])
+
+
+def test_the_compact_package_of_a_hub_model_returns_its_output_type(tmp_path):
+    """save_compact's package rebuilds the modules transformers' graphs hold tensors in
+    (plain nn.Module holders) and returns the model's own output type; a graph with the body
+    of a higher-order op (Llama's rotary embedding runs under autocast(enabled=False)) is a
+    clear PackageError, not a pickle."""
+    import importlib.util
+    import sys
+
+    from fxprune.export import PackageError, save_compact
+
+    model, args, kwargs, gated = _prepare("bert")
+    random_masks(gated, keep=0.5, seed=0)
+    compact = fxprune.convert(gated).eval()
+    paths = save_compact(compact, (args[0], kwargs["attention_mask"]), tmp_path / "bert")
+    spec = importlib.util.spec_from_file_location("bert_compact", paths["package"] / "module.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bert_compact"] = module
+    try:
+        spec.loader.exec_module(module)
+        rebuilt = module.CompactModel().eval()
+    finally:
+        del sys.modules["bert_compact"]
+    with torch.no_grad():
+        want, got = compact(*args, **kwargs), rebuilt(*args, **kwargs)
+    assert type(got) is type(want)
+    _close(want, got, tol=0)
+    model, args, kwargs, gated = _prepare("llama")
+    with pytest.raises(PackageError, match="submod_1"):
+        save_compact(fxprune.convert(gated), (args[0], kwargs["attention_mask"]), tmp_path / "llama")
+    assert not any((tmp_path / "llama").iterdir())  # nothing partial written
