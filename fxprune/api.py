@@ -27,7 +27,7 @@ from .passes import Compact, InsertGates, TraceError, analyze, front_end_of, tra
 from .passes.analysis import unread_functions
 from .passes.channel_graph import ChannelGraph
 from .passes.insert_gates import strip_gate_nodes
-from .passes.surgery import copy_module, replace_tensor, skeleton
+from .passes.surgery import copy_graph, copy_module, replace_tensor, skeleton
 from .passes.trace import FRONT_END_META, LEAVES_META, bind_inputs, forward_names, restore_buffers
 from .state import COMPACT, STATE, CompactOrigin, GateLayout, PruneState, decisions, gate_bank, run_example, state_of
 
@@ -256,7 +256,7 @@ def _prepare(model: nn.Module, values: list[Any], config: PruneConfig, batch_dim
     groups = {g.id: g.num_units for g in cg.prunable_groups} if config.units else {}
     branches = sorted(set(cg.branches) - no_layer_gate) if config.layers else []
     layout = GateLayout.build(groups, branches)
-    bank = GateBank(layout.size, config.theta_init, config.estimator, cg.inputs.get(cg.batch_input), config.min_units)
+    bank = GateBank(layout.size, config.theta_init, config.estimator, cg.inputs.get(cg.batch_input))
     bank.floors = group_floors(cg, list(groups), config.min_share, config.min_units)
     bank.roles = role_classes(cg, list(groups))
     InsertGates(
@@ -307,10 +307,7 @@ def convert(gated: fx.GraphModule) -> fx.GraphModule:
     sync_buffers(gated)  # under torch.distributed: rank 0's BatchNorm statistics on every process
     unit_keep, drop = decisions(gated)
     expected = run_example(gated, state.example)
-    graph = fx.Graph()
-    graph.set_codegen(copy.deepcopy(gated.graph._codegen))  # a typed output stays typed
-    out = graph.graph_copy(gated.graph, {})
-    graph.output(out)
+    graph = copy_graph(gated.graph)
     strip_gate_nodes(graph)
     compact = fx.GraphModule(skeleton(gated), graph, type(gated).__name__)
     compact._tracer_cls = gated._tracer_cls  # torch.load rebuilds it as the gated model would be (passes.reload)

@@ -43,8 +43,9 @@ def closest_to_budget(objective: Objective, bank: GateBank, keep: Tensor, target
     dual step has just switched off, all at 0 but not yet removed) broken by the weights'
     RMS. The fractions only grow as the cut falls, so a bisection over the distinct scores
     finds the two cuts around the budget; the one under it is filled (:func:`fill`).
-    ``shape`` rounds every cut to the widths ``multiple_of`` and ``uniform`` allow
-    (:class:`fxprune.shaping.Shaper`), so the search measures the cuts it can take."""
+    ``shape`` rounds every cut it makes to the widths ``multiple_of`` and ``uniform`` allow
+    (:class:`fxprune.shaping.Shaper`), so the search measures the cuts it can take; ``keep``
+    comes shaped already."""
 
     def misses(k: Tensor) -> list[float]:  # signed relative misses, one per budget: > 0 is over it
         with torch.no_grad():
@@ -54,7 +55,6 @@ def closest_to_budget(objective: Objective, bank: GateBank, keep: Tensor, target
     def miss(k: Tensor) -> float:
         return max(abs(m) for m in misses(k))
 
-    keep = shape(keep)
     rounded = miss(keep)
     if rounded <= TOLERANCE:
         return keep, rounded, rounded

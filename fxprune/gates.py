@@ -44,7 +44,7 @@ class GateBank(nn.Module):
     group has a read without a batch dim). ``segments`` ([k, width], flat indices padded
     with -1) are the unit sets that must each keep ``least`` units (one per segment, at
     least one): ``floors`` (group id -> units, fixed at prepare from the groups' widths
-    then, :func:`group_floors`) and ``min_units``.
+    then and ``PruneConfig.min_share`` / ``min_units``, :func:`group_floors`).
 
     ``theta`` is a buffer, not a parameter: the pruner updates it with projected SGD,
     never the user's optimizer, and it is saved in the state dict.
@@ -53,12 +53,12 @@ class GateBank(nn.Module):
     _is_impure = True  # dead-code elimination must keep the mask source
 
     def __init__(self, n: int, theta_init: float = 1.0, estimator: str = "straight_through",
-                 batch_dim: int | None = 0, min_units: int = 1) -> None:
+                 batch_dim: int | None = 0) -> None:
         super().__init__()
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        self.estimator, self.batch_dim, self.min_units = estimator, batch_dim, min_units
-        #: group id -> the units it keeps at least (its floor, set at prepare; other groups: ``min_units``)
+        self.estimator, self.batch_dim = estimator, batch_dim
+        #: group id -> the units it keeps at least (its floor, set at prepare; other groups: one)
         self.floors: dict[int, int] = {}
         #: classes of groups playing one role in repeated blocks (set at prepare, :func:`fxprune.shaping.role_classes`)
         self.roles: list[list[int]] = []

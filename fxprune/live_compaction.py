@@ -18,7 +18,6 @@ Example::
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +32,7 @@ from .gates import GateRead, LayerGateApply, bank_structure, read_index
 from .passes.channel_graph import floor_keep
 from .passes.compact import check_nonempty, max_relative_error, plan_slices, rewrite_graph
 from .passes.restrict import restrict
-from .passes.surgery import delete_unreferenced, index_tensor, refresh_module, set_data
+from .passes.surgery import copy_graph, delete_unreferenced, index_tensor, refresh_module, set_data
 from .state import PruneState, gate_bank, run_example, state_of
 
 __all__ = ["Removal", "RemovalError", "remove", "describe_removal"]
@@ -192,9 +191,7 @@ def remove(gated: fx.GraphModule, unit_drop: dict[int, np.ndarray], layer_drop: 
 
     snapshot = _Snapshot(gated, optimizer, state)
     try:
-        graph = fx.Graph()
-        graph.set_codegen(copy.deepcopy(gated.graph._codegen))  # a typed output stays typed
-        graph.output(graph.graph_copy(gated.graph, {}))
+        graph = copy_graph(gated.graph)
         modules = dict(gated.named_modules())
         replaced, _ = rewrite_graph(graph, modules, cg, effective, layer_drop)
         owners = set()

@@ -7,11 +7,13 @@
 * :func:`skeleton` and :func:`replace_tensor`: a copy of a module tree that shares
   nothing mutable with the original except tensors, and putting new tensors into it
   (``convert`` builds the compact model this way instead of deep-copying the gated one);
-* :func:`reached_tensors` and :func:`delete_unreferenced`: what the graph still uses.
+* :func:`reached_tensors` and :func:`delete_unreferenced`: what the graph still uses;
+* :func:`copy_graph`: a graph copied whole, its output and code generation included.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 
 import numpy as np
@@ -22,8 +24,17 @@ from .op_classes import CHANNEL_NORM, CONV, CONV_TRANSPOSE, GROUP_NORM, INPLACE_
 
 __all__ = [
     "index_tensor", "set_data", "refresh_module", "skeleton", "copy_module", "replace_tensor", "reached_tensors",
-    "delete_unreferenced", "out_of_place", "is_impure",
+    "delete_unreferenced", "out_of_place", "is_impure", "copy_graph",
 ]
+
+
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A copy of ``graph`` to rewrite: every node, the output, and the code generation (a
+    graph that returns a typed output, :class:`fxprune.passes.reload.TypedOutput`, stays typed)."""
+    new = fx.Graph()
+    new.set_codegen(copy.deepcopy(graph._codegen))
+    new.output(new.graph_copy(graph, {}))
+    return new
 
 
 def index_tensor(t: torch.Tensor, slices: Iterable[tuple[int, np.ndarray]]) -> torch.Tensor:

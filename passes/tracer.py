@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import inspect
 import traceback
 from typing import Any
 
@@ -43,8 +44,6 @@ def as_call(model: nn.Module, values: list[Any]) -> tuple[tuple, dict[str, Any]]
     """``(args, kwargs)`` that call ``model`` with ``values``, its forward's arguments in
     parameter order: by keyword, as transformers' models expect (their decorators pass
     some arguments on again), or positionally for a forward that takes ``*args``."""
-    import inspect
-
     params = [p for p in inspect.signature(model.forward).parameters.values() if p.kind != p.VAR_KEYWORD]
     if any(p.kind in (p.VAR_POSITIONAL, p.POSITIONAL_ONLY) for p in params):
         return tuple(values), {}

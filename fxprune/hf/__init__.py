@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch.utils._pytree import tree_leaves
 
 from ..api import convert
+from ..passes.compact import max_relative_error
+from ..passes.tracer import as_call
 from ..state import COMPACT, STATE, CompactOrigin
 
 __all__ = ["to_pretrained", "ConversionError", "FAMILIES"]
@@ -85,7 +86,6 @@ def to_pretrained(model: fx.GraphModule) -> Any:
                               f"{getattr(cls, '__name__', cls)} (model_type {model_type!r})")
     state = compact.state_dict()
     layers = sorted({int(m.group(1)) for k in state if (m := _LAYER.match(k))})
-    dense = dict(config.to_dict())
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     ratio = config.num_attention_heads // config.num_key_value_heads
     kept_head_dim = {i: min(_head_dims(origin, f"model.layers.{i}.self_attn.{p}_proj.weight") or head_dim
@@ -128,25 +128,23 @@ def to_pretrained(model: fx.GraphModule) -> Any:
         raise ConversionError(f"the compact model has no tensor for {sorted(missing)[:4]} of {cls.__name__}")
     stock.load_state_dict({k: weights[k] for k in expected}, strict=True)
     stock.to(next(compact.parameters()).device).eval()
-    _check_same(stock, compact, origin.example, dense)
+    _check_same(stock, compact, origin.example)
     return stock
 
 
-def _check_same(stock: Any, compact: fx.GraphModule, example: tuple, dense: dict) -> None:
-    import inspect
-
-    names = [p for p in inspect.signature(compact.forward).parameters]
-    kwargs = dict(zip(names, example))
+def _check_same(stock: Any, compact: fx.GraphModule, example: tuple) -> None:
+    """The stock model computes what the compact one does on the stored example, called
+    by keyword with the arguments that hold a value."""
+    args, kwargs = as_call(compact, list(example))
     was = compact.training
     compact.eval()
     try:
         with torch.no_grad():
-            want = tree_leaves(compact(*example))
-            got = tree_leaves(stock(**{k: v for k, v in kwargs.items() if v is not None}))
+            want = compact(*example)
+            got = stock(*args, **{k: v for k, v in kwargs.items() if v is not None})
     finally:
         compact.train(was)
-    pairs = [(w, g) for w, g in zip(want, got) if isinstance(w, torch.Tensor) and isinstance(g, torch.Tensor)]
-    err = max(((w - g).abs().max() / w.abs().max().clamp_min(1e-12)).item() for w, g in pairs) if pairs else float("inf")
+    err = max_relative_error(got, want)
     if not err <= 1e-5:
         raise ConversionError(f"the stock {type(stock).__name__} differs from the compact model by {err:.1e} "
                               f"(relative) on the stored example: its config cannot describe this pruned model")

@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torchvision
-from torch.utils._pytree import tree_leaves
 
 from ..api import channel_graph, convert, prepare
 from ..passes import front_end_of
-from ..passes.trace import bind_inputs, forward_names
+from ..passes.compact import max_relative_error
+from ..passes.trace import bind_inputs
+from ..passes.tracer import as_call
 from .masks import implied_param_count, random_masks
 
 __all__ = ["ZooResult", "check_model", "classification_models", "timm_models", "build_model", "input_size", "summary", "main"]
@@ -145,19 +146,6 @@ def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-
-
-def _leaves_err(got: list, want: list) -> float:
-    """The largest relative error over the tensors of two flattened outputs (inf when their
-    structures differ)."""
-    pairs = [(g, w) for g, w in zip(got, want) if isinstance(w, torch.Tensor) and w.numel()]
-    if len(got) != len(want) or not pairs or any(not isinstance(g, torch.Tensor) or g.shape != w.shape for g, w in pairs):
-        return float("inf")
-    return max(_rel_err(g.float(), w.float()) for g, w in pairs)
-
-
 def _no_cache(model: torch.nn.Module) -> dict:
     """``use_cache=False`` for a forward that takes it: the gated model is traced without the
     generation cache (:func:`fxprune.passes.trace.bind_inputs`)."""
@@ -169,7 +157,7 @@ def _no_cache(model: torch.nn.Module) -> dict:
 def _check_same(want: object, got: object, rtol: float, what: str) -> None:
     if type(got) is not type(want):
         raise TypeError(f"{what} returns {type(got).__name__}, the model {type(want).__name__}")
-    err = _leaves_err(tree_leaves(got), tree_leaves(want))
+    err = max_relative_error(got, want)
     if not err <= rtol:
         raise ValueError(f"{what} differs from the model by {err:.1e} (relative)")
 
@@ -212,13 +200,13 @@ def check_model(name: str, keep: float = 0.5, seed: int = 0, rtol: float = 1e-4,
         res.params_after = sum(p.numel() for p in compact.parameters())
         res.params_implied = implied_param_count(gated)
         with torch.no_grad():
-            ref = tree_leaves(gated(*args, **kwargs))
-            res.max_rel_err = _leaves_err(tree_leaves(compact(*args, **kwargs)), ref)
+            ref = gated(*args, **kwargs)
+            res.max_rel_err = max_relative_error(compact(*args, **kwargs), ref)
             res.equivalent = res.max_rel_err <= rtol
-            # every parameter by keyword, defaults included: export binds a GraphModule's inputs by position
-            full = dict(zip(forward_names(compact, len(values := bind_inputs(compact, args, kwargs)[0])), values))
-            ep = torch.export.export(compact, (), full)
-            res.exported = _leaves_err(tree_leaves(ep.module()(**full)), ref) <= rtol
+            # every parameter given, defaults included: export binds a GraphModule's inputs by position
+            every, by_name = as_call(compact, bind_inputs(compact, args, kwargs)[0])
+            ep = torch.export.export(compact, every, by_name)
+            res.exported = max_relative_error(ep.module()(*every, **by_name), ref) <= rtol
         res.stage = ""
     except Exception as exc:  # noqa: BLE001 - the sweep reports every failure and goes on
         res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
