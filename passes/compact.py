@@ -26,7 +26,8 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from .channel_graph import ChannelGraph, Rewrite
 from .op_classes import TRAILING_NORM, TRAILING_NORM_FUNCTIONS
 from .sizes import set_sizes, sizes_of
-from .surgery import delete_unreferenced, index_tensor, is_impure, out_of_place, refresh_module, replace_tensor
+from .surgery import (delete_unreferenced, index_tensor, is_impure, out_of_place, refresh_module, replace_tensor,
+                      writes_first_input)
 
 __all__ = ["Compact", "plan_slices", "rewrite_graph", "check_nonempty", "CompactionError", "max_relative_error"]
 
@@ -113,14 +114,21 @@ def rewrite_graph(graph: fx.Graph, modules: dict[str, nn.Module], cg: ChannelGra
         br = cg.branches[i]
         stream = nodes[replaced.get(br.stream, br.stream)]
         add = nodes[br.add]
-        users = list(add.users)
+        users = list(add.users)  # in graph order
         add.replace_all_uses_with(stream)
         graph.erase_node(add)
         replaced[br.add] = stream.name
+        current = stream  # what the add's later users read: after an in-place write made out of place, its result
         for user in users:
+            if current is not stream:
+                user.replace_input_with(stream, current)
+                continue
+            writes = writes_first_input(modules, user, stream)
             m = out_of_place(modules, user, stream)
             if m is not None:
                 touched.append(m)
+            if writes:  # `z += y; z.add_(1); return z`: z (now the stream) is read from the write's result on
+                current = user
     graph.eliminate_dead_code(is_impure_node=is_impure(modules))
     graph.lint()
     return replaced, touched

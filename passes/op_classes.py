@@ -15,6 +15,8 @@ Example::
 
 from __future__ import annotations
 
+import inspect
+
 import operator
 
 import torch
@@ -109,4 +111,18 @@ def mutates(node: fx.Node) -> bool:
         return True
     if node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).endswith("__"):
         return True
+    if node.op == "call_function" and _inplace_flag(node):  # F.relu(y, inplace=True) writes y, used or not
+        return True
     return node.op == "call_function" and node.is_impure()
+
+
+def _inplace_flag(node: fx.Node) -> bool:
+    """``inplace=True`` given to a functional (``F.relu(x, True)``, ``F.dropout(x, p, t, True)``)."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    try:
+        params = list(inspect.signature(node.target).parameters)
+    except (TypeError, ValueError):
+        return False
+    i = params.index("inplace") if "inplace" in params else -1
+    return 0 <= i < len(node.args) and node.args[i] is True

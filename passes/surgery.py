@@ -24,7 +24,7 @@ from .op_classes import CHANNEL_NORM, CONV, CONV_TRANSPOSE, GROUP_NORM, INPLACE_
 
 __all__ = [
     "index_tensor", "set_data", "refresh_module", "skeleton", "copy_module", "replace_tensor", "reached_tensors",
-    "delete_unreferenced", "out_of_place", "is_impure", "copy_graph",
+    "delete_unreferenced", "out_of_place", "writes_first_input", "is_impure", "copy_graph",
 ]
 
 
@@ -182,6 +182,16 @@ def out_of_place(modules: dict[str, nn.Module], node: fx.Node, stream: fx.Node) 
     elif node.op == "call_method" and node.target.endswith("_") and hasattr(torch.Tensor, node.target[:-1]):
         node.target = node.target[:-1]
     return None
+
+
+def writes_first_input(modules: dict[str, nn.Module], node: fx.Node, x: fx.Node) -> bool:
+    """``node`` writes into ``x``, its first input, in place (``x += y``, ``x.add_(1)``,
+    ``F.relu(x, inplace=True)``, an ``nn.ReLU(inplace=True)``)."""
+    if not node.args or node.args[0] is not x:
+        return False
+    if node.op == "call_module":
+        return bool(getattr(modules.get(node.target), "inplace", False))
+    return mutates(node) and node.op in ("call_function", "call_method")
 
 
 def is_impure(modules: dict[str, nn.Module]):

@@ -438,3 +438,54 @@ def test_theta_gradients_accumulate_over_micro_batches_after_the_first_parameter
         (F.cross_entropy(gated(x), y) + pruner.penalty()).backward()
         grads.append(pruner.theta.grad.clone())
     assert not torch.equal(grads[0], grads[1]), "the second micro-batch's theta gradient adds to the first's"
+
+
+class UnflattenToConv(nn.Module):
+    """A Linear's width unflattened into channels and a 2x2 map, convolved and flattened."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.u, self.conv, self.out = nn.Linear(5, 64), nn.Unflatten(1, (16, 2, 2)), nn.Conv2d(16, 3, 1), nn.Linear(12, 4)
+
+    def forward(self, x):
+        return self.out(torch.flatten(self.conv(self.u(self.fc(x))), 1))
+
+
+class InPlaceAfterResidual(nn.Module):
+    """An unused in-place ReLU, an in-place residual add, and an in-place add whose
+    mutation (not its result) reaches the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.a(x)
+        F.relu(y, inplace=True)
+        z = self.b(y)
+        z += y
+        z.add_(1)
+        return z
+
+
+@pytest.mark.parametrize("make, shape", [(UnflattenToConv, (2, 5)), (InPlaceAfterResidual, (2, 3, 6, 6))],
+                         ids=["unflatten-into-a-conv", "in-place-writes"])
+def test_compaction_under_random_masks_computes_what_the_gated_model_computes(make, shape):
+    """Both converted into models failing the compaction check: the unflatten's 2x2 map
+    was taken for heads x head_dim and pruned though the conv reads it as its spatial
+    dims; the dead-code pass dropped F.relu(y, inplace=True), and a dropped branch's
+    z.add_(1) was made out of place with its result unread."""
+    from fxprune.testing import random_masks
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    for seed in range(6):
+        gated = fxprune.prepare(make(), (x,))
+        random_masks(gated, seed=seed)
+        compact = fxprune.convert(gated)
+        torch.testing.assert_close(compact(x), gated.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_channels_on_a_convs_spatial_dims_are_frozen_with_the_reason():
+    gated = fxprune.prepare(UnflattenToConv(), (torch.randn(2, 5),))
+    reasons = " ".join(fxprune.channel_graph(gated).frozen_reasons())
+    assert "conv 'conv' reads them on its spatial dim" in reasons

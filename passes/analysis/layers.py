@@ -27,6 +27,9 @@ def conv_like(b: "Builder", node: fx.Node, x: fx.Node, w: str, bias: str | None,
     out = b.new(node, cd, cout_n)
     dims = {d: s for d, s in b.dims_of(x).items() if d < cd}
     owner = node.target if node.op == "call_module" else node.name
+    for d, s in b.dims_of(x).items():  # channels on a spatial dim (an unflatten's split): the kernel mixes them
+        if d > cd and s not in b.batch:
+            b.freeze(s, f"conv '{owner}' reads them on its spatial dim {d}")
     # FLOPs per weight entry and example, as FlopCounterMode counts them: two per
     # multiply-add, at every output position (input position when transposed)
     positions = math.prod(shape(x)) // cin_n if transposed else math.prod(shape(node)) // cout_n
