@@ -30,3 +30,12 @@ def test_eager_training_through_removals_on_any_memory_format_does_not_crash(fmt
 def test_compiled_training_through_removals_on_strided_inputs_does_not_crash():
     out = _run("permuted", 0, True, 9, timeout=480)
     assert out.startswith("ok") and int(out.split()[1]) >= 2, out
+
+
+def test_random_networks_train_through_random_removals_on_random_memory_formats():
+    """The hypothesis property (tests/memory_format_property.py) in its own process."""
+    property_ = WORKER.with_name("memory_format_property.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(WORKER.parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(property_), "40"], capture_output=True, text=True, timeout=480, env=env)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert done.stdout.startswith("ok") and int(done.stdout.split()[1]) >= 20, done.stdout
