@@ -205,11 +205,14 @@ def remove(gated: fx.GraphModule, unit_drop: dict[int, np.ndarray], layer_drop: 
         for name in owners:
             refresh_module(modules[name], name in cg.depthwise)
         gated.graph = graph
-        owned = {id(p) for p in gated.parameters()}
+        owned = {id(p): p for p in gated.parameters()}
         gone = delete_unreferenced(gated)
         gated.recompile()
+        deleted = set(owned) - {id(p) for p in gated.parameters()}
+        for i in deleted:  # a parameter list the user keeps (for clip_grad_norm_) reads no stale gradient
+            owned[i].grad = None
         if optimizer is not None:
-            _drop_from_optimizer(optimizer, owned - {id(p) for p in gated.parameters()})
+            _drop_from_optimizer(optimizer, deleted)
         state.graph = restrict(cg, effective, layer_drop, replaced, set(gone))
         state.layout, keep_flat = layout.restrict(effective, layer_drop, state.graph)
         _sync_gates(gated, state, keep_flat)

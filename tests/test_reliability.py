@@ -489,3 +489,32 @@ def test_channels_on_a_convs_spatial_dims_are_frozen_with_the_reason():
     gated = fxprune.prepare(UnflattenToConv(), (torch.randn(2, 5),))
     reasons = " ".join(fxprune.channel_graph(gated).frozen_reasons())
     assert "conv 'conv' reads them on its spatial dim" in reasons
+
+
+def test_a_parameter_list_kept_for_clip_grad_norm_reads_no_removed_parameter():
+    """A list of the gated model's parameters taken before a removal (the usual
+    ``params = list(model.parameters())`` for ``clip_grad_norm_``) kept the deleted
+    branch's last gradients, inflating the norm on every later step."""
+    from fxprune.state import LayerGate, theta_of
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    gated = fxprune.prepare(BranchFirst(), (x,), fxprune.PruneConfig("both", gamma=1.0))
+    params = list(gated.parameters())
+    opt = torch.optim.SGD(params, lr=0.01)
+    pruner = fxprune.Pruner(gated, opt)
+    (branch,) = fxprune.state_of(gated).layout.layers
+    gated.train()
+    (F.cross_entropy(gated(x), y) + pruner.penalty()).backward()
+    opt.step()
+    pruner.step()
+    with torch.no_grad():
+        theta_of(gated, LayerGate(branch)).zero_()
+    pruner.remove({}, {branch})
+    for _ in range(3):
+        opt.zero_grad()
+        (F.cross_entropy(gated(x), y) + pruner.penalty()).backward()
+        cached = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        live = torch.nn.utils.get_total_norm([p.grad for p in gated.parameters() if p.grad is not None])
+        assert torch.equal(cached, live)
+        opt.step()
+        pruner.step()
