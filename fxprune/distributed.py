@@ -24,7 +24,9 @@ Example (``torchrun --nproc_per_node 2 examples/distributed.py``)::
 
 from __future__ import annotations
 
+import dataclasses
 import time
+import zlib
 from typing import Any
 
 import torch
@@ -35,7 +37,7 @@ from .passes.insert_gates import BANK, LAYERS, READS
 from .state import state_of
 
 __all__ = ["DistributedDataParallel", "active", "rank", "check_shardable", "average_", "broadcast_",
-           "require_wrapper", "sync_buffers", "same_everywhere", "rank_generator"]
+           "require_wrapper", "sync_buffers", "same_everywhere", "same_config", "rank_generator"]
 
 #: the attribute of a gated model naming the fxprune wrapper it trains under
 _WRAPPED = "_fxprune_ddp"
@@ -146,6 +148,25 @@ def same_everywhere(t: Tensor, what: str) -> None:
             f"the {what} differ between processes (largest difference {gap:.3g}): every process must train the same "
             "gated model with the same config; average theta gradients through fxprune (train through "
             "fxprune.DistributedDataParallel and call pruner.step() on every process)")
+
+
+def same_config(config: Any) -> None:
+    """Raise, on every process alike, naming the fields, if the dataclass ``config``
+    differs between processes (a ``gamma`` would be averaged silently, a ``check_every``
+    would leave ranks waiting at different collectives until the process-group timeout)."""
+    if not active():
+        return
+    names = [f.name for f in dataclasses.fields(config)]
+    values = torch.tensor([float(zlib.crc32(repr(getattr(config, n)).encode())) for n in names], dtype=torch.float64)
+    low, high = values.clone(), values.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    differ = [n for n, a, b in zip(names, low.tolist(), high.tolist()) if a != b]
+    if differ:
+        raise RuntimeError(
+            f"PruneConfig differs between processes in {', '.join(differ)} (this process, rank {rank()}: "
+            f"{', '.join(f'{n}={getattr(config, n)!r}' for n in differ)}): every process must prune with the same "
+            "config, so give every rank the same values")
 
 
 def sync_buffers(gated: nn.Module, src: int = 0) -> None:

@@ -220,6 +220,8 @@ class Pruner:
     def step(self) -> live_compaction.Removal | None:
         """Projected SGD on theta; every ``check_every`` steps, the pruning check.
         Returns what was removed at this step, if anything."""
+        if self.steps == 0:  # before the first collective: one config on every process
+            distributed.same_config(self.config)
         self._without_penalty = self._without_penalty + 1 if not self._penalties else 0
         self._penalties = self._optimizer_steps = 0
         skipped = self._scaler_skipped()

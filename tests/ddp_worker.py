@@ -84,6 +84,18 @@ def train(rank: int, world: int, port: int, out: str) -> None:
             record["plain"] = None
         except RuntimeError as exc:
             record["plain"] = str(exc)
+
+        # a config that differs between ranks: refused on both at the first step, naming the fields
+        other = _model()
+        other_opt = torch.optim.SGD(other.parameters(), lr=0.05)
+        config = fxprune.PruneConfig("both", gamma=1.0 + rank, check_every=2 + rank)
+        other_pruner = fxprune.Pruner(other, other_opt, config)
+        (F.cross_entropy(fxprune.DistributedDataParallel(other)(x), y) + other_pruner.penalty()).backward()
+        try:
+            other_pruner.step()
+            record["config"] = None
+        except RuntimeError as exc:
+            record["config"] = str(exc)
         torch.save(record, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -68,6 +68,12 @@ def test_thetas_that_differ_between_ranks_are_refused_on_both(ranks):
         assert r["mismatch"] and "thetas differ between processes" in r["mismatch"]
 
 
+def test_a_config_that_differs_between_ranks_is_refused_on_both_naming_the_fields(ranks):
+    """gamma was averaged silently; check_every hung until the process-group timeout."""
+    for r in ranks:
+        assert r["config"] and "PruneConfig differs between processes in gamma, check_every" in r["config"]
+
+
 def test_a_removal_under_a_plain_ddp_wrapper_is_refused_on_both(ranks):
     for r in ranks:
         assert r["plain"] and "needs the gated model wrapped in fxprune.DistributedDataParallel" in r["plain"]
