@@ -15,32 +15,84 @@
 
 Both are written into a temporary folder beside them and renamed into place, so a failure
 leaves no partial ``model.pt2`` or package.
+
+``load_exported(path)`` loads a ``.pt2`` after checking that loading it runs no pickle:
+``torch.export.load`` unpickles weights and constants marked ``use_pickle``, custom
+objects, and sample inputs that ``weights_only=True`` refuses; such a file is refused,
+named, before ``torch.export.load`` sees it.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import io
+import json
 import os
 import shutil
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.export.pt2_archive import constants as _pt2
 from torch.fx.graph import _custom_builtins
 
 from .files import writable
 from .passes.reload import TypedOutput
 
-__all__ = ["save_compact", "PT2", "PACKAGE", "CLASS", "PackageError"]
+__all__ = ["save_compact", "load_exported", "UnsafeArchiveError", "PT2", "PACKAGE", "CLASS", "PackageError"]
 
 PT2, PACKAGE, CLASS = "model.pt2", "compact_model", "CompactModel"
 
 
 class PackageError(ValueError):
     """The compact model cannot be written as a package that loads without pickles."""
+
+
+class UnsafeArchiveError(ValueError):
+    """A ``.pt2`` file that ``torch.export.load`` would unpickle (run code from) in part."""
+
+
+def _pickled_entries(archive: zipfile.ZipFile) -> list[str]:
+    """What ``torch.export.load`` would unpickle in ``archive``: weights and constants
+    marked ``use_pickle`` or stored as objects, and sample inputs that are more than
+    tensors and containers (``weights_only=True`` refuses them, then torch retries
+    without it)."""
+    found = []
+    for name in archive.namelist():
+        if name.endswith(("_weights_config.json", "_constants_config.json")):
+            config = json.loads(archive.read(name)).get("config", {})
+            for fqn, meta in config.items():
+                path = str(meta.get("path_name", ""))
+                if meta.get("use_pickle") or not path.startswith((_pt2.WEIGHT_FILENAME_PREFIX, _pt2.TENSOR_CONSTANT_FILENAME_PREFIX)):
+                    found.append(f"{fqn} ({name})")
+        elif "/data/sample_inputs/" in f"/{name}":
+            try:
+                torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - any refusal means torch would unpickle it fully
+                found.append(f"{name} ({type(exc).__name__})")
+    return found
+
+
+def load_exported(path: str | os.PathLike) -> torch.export.ExportedProgram:
+    """``torch.export.load(path)``, refused with :class:`UnsafeArchiveError` (nothing run)
+    when loading would unpickle part of the file (see :func:`_pickled_entries`): a
+    ``model.pt2`` from :func:`save_compact` never does."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            found = _pickled_entries(archive)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{path} is not a torch.export archive: {exc}") from exc
+    if found:
+        raise UnsafeArchiveError(
+            f"{path}: torch.export.load would unpickle (run code from) {', '.join(found[:5])}"
+            f"{'' if len(found) <= 5 else f' and {len(found) - 5} more'}; not loaded. Load it only if you trust "
+            "its source, with torch.export.load")
+    return torch.export.load(path)
 
 
 def _rebuilt(module: nn.Module) -> str | None:

@@ -133,3 +133,63 @@ def test_a_module_that_cannot_be_rebuilt_without_a_pickle_is_named():
     gm.add_submodule("c", Custom())  # a module the package could only pickle
     with pytest.raises(export.PackageError, match=r"module 'c' \(.*Custom\) cannot be rebuilt"):
         export._package_source(gm)
+
+
+def _tamper(src, dst, edit):
+    """Copy the zip archive ``src`` to ``dst`` with ``edit(name, bytes) -> bytes`` applied."""
+    import zipfile
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(dst, "w") as b:
+        for info in a.infolist():
+            b.writestr(info, edit(info.filename, a.read(info.filename)))
+
+
+class _Touch:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _weight_marked_use_pickle(name, data, marker):
+    import io
+    import json
+    if name.endswith("_weights_config.json"):
+        config = json.loads(data)
+        first = next(iter(config["config"].values()))
+        first["use_pickle"] = True
+        return json.dumps(config).encode()
+    if name.endswith("/data/weights/weight_0"):
+        buffer = io.BytesIO()
+        torch.save(_Touch(marker), buffer)
+        return buffer.getvalue()
+    return data
+
+
+def _sample_inputs_object(name, data, marker):
+    import io
+    if name.endswith("/data/sample_inputs/model.pt"):
+        buffer = io.BytesIO()
+        torch.save(((_Touch(marker),), {}), buffer)
+        return buffer.getvalue()
+    return data
+
+
+@pytest.mark.parametrize("edit", [_weight_marked_use_pickle, _sample_inputs_object], ids=["use_pickle-weight", "sample-inputs"])
+def test_a_crafted_pt2_is_refused_by_load_exported_before_anything_runs(tmp_path, edit):
+    """torch.export.load runs the pickle of a weight marked use_pickle (and of sample
+    inputs weights_only refuses) before it fails; load_exported checks the archive first."""
+    from fxprune.export import UnsafeArchiveError, load_exported
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 8, 8)
+    compact = fxprune.convert(fxprune.prepare(resnet(blocks=1, widths=(4,)).eval(), (x,)).eval())
+    paths = save_compact(compact, (x,), tmp_path / "out")
+    torch.testing.assert_close(load_exported(paths["pt2"]).module()(x), compact(x), rtol=1e-5, atol=1e-5)
+    marker, crafted = tmp_path / "ran", tmp_path / "crafted.pt2"
+    _tamper(paths["pt2"], crafted, lambda name, data: edit(name, data, marker))
+    with pytest.raises(UnsafeArchiveError, match="crafted.pt2: torch.export.load would unpickle"):
+        load_exported(crafted)
+    assert not marker.exists()
+    with pytest.raises(Exception):  # what the check guards against: torch's own loader runs it
+        torch.export.load(crafted)
+    assert marker.exists()
