@@ -112,6 +112,12 @@ def _excluded(cg: ChannelGraph, patterns: tuple[str, ...]) -> set[int]:
     if not patterns:
         return set()
     hit = lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)  # noqa: E731
+    owners = sorted({b.owner for b in cg.bindings})
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(o, p) for o in owners)]
+    if unmatched:  # a misspelt name would otherwise exclude nothing, silently
+        raise ValueError(f"PruneConfig.exclude: {unmatched} name no layer the analysis found; layers are named by "
+                         f"their module paths, for example {owners[:6]} (patterns as fnmatch takes them, e.g. "
+                         "'model.layers.*.mlp.*')")
     for b in cg.bindings:
         if hit(b.owner):
             g = cg.group_of(b.space)
