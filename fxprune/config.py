@@ -57,13 +57,21 @@ class PruneConfig:
         prior_exempt: the kinds of parameter the weight prior (slab and spike) leaves
             alone, as timm's and the Hugging Face Trainer's no-decay groups do: ``"bias"``,
             ``"norm"`` (every other parameter of at most one dimension: norm gains, layer
-            scales) and ``"embedding"`` (embedding tables); ``()`` (the default, for now)
-            decays every parameter. A norm's gains are 1 at initialisation: decayed, they
-            dominate the prior of a transformer (on a 4-layer Llama, 1,152 of its 1,519
-            squared norm). ``EXEMPT_KINDS`` exempts all three; it is not the default yet
-            because the fixed-strength recipes (``gamma``) were set with the gains in the
-            spike term, which holds a unit's gate up: without them the digits demo's
-            gamma 30 removes every residual block (91.7 % against 98.3 %).
+            scales) and ``"embedding"`` (embedding tables). The default, ``EXEMPT_KINDS``,
+            leaves all three alone; ``()`` decays every parameter. A norm's gains are 1 at
+            initialisation: decayed, they dominate the prior of a transformer (on a 4-layer
+            Llama, 1,152 of its 1,519 squared norm) and pull every gain towards 0. The
+            digits grid's fixed-strength recipes (``gamma``) ask for ``()``: they were set
+            with the gains in the spike term, which holds a unit's gate up, and without
+            them the demo's gamma 30 removes every residual block (91.7 % against 98.3 %).
+        prior_decay: how the weight prior reaches the weights. ``"decoupled"``: as AdamW
+            decays, each weight moves by ``lr * d prior / dW`` at the optimizer's step,
+            outside its update (the prior's gradient does not pass through Adam's
+            normalisation, which turns a small L2 into a fixed-size step towards 0 for any
+            weight the data barely moves, such as a norm's gains); ``"coupled"``: the
+            prior's gradient is added to the task gradient, as SGD's ``weight_decay`` is;
+            ``"auto"`` (default): coupled under ``torch.optim.SGD``, decoupled under every
+            other optimizer. The thetas get the prior's gradient either way.
         spike_ratio: ``lam0 / lam1``, the spike precision that pulls switched-off weights to 0.
         theta_lr: learning rate of the projected SGD on theta.
         theta_init: initial keep probability of every gate (1 = start from the full network).
@@ -154,7 +162,8 @@ class PruneConfig:
     beta: float = 0.5
     alpha: float = 1.0
     lam1: float = 5e-4
-    prior_exempt: tuple[str, ...] = ()
+    prior_exempt: tuple[str, ...] = EXEMPT_KINDS
+    prior_decay: Literal["auto", "coupled", "decoupled"] = "auto"
     spike_ratio: float = 100.0
     theta_lr: float = 2.0
     theta_init: float = 1.0
@@ -246,7 +255,8 @@ class PruneConfig:
         return self.structures in ("layers", "both")
 
 
-_CHOICES = {"structures": ("units", "layers", "both"), "cost": COSTS, "estimator": ESTIMATORS}
+_CHOICES = {"structures": ("units", "layers", "both"), "cost": COSTS, "estimator": ESTIMATORS,
+            "prior_decay": ("auto", "coupled", "decoupled")}
 #: (lowest, highest, lowest allowed, highest allowed) of the number fields
 _RANGES = {
     "gamma": (0.0, math.inf, True, False), "alpha": (0.0, math.inf, True, False), "lam1": (0.0, math.inf, True, False),

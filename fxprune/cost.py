@@ -88,6 +88,14 @@ class _Terms:
     var_vals: Tensor
     num_dims: int
     floors: Tensor  # [num_dims + 1]: the channels a dimension keeps at least (its group's floor)
+    # multiple_of: expected units per gated group (group row, theta col), the groups' unit counts and
+    # floors, and the one or two groups whose rounded width scales each dimension (num_groups: none)
+    unit_rows: Tensor
+    unit_cols: Tensor
+    group_units: Tensor
+    group_floors: Tensor
+    dim_groups: Tensor  # [num_dims + 1, 2]
+    multiple: int
 
 
 def _floor_channels(cg: ChannelGraph, gid: int, m: np.ndarray, floors: dict[int, int], product: bool) -> float:
@@ -109,8 +117,11 @@ class ComplexityCost:
     structures, ``size`` the length of the theta vector."""
 
     def __init__(self, cg: ChannelGraph, names: list[str], units: dict[int, slice], layers: dict[int, int], size: int,
-                 device: torch.device | str = "cpu", floors: dict[int, int] | None = None) -> None:
+                 device: torch.device | str = "cpu", floors: dict[int, int] | None = None,
+                 multiple_of: int | None = None) -> None:
         floors = floors or {}
+        group_index = {g: j for j, g in enumerate(units)}
+        dim_groups: list[list[int]] = []
         rows_k, rows_f, rows_p, dims_a, dims_b, rows_br, slot_floors = [], [], [], [], [], [], []
         c_rows, c_cols, c_cols2, c_vals, v_rows, v_cols, v_vals = [], [], [], [], [], [], []
         products = {g: slots for g in cg.groups if (slots := factor_slots(cg, units, g)) is not None and slots.shape[1] == 2}
@@ -148,6 +159,8 @@ class ComplexityCost:
                 c_cols2.append(second)
                 c_vals.append(m[cols])
                 slot_floors.append(_floor_channels(cg, gid, m, floors, gid in products))
+                factors = [ids[0] for ids in cg.groups[gid].factor_ids()] if gid in products else [gid]
+                dim_groups.append(([group_index[f] for f in factors if f in group_index] + [len(units)] * 2)[:2])
                 slots.append(n_dims)
                 n_dims += 1
             if len(gated_dims) == 2 and gated_dims[0][0] == gated_dims[1][0] and gated_dims[0][0] in units:
@@ -179,7 +192,32 @@ class ComplexityCost:
             var_rows=cat(v_rows, torch.long), var_cols=cat(v_cols, torch.long), var_vals=cat(v_vals, torch.float64),
             num_dims=n_dims,
             floors=torch.tensor(slot_floors + [0.0], dtype=torch.float64, device=device),
+            unit_rows=torch.as_tensor(np.concatenate([np.full(sl.stop - sl.start, j) for j, sl in enumerate(units.values())])
+                                      if units else np.zeros(0), dtype=torch.long, device=device),
+            unit_cols=torch.as_tensor(np.concatenate([np.arange(sl.start, sl.stop) for sl in units.values()])
+                                      if units else np.zeros(0), dtype=torch.long, device=device),
+            group_units=torch.tensor([sl.stop - sl.start for sl in units.values()] + [1], dtype=torch.float64, device=device),
+            group_floors=torch.tensor([min(floors.get(g, 1), sl.stop - sl.start) for g, sl in units.items()] + [1],
+                                      dtype=torch.float64, device=device),
+            dim_groups=torch.tensor(dim_groups + [[len(units)] * 2], dtype=torch.long, device=device).reshape(-1, 2),
+            multiple=multiple_of if multiple_of and multiple_of > 1 else 1,
         )
+
+    def _rounding(self, theta: Tensor) -> Tensor:
+        """Per dimension, how much wider ``multiple_of`` keeps it than its expected count:
+        ``R(max(E[n], floor)) / max(E[n], floor)`` for each gated group scaling it, ``R``
+        rounding a width up to a multiple of ``k`` (a group of fewer than ``k`` units stays
+        whole). A constant factor: the gradient is the expected count's."""
+        t = self.terms
+        k = float(t.multiple)
+        e = theta.new_zeros(*theta.shape[:-1], t.group_units.numel()).index_add(-1, t.unit_rows, theta[..., t.unit_cols])
+        e = torch.maximum(e.detach(), t.group_floors)
+        e[..., -1] = 1.0
+        rounded = torch.where(t.group_units < k, t.group_units, torch.minimum(t.group_units, torch.ceil(e / k - 1e-9) * k))
+        ratio = rounded / e
+        ratio = ratio[..., t.dim_groups[:, 0]] * ratio[..., t.dim_groups[:, 1]]
+        ratio[..., -1] = 1.0  # the constant slot
+        return ratio
 
     def expected(self, theta: Tensor) -> tuple[Tensor, Tensor]:
         """``(E[FLOPs from weights], E[Params])`` per example, differentiable in ``theta``
@@ -194,6 +232,8 @@ class ComplexityCost:
         lt = torch.cat([theta, theta.new_ones(*lead, 1)], -1)
         counts = base.index_add(-1, t.count_rows, lt[..., t.count_cols] * lt[..., t.count_cols2] * t.count_vals)
         counts = torch.maximum(counts, t.floors)  # a group at its floor saves nothing more
+        if t.multiple > 1:
+            counts = counts * self._rounding(theta)
         size = counts[..., t.dim_a] * counts[..., t.dim_b]
         if t.var_rows.numel():
             q = theta * (1 - theta)

@@ -70,8 +70,10 @@ def prior_exempt(model: nn.Module, kinds: tuple[str, ...] = EXEMPT_KINDS) -> set
 class Objective:
     """The penalty of a gated model; ``rebuild()`` after live removal."""
 
-    def __init__(self, gated: fx.GraphModule, config: PruneConfig | None = None) -> None:
+    def __init__(self, gated: fx.GraphModule, config: PruneConfig | None = None, *, decoupled: bool = False) -> None:
         self.gated = gated
+        #: the weights get the prior through :meth:`prior_gradients` at the optimizer's step, not through the loss
+        self.decoupled = decoupled
         state = state_of(gated)
         self.config = config or state.config
         self.dense_flops = forward_flops(gated, state.example)
@@ -148,7 +150,7 @@ class Objective:
         self.elems = torch.as_tensor(elems[: self.size], dtype=torch.float32, device=device)
         self.is_layer = torch.as_tensor(layout.is_layer(), device=device)
         self.complexity = ComplexityCost(cg, self.names, layout.units, layout.layers, self.size, device,
-                                         gate_bank(self.gated).floors)
+                                         gate_bank(self.gated).floors, self.config.multiple_of)
 
     def unit_channels(self) -> list[tuple[Tensor, int, np.ndarray]]:
         """``(weight, dim, flat unit slot of every index of that dim)`` for every producer
@@ -181,6 +183,19 @@ class Objective:
             per_structure = per_structure.index_add(0, self._more_slot, rows[self._more_row])
         per_structure = per_structure.index_add(0, self._layer_s, per_weight[self._layer_w])
         return per_weight, per_structure
+
+    def prior_gradients(self) -> list[Tensor]:
+        """``d prior / dW`` for every weight of :attr:`weights` at the current thetas (the
+        slab on every decayed weight, the spike on a structure's weights as it is
+        switched off): what a decoupled prior subtracts, times the learning rate."""
+        if not self.weights:
+            return []
+        c = self.config
+        theta = self.theta().detach()
+        with torch.enable_grad():
+            per_weight, per_structure = self.squared_norms()
+            prior = 0.5 * c.lam1 * per_weight.sum() + 0.5 * (c.lam0 - c.lam1) * ((1 - theta) * per_structure).sum()
+            return list(torch.autograd.grad(prior, self.weights, allow_unused=True, materialize_grads=True))
 
     def scaled_theta(self, alpha: float = 1.0) -> Tensor:
         """The thetas, with the layer gates' gradient multiplied by ``alpha`` (values unchanged)."""
@@ -229,7 +244,8 @@ class Objective:
         exact penalty, which pushes the cost down to its target and no further."""
         c = self.config
         theta = self.theta()
-        per_weight, per_structure = self.squared_norms()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.decoupled):  # decoupled: theta's gradient only
+            per_weight, per_structure = self.squared_norms()
         spike = ((1 - theta) * per_structure).sum()
         prior = 0.5 * c.lam1 * per_weight.sum() + 0.5 * (c.lam0 - c.lam1) * spike
         if c.sharpen:

@@ -49,8 +49,9 @@ def test_expected_flops_follow_the_scheduled_target_at_every_step_after_the_warm
             expected, target = pruner.report()["flops"], pruner.targets()["flops"]
             misses.append(abs(expected - target) / target)
     assert max(misses) < 0.03, f"expected FLOPs {max(misses):.1%} off the scheduled target"
-    # the gates separate between the budget's arrival and the decision (2.5 % undecided then; 9.9 % without it)
-    assert pruner.report()["undecided_at_decision"] <= 0.04
+    # the gates separate between the budget's arrival and the decision (4.1 % undecided then, 2.5 % with the
+    # norm gains in the prior; 9.9 % without the separation)
+    assert pruner.report()["undecided_at_decision"] <= 0.05
     assert first_removal is not None and first_removal <= reached, "structures go while the target falls"
     assert pruner.forward_flops() / pruner.dense_flops == pytest.approx(0.5, rel=0.05)
     # the cost term's value is not a multiple of the task loss: the pull on theta is the controller's
@@ -118,6 +119,48 @@ def test_the_weight_prior_leaves_biases_norm_gains_and_embeddings_alone_when_ask
         assert grads == decayed, "the prior's gradient reaches exactly the decayed parameters"
     # the cost still counts every parameter
     assert pruner.objective.dense_params == sum(p.numel() for p in TinyLM().parameters())
+
+
+def test_the_weight_prior_is_decoupled_under_adam_and_coupled_under_sgd():
+    """Under Adam the prior's gradient went through the normalisation, so a weight the data
+    barely moves stepped by about lr towards 0 every step; decoupled, each weight moves by
+    lr * d prior / dW at the optimizer's step (a unit switched off by the spike too), and
+    theta gets the same gradient from the prior either way."""
+    ids = torch.randint(0, 16, (2, 5))
+    thetas = {}
+    for name, make in [("adamw", lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.0)),
+                       ("sgd", lambda ps: torch.optim.SGD(ps, lr=0.1))]:
+        torch.manual_seed(0)
+        gated = fxprune.prepare(TinyLM(), (ids,), fxprune.PruneConfig("units"))
+        opt = make(gated.parameters())
+        pruner = fxprune.Pruner(gated, opt)
+        assert pruner.objective.decoupled == (name == "adamw")
+        (hidden,) = [sl for sl in fxprune.state_of(gated).layout.units.values() if sl.stop - sl.start == 24]
+        with torch.no_grad():
+            pruner.theta[hidden.start:hidden.start + 3] = 0.0  # three of up's units switched off: the spike on their rows
+        weights = {n: p.detach().clone() for n, p in gated.named_parameters()}
+        opt.zero_grad()
+        pruner.penalty().backward()
+        thetas[name] = pruner.theta.grad.clone()
+        touched = {n for n, p in gated.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        if name == "sgd":
+            assert touched == {"up.weight", "down.weight", "head.weight"}
+            continue
+        assert touched == set(), "decoupled: the loss's prior gives the weights no gradient"
+        expected = dict(zip([n for n, p in gated.named_parameters() if any(p is w for w in pruner.objective.weights)],
+                            pruner.objective.prior_gradients()))
+        for n, p in gated.named_parameters():  # Adam's own update is 0 on a zero gradient
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        for n, p in gated.named_parameters():
+            want = weights[n] - 0.1 * expected[n] if n in expected else weights[n]
+            torch.testing.assert_close(p.detach(), want, rtol=0, atol=1e-7)
+        up = dict(gated.named_parameters())["up.weight"]
+        ratio = (weights["up.weight"] - up.detach()) / weights["up.weight"]  # per row: lr * (lam1 or lam0)
+        lam1, lam0 = pruner.config.lam1, pruner.config.lam0
+        assert torch.allclose(ratio.abs().amax(1).max(), torch.tensor(0.1 * lam0), rtol=1e-3)
+        assert torch.allclose(ratio.abs().amin(1).min(), torch.tensor(0.1 * lam1), rtol=1e-3)
+    torch.testing.assert_close(thetas["adamw"], thetas["sgd"])
 
 
 def test_prior_exempt_is_checked():

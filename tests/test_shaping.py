@@ -124,3 +124,31 @@ def test_the_options_are_checked():
         fxprune.PruneConfig(multiple_of=0)
     with pytest.raises(TypeError, match="uniform"):
         fxprune.PruneConfig(uniform=1)
+
+
+def test_the_expected_cost_counts_the_widths_multiple_of_keeps():
+    """The controller brought the expected cost to the budget while the decision kept
+    every width rounded to a multiple (the Llama example: 0.56 of the FLOPs for a budget
+    of 0.5): the cost now prices a group at its rounded width, with the gradient of its
+    expected count."""
+    x = torch.randn(4, 6)
+    net = lambda: nn.Sequential(nn.Linear(6, 40), nn.ReLU(), nn.Linear(40, 3))  # noqa: E731
+    plain = fxprune.Pruner(g := fxprune.prepare(net(), (x,), fxprune.PruneConfig("units", min_share=0.0)),
+                           torch.optim.SGD(g.parameters(), lr=0.1)).objective
+    shaped = fxprune.Pruner(h := fxprune.prepare(net(), (x,), fxprune.PruneConfig("units", min_share=0.0, multiple_of=8)),
+                            torch.optim.SGD(h.parameters(), lr=0.1)).objective
+    (hidden,) = state_of(g).layout.units.values()
+    for expected_units, rounded in [(17, 24), (16, 16), (3.5, 8), (33, 40)]:
+        theta = torch.zeros(40)
+        theta[: int(expected_units)] = 1.0
+        theta[int(expected_units)] = expected_units % 1
+        whole = torch.zeros(40)
+        whole[:rounded] = 1.0
+        assert float(shaped.fractions_at(theta)["flops"]) == pytest.approx(float(plain.fractions_at(whole)["flops"]))
+    theta = torch.full((40,), 0.45, requires_grad=True)  # 18 expected units, priced as 24
+    shaped.fractions_at(theta)["flops"].backward()
+    grad = theta.grad.clone()
+    theta.grad = None
+    plain.fractions_at(theta)["flops"].backward()
+    assert torch.all(grad > theta.grad)  # the same direction, scaled by the rounding: 24 / 18
+    torch.testing.assert_close(grad / theta.grad, torch.full((40,), 24 / 18, dtype=grad.dtype))

@@ -38,11 +38,12 @@ def _residual_vgg() -> nn.Module:
 
 #: the per-model choices (gamma, theta learning rate, cost warm-up, optimizer), in
 #: fixed-strength mode with the weight condition of removal (``w_tol=0.1``) and no
-#: sharpening or decision, as the digits benchmark measures them; everything else is
+#: sharpening or decision, as the digits benchmark measures them, and the weight prior on
+#: every parameter (``prior_exempt=()``, as they were set); everything else is
 #: PruneConfig's defaults. All use the balanced estimator and a cosine learning rate.
 #: The LeNets' targets are parameters (beta=0 for LeNet-5, whose convolutions hold most
 #: FLOPs but few parameters); the CNNs use SGD with momentum, their usual recipe.
-_FIXED = dict(estimator="balanced", w_tol=0.1, sharpen=0.0)
+_FIXED = dict(estimator="balanced", w_tol=0.1, sharpen=0.0, prior_exempt=())
 EXPERIMENTS = [
     Experiment("LeNet-300-100", models.lenet_300_100,
                PruneConfig("units", gamma=16.0, theta_lr=2.0, warmup=30 * steps_per_epoch(), **_FIXED), 100),

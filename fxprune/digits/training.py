@@ -118,10 +118,10 @@ def _l2(params, lam1: float) -> Tensor:
 def train_epochs(model: nn.Module, loader, epochs: int, optimizer: torch.optim.Optimizer, lam1: float,
                  after_step: Callable[[], object] | None = None, loss_extra: Callable[[], Tensor] | None = None,
                  schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
-                 exempt: tuple[str, ...] = PruneConfig.prior_exempt) -> float:
+                 exempt: tuple[str, ...] = ()) -> float:
     """``epochs`` passes of cross-entropy (+ ``loss_extra()``, default the L2 term on the
-    parameters the weight prior decays: those not of the ``exempt`` kinds, the default
-    ``PruneConfig.prior_exempt``) over
+    parameters not of the ``exempt`` kinds of ``PruneConfig.prior_exempt``: by default
+    every parameter, as the digits grid's fixed-strength recipes decay them) over
     ``loader``, stepping ``schedule`` after every optimizer step; returns the mean loss of
     the last pass."""
     model.train()
