@@ -111,9 +111,23 @@ def mutates(node: fx.Node) -> bool:
         return True
     if node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).endswith("__"):
         return True
-    if node.op == "call_function" and _inplace_flag(node):  # F.relu(y, inplace=True) writes y, used or not
-        return True
+    if node.op == "call_function" and _inplace_flag(node) and _read_later(node):  # F.relu(y, inplace=True)
+        return True  # writes y, which a later node reads: kept though its own result is unused
     return node.op == "call_function" and node.is_impure()
+
+
+def _read_later(node: fx.Node) -> bool:
+    """The tensor ``node`` writes in place (its first argument) is read by a node after it."""
+    x = node.args[0] if node.args else None
+    if not isinstance(x, fx.Node):
+        return False
+    others = {u for u in x.users if u is not node}
+    n = node.next
+    while others and n.op != "root":
+        if n in others:
+            return True
+        n = n.next
+    return False
 
 
 def _inplace_flag(node: fx.Node) -> bool:

@@ -233,20 +233,3 @@ def test_an_exclude_pattern_that_names_no_layer_is_refused():
     with pytest.raises(ValueError, match=r"PruneConfig.exclude: \['conv9'\] name no layer"):
         fxprune.prepare(resnet(blocks=1, widths=(4,)), (torch.randn(2, 1, 8, 8),), fxprune.PruneConfig(exclude=("conv9",)))
 
-
-def test_a_functional_embedding_is_named_and_excluded_by_its_module():
-    """torch.export gives a hub model's embedding as F.embedding reading the module's
-    weight: it was named by its node ('embedding'), so exclude=('embed',) matched nothing."""
-    class Tokens(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed, self.fc, self.head = nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 3)
-
-        def forward(self, ids):
-            return self.head(torch.relu(self.fc(self.embed(ids))) + self.embed(ids))
-
-    ids = torch.randint(0, 10, (2, 5))
-    gated = fxprune.prepare(Tokens(), (ids,), fxprune.PruneConfig(exclude=("embed",)), front_end="export")
-    cg = fxprune.channel_graph(gated)
-    assert "embed" in {b.owner for b in cg.bindings}
-    assert any("module 'embed' is excluded" in r for r in cg.frozen_reasons())

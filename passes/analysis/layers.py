@@ -20,24 +20,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from .builder import Builder
 
 
-def owner_of(node: fx.Node, weight: str | None) -> str:
-    """The name a layer is reported and excluded by: its module's, for a module call or a
-    function reading a module's weight (``F.embedding(x, self.embed.weight)``, as
-    torch.export gives it: ``embed``), else the node's."""
-    if node.op == "call_module":
-        return str(node.target)
-    if weight and "." in weight:
-        return weight.rpartition(".")[0]
-    return node.name
-
-
 def conv_like(b: "Builder", node: fx.Node, x: fx.Node, w: str, bias: str | None, groups: int, transposed: bool) -> Dims:
     cd = len(shape(node)) - len(b.param(w).shape) + 1
     cin_n, cout_n = shape(x)[cd], shape(node)[cd]
     cin = b.space(x, cd)
     out = b.new(node, cd, cout_n)
     dims = {d: s for d, s in b.dims_of(x).items() if d < cd}
-    owner = owner_of(node, w)
+    owner = node.target if node.op == "call_module" else node.name
     for d, s in b.dims_of(x).items():  # channels on a spatial dim (an unflatten's split): the kernel mixes them
         if d > cd and s not in b.batch:
             b.freeze(s, f"conv '{owner}' reads them on its spatial dim {d}")
@@ -138,7 +127,7 @@ def conv_function(b: "Builder", node: fx.Node) -> Dims:
 def linear_like(b: "Builder", node: fx.Node, x: fx.Node, w: str, bias: str | None, transposed: bool = False) -> Dims:
     """``y = x w^T + bias`` (``w`` is ``[out, in]``; ``transposed``: ``[in, out]``, ``x w + bias``)."""
     nd = len(shape(node))
-    owner = owner_of(node, w)
+    owner = node.target if node.op == "call_module" else node.name
     cin = b.space(x, nd - 1)
     out = b.new(node, nd - 1, shape(node)[-1])
     b.add_flops(w, 2.0 * math.prod(shape(node)[:-1]) / b.batch_size)
@@ -173,7 +162,7 @@ def embedding(b: "Builder", node: fx.Node) -> Dims:
         max_norm, owner = m.max_norm, node.target
     else:
         w, max_norm, frozen = _attr(arg(node, 1, "weight")), arg(node, 3, "max_norm"), None
-        owner = owner_of(node, w)
+        owner = node.name
     if w is None:
         return unknown(b, node, f"embedding '{owner}' with computed weights is not pruned")
     idx = node.args[0] if node.args else node.kwargs["input"]
@@ -258,7 +247,7 @@ def trailing_norm(b: "Builder", node: fx.Node) -> Dims:
     if not node.args or node.args[0] is not x or b.dims_of(x).get(nd - 1) in b.batch:
         return _norm_over(b, node, x, 1, f"{what} of a tensor passed by keyword or over the batch")
     s = b.space(x, nd - 1)
-    owner = owner_of(node, names[0] if names else None)
+    owner = node.target if node.op == "call_module" else node.name
     for name in names:
         b.bind(name, 0, s, "carrier", owner)
     b.read(node, 0, s, nd - 1, kind="norm")
@@ -290,7 +279,7 @@ def group_norm(b: "Builder", node: fx.Node) -> Dims:
     per = c // groups
     if groups > 1:  # position j of every group is one unit
         b.link(s, s, (np.arange(c - per), np.arange(per, c)))
-    owner = owner_of(node, names[0] if names else None)
+    owner = node.target if node.op == "call_module" else node.name
     for name in names:
         b.bind(name, 0, s, "carrier", owner)
     b.read(node, 0, s, 1, kind="norm")
