@@ -134,14 +134,19 @@ def broadcast_(t: Tensor, src: int = 0) -> Tensor:
     return t
 
 
+def _min_max(t: Tensor) -> tuple[Tensor, Tensor]:
+    """The element-wise minimum and maximum of ``t`` over every process."""
+    low, high = t.clone(), t.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return low, high
+
+
 def same_everywhere(t: Tensor, what: str) -> None:
     """Raise, on every process alike, if ``t`` differs between processes."""
     if not active():
         return
-    low = t.detach().float().clone()
-    high = low.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    low, high = _min_max(t.detach().float())
     gap = float((high - low).abs().max()) if t.numel() else 0.0
     if gap > 0:
         raise RuntimeError(
@@ -158,9 +163,7 @@ def same_config(config: Any) -> None:
         return
     names = [f.name for f in dataclasses.fields(config)]
     values = torch.tensor([float(zlib.crc32(repr(getattr(config, n)).encode())) for n in names], dtype=torch.float64)
-    low, high = values.clone(), values.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    low, high = _min_max(values)
     differ = [n for n, a, b in zip(names, low.tolist(), high.tolist()) if a != b]
     if differ:
         raise RuntimeError(

@@ -197,6 +197,15 @@ class Objective:
             prior = 0.5 * c.lam1 * per_weight.sum() + 0.5 * (c.lam0 - c.lam1) * ((1 - theta) * per_structure).sum()
             return list(torch.autograd.grad(prior, self.weights, allow_unused=True, materialize_grads=True))
 
+    @torch.no_grad()
+    def decay_(self, optimizer: torch.optim.Optimizer) -> None:
+        """The decoupled prior's step: every weight ``optimizer`` trains moves by
+        ``-lr * d prior / dW``, with its parameter group's learning rate."""
+        lrs = {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"]}
+        for w, g in zip(self.weights, self.prior_gradients()):
+            if id(w) in lrs:
+                w.sub_(g.to(w.dtype), alpha=lrs[id(w)])
+
     def scaled_theta(self, alpha: float = 1.0) -> Tensor:
         """The thetas, with the layer gates' gradient multiplied by ``alpha`` (values unchanged)."""
         return self.scaled_theta_of(self.theta(), alpha)

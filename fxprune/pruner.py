@@ -120,7 +120,7 @@ class Pruner:
         me = weakref.ref(self)
         self._hook = optimizer.register_step_post_hook(lambda *_: (p := me()) is not None and p._optimizer_stepped())
         if decoupled:  # the prior decays the weights before the optimizer's update, as AdamW does
-            self._decay_hook = optimizer.register_step_pre_hook(lambda *_: (p := me()) is not None and p._decay())
+            self._decay_hook = optimizer.register_step_pre_hook(lambda *_: (p := me()) is not None and p.objective.decay_(optimizer))
 
     # ----------------------------------------------------------------- training loop
     @property
@@ -186,16 +186,6 @@ class Pruner:
         #: a trainable parameter of the model (picked again after a removal, which may delete it): its
         #: gradient cleared says the user's zero_grad ran
         self._sentinel = next((p for p in self.gated.parameters() if p.requires_grad), None)
-
-    @torch.no_grad()
-    def _decay(self) -> None:
-        """The decoupled weight prior: every weight the optimizer trains moves by
-        ``-lr * d prior / dW``, with its parameter group's learning rate."""
-        lrs = {id(p): float(g["lr"]) for g in self.optimizer.param_groups for p in g["params"]}
-        weights = self.objective.weights
-        for w, g in zip(weights, self.objective.prior_gradients()):
-            if id(w) in lrs:
-                w.sub_(g.to(w.dtype), alpha=lrs[id(w)])
 
     def _optimizer_stepped(self) -> None:
         self._optimizer_steps += 1

@@ -16,7 +16,6 @@ Example::
 from __future__ import annotations
 
 import inspect
-
 import operator
 
 import torch
@@ -134,6 +133,8 @@ def _inplace_flag(node: fx.Node) -> bool:
     """``inplace=True`` given to a functional (``F.relu(x, True)``, ``F.dropout(x, p, t, True)``)."""
     if node.kwargs.get("inplace") is True:
         return True
+    if not any(a is True for a in node.args):  # the signature is read only where a literal True could be it
+        return False
     try:
         params = list(inspect.signature(node.target).parameters)
     except (TypeError, ValueError):
