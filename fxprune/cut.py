@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 
@@ -24,11 +25,32 @@ from .gates import GateBank
 from .objective import Objective
 from .passes.channel_graph import floor_keep
 
-__all__ = ["TOLERANCE", "DECIDED", "closest_to_budget", "fill", "undecided"]
+__all__ = ["TOLERANCE", "DECIDED", "closest_to_budget", "decide", "fill", "undecided"]
+
+log = logging.getLogger("fxprune")
 
 TOLERANCE = 0.05  # a relative miss of the budget the decision accepts from rounding at 0.5
 DECIDED = 0.01  # a theta within this of 0 or 1 is decided: the cut never drops a gate training kept at 1
 FILL_TRIES = 256  # structures the greedy fill tries at most (each is one evaluation of the cost)
+
+
+def decide(objective: Objective, bank: GateBank, shape: Callable[[Tensor], Tensor], targets: dict[str, float],
+           step: int) -> tuple[Tensor, float, float]:
+    """The decision's keep mask ``(keep, share of gates undecided, relative miss of the
+    budgets)``: every theta rounded to what eval mode keeps (``shape`` applied), or under
+    budgets the cut :func:`closest_to_budget` gives. Logs what it finds at ``step``."""
+    keep = shape(bank.deterministic())
+    share = undecided(bank.theta.detach())
+    if share > 0.01:
+        log.warning("step %d: %.1f%% of the gates are undecided (theta in (%g, %g)) at the decision: the budget's "
+                    "schedule did not separate them; the decision rounds them", step, 100 * share, DECIDED, 1 - DECIDED)
+    if not targets:
+        return keep, share, 0.0
+    cut, rounded, miss = closest_to_budget(objective, bank, keep, targets, shape)
+    if cut is not keep:
+        log.info("step %d: rounding at 0.5 misses the budget by %.1f%%; the %d structures of highest theta that fit "
+                 "miss it by %.1f%%", step, 100 * rounded, int(cut.sum()), 100 * miss)
+    return cut, share, miss
 
 
 def closest_to_budget(objective: Objective, bank: GateBank, keep: Tensor, targets: dict[str, float],

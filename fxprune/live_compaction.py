@@ -18,8 +18,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,28 +32,13 @@ from .passes.channel_graph import floor_keep
 from .passes.compact import check_nonempty, max_relative_error, plan_slices, rewrite_graph
 from .passes.restrict import restrict
 from .passes.surgery import copy_graph, delete_unreferenced, index_tensor, refresh_module, set_data
-from .state import PruneState, gate_bank, run_example, state_of
+from .state import PruneState, Removal, gate_bank, run_example, state_of
 
 __all__ = ["Removal", "RemovalError", "remove", "describe_removal"]
 
 
 class RemovalError(RuntimeError):
     """A live removal would change what the model computes; nothing was removed."""
-
-
-@dataclass
-class Removal:
-    """What one live removal did: units removed per group, branches removed, the keep
-    mask of every group it sliced (over the group's units before the removal, enough to
-    replay it), and the forward FLOPs per example of the model after it. ``extra["kept"]``
-    is the bool mask over the flat theta buffer before the removal of the entries kept."""
-
-    units: dict[int, int]
-    layers: list[int]
-    keep: dict[int, list[bool]]
-    flops: int = 0
-    step: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class _Snapshot:
@@ -66,7 +50,7 @@ class _Snapshot:
         self.modules = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers), dict(m._modules))
                         for m in gated.modules()]
         self.tensors = [(t, t.data, t.grad) for t in {id(t): t for t in [*gated.parameters(), *gated.buffers()]}.values()]
-        self.fields = (state.graph, state.layout, state.version)
+        self.fields = (state.graph, state.layout, state.version, list(state.removals))
         if optimizer is not None:
             self.groups = [list(g["params"]) for g in optimizer.param_groups]
             self.opt_state = {p: dict(s) for p, s in optimizer.state.items()}
@@ -85,7 +69,7 @@ class _Snapshot:
         if self.gated.graph is not self.graph:
             self.gated.graph = self.graph
         self.gated.recompile()
-        self.state.graph, self.state.layout, self.state.version = self.fields
+        self.state.graph, self.state.layout, self.state.version, self.state.removals = self.fields
         if self.optimizer is not None:
             for g, params in zip(self.optimizer.param_groups, self.groups):
                 g["params"] = params
@@ -157,14 +141,20 @@ def _drop_from_optimizer(optimizer: torch.optim.Optimizer, gone: set[int]) -> No
 
 def remove(gated: fx.GraphModule, unit_drop: dict[int, np.ndarray], layer_drop: set[int],
            optimizer: torch.optim.Optimizer | None = None, verify: bool = True, rtol: float = 1e-3,
-           shape: Callable[[Tensor, Tensor], Tensor] | None = None) -> Removal:
+           shape: Callable[[Tensor, Tensor], Tensor] | None = None, step: int = 0,
+           followers: Sequence[Callable[[Removal], Any]] = ()) -> Removal:
     """Remove units (``unit_drop[group]``: True = remove) and residual branches
-    (``layer_drop``) from the live model, all or nothing. With ``verify``, structures whose
+    (``layer_drop``) from the live model, all or nothing, and return its :class:`Removal`
+    record (also appended to the state's ``removals``). With ``verify``, structures whose
     gates are on cannot be removed (:class:`RemovalError`), the unit eval mode keeps for a
     dimension whose gates are all off stays, and the model's eval output on the stored
     example must stay the same. ``verify=False`` applies the masks as given (replaying a
     checkpoint's removals on a fresh model). ``shape(keep, theta)`` adds to the kept units
-    what the widths must keep (:class:`fxprune.shaping.Shaper`)."""
+    what the widths must keep (:class:`fxprune.shaping.Shaper`). Each of ``followers`` is
+    called with the record inside the transaction: an exception there (a derived cache
+    that cannot follow) undoes the removal too. Whatever else is derived from the model
+    re-derives from ``state.version`` and ``state.removals``, so this is safe to call
+    without a Pruner, or beside one."""
     state = state_of(gated)
     cg, layout = state.graph, state.layout
     layer_drop = set(layer_drop)
@@ -194,18 +184,21 @@ def remove(gated: fx.GraphModule, unit_drop: dict[int, np.ndarray], layer_drop: 
         graph = copy_graph(gated.graph)
         modules = dict(gated.named_modules())
         replaced, _ = rewrite_graph(graph, modules, cg, effective, layer_drop)
-        owners = set()
+        owners, applied = set(), {}
         for canon, t in sliced.items():
             grad = index_tensor(t.grad, slices[canon]) if t.grad is not None else None
             set_data(t, index_tensor(t, slices[canon]))
             t.grad = grad
             if canon in new_state:
                 optimizer.state[t].update(new_state[canon])
-            owners.update(n.rpartition(".")[0] for n in cg.params[canon].names if n in tensors)
+            names = [n for n in cg.params[canon].names if n in tensors]
+            owners.update(n.rpartition(".")[0] for n in names)
+            applied.update(dict.fromkeys(names, slices[canon]))
         for name in owners:
             refresh_module(modules[name], name in cg.depthwise)
         gated.graph = graph
         owned = {id(p): p for p in gated.parameters()}
+        named_before = set(tensors)
         gone = delete_unreferenced(gated)
         gated.recompile()
         deleted = set(owned) - {id(p) for p in gated.parameters()}
@@ -224,14 +217,19 @@ def remove(gated: fx.GraphModule, unit_drop: dict[int, np.ndarray], layer_drop: 
                 raise RemovalError(
                     f"removing these structures changes the model's output on the example (max relative error "
                     f"{err:.2e}): only structures whose gates are off (theta < 0.5) can be removed")
+        now = {n for n, _ in [*gated.named_parameters(remove_duplicate=False), *gated.named_buffers(remove_duplicate=False)]}
+        record = Removal(
+            units={gid: int((~k).sum()) for gid, k in unit_keep.items()}, layers=sorted(layer_drop),
+            keep={gid: k.tolist() for gid, k in unit_keep.items()}, flops=counter.get_total_flops(), step=step,
+            version=state.version, theta_index=np.flatnonzero(keep_flat), before=layout, after=state.layout,
+            slices={n: sl for n, sl in applied.items() if n in now}, deleted=tuple(sorted(named_before - now)))
+        state.removals.append(record)
+        for follow in followers:
+            follow(record)
     except BaseException:
         snapshot.restore()
         raise
-    return Removal(
-        units={gid: int((~k).sum()) for gid, k in unit_keep.items()}, layers=sorted(layer_drop),
-        keep={gid: k.tolist() for gid, k in unit_keep.items()}, flops=counter.get_total_flops(),
-        extra={"kept": keep_flat},
-    )
+    return record
 
 
 def describe_removal(cg: ChannelGraph, record: Removal) -> str:

@@ -68,7 +68,9 @@ def prior_exempt(model: nn.Module, kinds: tuple[str, ...] = EXEMPT_KINDS) -> set
 
 
 class Objective:
-    """The penalty of a gated model; ``rebuild()`` after live removal."""
+    """The penalty of a gated model. Its index tensors are derived from the model as it
+    is: every entry point re-derives them (:meth:`sync`) when the state's version (a live
+    removal) or the thetas' device has changed."""
 
     def __init__(self, gated: fx.GraphModule, config: PruneConfig | None = None, *, decoupled: bool = False) -> None:
         self.gated = gated
@@ -88,8 +90,18 @@ class Objective:
         self.ref = self.config.cost_reference or self.reference
 
     # ------------------------------------------------------------------ index tensors
+    def _key(self) -> tuple[int, torch.device]:
+        return state_of(self.gated).version, gate_bank(self.gated).theta.device
+
+    def sync(self) -> None:
+        """Re-derive the index tensors if the model changed (a removal, a device move)
+        since they were built."""
+        if self._stamp != self._key():
+            self.rebuild()
+
     def rebuild(self) -> None:
-        """Re-read the weights, the layout and the ChannelGraph (after a removal)."""
+        """Re-read the weights, the layout and the ChannelGraph."""
+        self._stamp: tuple[int, torch.device] | None = None  # a rebuild that fails half way is redone at the next use
         state = state_of(self.gated)
         cg, layout = state.graph, state.layout
         named = dict(self.gated.named_parameters(remove_duplicate=False))
@@ -102,7 +114,7 @@ class Objective:
         self.weights: list[Tensor] = [next(named[n] for n in cg.params[c].names if n in named) for c in self.prior_names]
         position = {c: i for i, c in enumerate(self.prior_names)}
         self.size = layout.size
-        device = self._device = gate_bank(self.gated).theta.device
+        device = gate_bank(self.gated).theta.device
         # one row vector per weight: squared sums along its unit dim (or its total)
         self._row_dims: list[tuple[int, ...] | None] = [None] * len(self.weights)
         row_slots: list[np.ndarray] = [np.array([self.size])] * len(self.weights)
@@ -151,27 +163,35 @@ class Objective:
         self.is_layer = torch.as_tensor(layout.is_layer(), device=device)
         self.complexity = ComplexityCost(cg, self.names, layout.units, layout.layers, self.size, device,
                                          gate_bank(self.gated).floors, self.config.multiple_of)
+        self._stamp = self._key()
 
     def unit_channels(self) -> list[tuple[Tensor, int, np.ndarray]]:
         """``(weight, dim, flat unit slot of every index of that dim)`` for every producer
         and carrier slice of a gated group: a unit's own weights ``W_g``."""
+        self.sync()
         return self._unit_channels
 
     def branch_weights(self, branch: int) -> list[Tensor]:
         """The weights inside gated ``branch`` (removed with it)."""
+        self.sync()
         return self._branch_weights[branch]
+
+    def layer_weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(weight, slot)`` pairs, as two index arrays: weight ``weights[w]`` lies inside the
+        branch of layer gate ``slot``."""
+        self.sync()
+        return self._layer_w.cpu().numpy(), self._layer_s.cpu().numpy()
 
     # ------------------------------------------------------------------ terms
     def theta(self) -> Tensor:
-        """The flat theta buffer (units of every gated group, then layer gates); the index
-        tensors follow it when the model has moved to another device."""
-        theta = gate_bank(self.gated).theta
-        if theta.device != self._device:
-            self.rebuild()
-        return theta
+        """The flat theta buffer (units of every gated group, then layer gates), with the
+        index tensors following the model (:meth:`sync`)."""
+        self.sync()
+        return gate_bank(self.gated).theta
 
     def squared_norms(self) -> tuple[Tensor, Tensor]:
         """``(||W||^2 per weight tensor, ||W_g||^2 per structure)``, differentiable."""
+        self.sync()
         squares = torch._foreach_mul(self.weights, self.weights) if self.weights else []
         rows = [s.sum().reshape(1) if dims is None else s.sum(dims) if dims else s
                 for s, dims in zip(squares, self._row_dims)]
@@ -188,6 +208,7 @@ class Objective:
         """``d prior / dW`` for every weight of :attr:`weights` at the current thetas (the
         slab on every decayed weight, the spike on a structure's weights as it is
         switched off): what a decoupled prior subtracts, times the learning rate."""
+        self.sync()
         if not self.weights:
             return []
         c = self.config
@@ -202,7 +223,8 @@ class Objective:
         """The decoupled prior's step: every weight ``optimizer`` trains moves by
         ``-lr * d prior / dW``, with its parameter group's learning rate."""
         lrs = {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"]}
-        for w, g in zip(self.weights, self.prior_gradients()):
+        grads = self.prior_gradients()
+        for w, g in zip(self.weights, grads):
             if id(w) in lrs:
                 w.sub_(g.to(w.dtype), alpha=lrs[id(w)])
 
@@ -218,6 +240,7 @@ class Objective:
 
     def expected(self, alpha: float = 1.0) -> tuple[Tensor, Tensor]:
         """Expected FLOPs and parameters per example; ``alpha`` scales the layer gates' gradient."""
+        self.sync()
         flops, params = self.complexity.expected(self.scaled_theta(alpha))
         return flops + self.other_flops, params
 
@@ -241,6 +264,7 @@ class Objective:
     def fractions_at(self, theta: Tensor) -> dict[str, Tensor]:
         """:meth:`fractions` at the given thetas; at 0/1 thetas, the fractions of the
         compact model those gates make."""
+        self.sync()
         flops, params = self.complexity.expected(theta)
         flops = flops + self.other_flops
         return {"flops": flops / max(self.reference.flops, 1), "params": params / max(self.reference.params, 1)}

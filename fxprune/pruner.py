@@ -12,6 +12,15 @@ whose weights are in the domain of attraction of zero (RMS at most ``w_tol`` tim
 of the kept weights). Removal compacts the live model as one transaction
 (:mod:`fxprune.live_compaction`): parameters, gradients and optimizer state are sliced,
 removed branches leave the optimizer.
+
+The Pruner composes parts with one job each: the budget controller
+(:class:`fxprune.budget.BudgetController`), the theta optimizer
+(:class:`fxprune.theta_step.ThetaStep`), the pruning check
+(:class:`fxprune.check.PruningCheck`), and the removal and its record; what it derives
+from the model (the objective's indices, the check's counters, the live FLOPs) follows
+the state's version, so a removal made outside it (``live_compaction.remove``) is
+followed too. ``pruner.on_removal(fn)`` calls ``fn(record)`` inside every removal's
+transaction.
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ from __future__ import annotations
 import logging
 import warnings
 import weakref
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,14 +37,16 @@ from torch import Tensor, fx
 
 from . import distributed, live_compaction, optim_state
 from .budget import BudgetController
+from .check import PruningCheck
 from .config import PruneConfig
 from .cost import forward_flops
-from .cut import DECIDED, TOLERANCE, closest_to_budget, undecided
+from .cut import TOLERANCE, decide
 from .decisions import decisions_record
 from .live_compaction import describe_removal
 from .objective import Objective
 from .shaping import Shaper
-from .state import gate_bank, state_of
+from .state import Removal, gate_bank, state_of
+from .theta_step import ThetaStep
 
 __all__ = ["Pruner", "describe_removal", "PREPARE_TIME"]
 
@@ -92,18 +105,19 @@ class Pruner:
         self.objective = Objective(gated, self.config, decoupled=decoupled)
         self.shaper = Shaper(gated, self.config.multiple_of, self.config.uniform)
         self.steps = 0
-        #: consecutive checks each flat theta entry has been switched off
-        self.below = np.zeros(state.layout.size, dtype=np.int64)
-        #: forward FLOPs per example of the live model, one entry per step
-        self.flops_per_step: list[int] = []
-        #: every live removal so far (:class:`fxprune.live_compaction.Removal`)
-        self.removals: list[live_compaction.Removal] = []
+        #: the pruning conditions and their per-entry counters
+        self.pruning = PruningCheck(self.config, state.layout.size)
         #: the analysis and gate layout of the model before any removal
         self.dense_graph, self.dense_layout = state.graph, state.layout
         self.dense_flops = self.objective.dense_flops
-        self._flops = self.dense_flops
+        #: forward FLOPs per example of the live model, and their sum over the steps trained
+        self.live_flops, self.trained_flops = self.dense_flops, 0
         #: the budgets: their target schedule, multipliers and the correction of the theta step
         self.budget = BudgetController(self.config, self.objective)
+        #: the theta optimizer
+        self.theta_step = ThetaStep(self.config, optimizer, scaler, self.budget)
+        self._version = state.version
+        self._hooks: list[Callable[[Removal], Any]] = []
         self._warmup = self.config.warmup_steps()
         self._check_every = self.config.check_steps()
         self._decide = self.config.decide_step() if self.config.targets or self.config.decide else 0
@@ -111,9 +125,9 @@ class Pruner:
         #: at the decision: the share of gates left undecided, and the decided model's relative miss of its budget
         self.undecided_at_decision: float | None = None
         self.budget_miss = 0.0
-        self._warned, self._hooked, self._device = set(), None, None  # warned kinds, theta hook, device
+        self._warned, self._device = set(), None
         self._pick_sentinel()
-        self._follow_device()
+        self._follow()
         gated.meta[_PRUNER_META] = weakref.ref(self)
         #: optimizer steps since the last pruner.step() (a loop that never calls it is warned about)
         self._optimizer_steps = 0
@@ -128,37 +142,39 @@ class Pruner:
         """Every theta, in one flat buffer (``fxprune.state.state_of(gated).layout`` says where)."""
         return gate_bank(self.gated).theta
 
-    def _follow_device(self) -> None:
-        """Device counters, and the unscaling hook, on the current theta (after a move
-        or a removal the model holds a new theta tensor)."""
+    @property
+    def removals(self) -> list[Removal]:
+        """Every live removal of the model so far (the state's records)."""
+        return state_of(self.gated).removals
+
+    @property
+    def below(self) -> np.ndarray:
+        """Consecutive checks each flat theta entry has been switched off."""
+        self._follow()
+        return self.pruning.below
+
+    def _follow(self) -> None:
+        """Follow the model: removals made since the last call (the state's records, in
+        order), and the device the thetas are on."""
+        state = state_of(self.gated)
+        if state.version != self._version:
+            for record in state.removals[self._version:state.version]:
+                self.pruning.follow(record)
+            self._version = state.version
+            self.live_flops = state.removals[-1].flops if state.removals else self.dense_flops
+            self._pick_sentinel()
         theta = self.theta
         if theta.device != self._device:
             self._device = theta.device
-            self._step_t = torch.full((), self.steps, dtype=torch.long, device=theta.device)
-            self._first_nonfinite = torch.full((), -1, dtype=torch.long, device=theta.device)
-            self._used_scale = torch.ones((), device=theta.device)
             self.budget.to(theta.device)
             gate_bank(self.gated).generator = distributed.rank_generator(theta.device)
-        if self.scaler is not None and self._hooked is not theta:
-            theta.register_hook(self._unscale)
-            self._hooked = theta
+        self.theta_step.follow(theta, self.steps)
 
-    def _unscale(self, grad: Tensor) -> Tensor:
-        """Theta's gradient without the loss scale the backward used (GradScaler)."""
-        scale = getattr(self.scaler, "_scale", None) if self.scaler.is_enabled() else None
-        if scale is None:
-            return grad
-        self._used_scale = scale.detach().clone()
-        return grad / scale.to(grad.dtype)
-
-    def _scaler_skipped(self) -> Tensor | None:
-        """True (a device tensor) when the scaler skipped this step's optimizer step."""
-        if self.scaler is None or not self.scaler.is_enabled() or getattr(self.scaler, "_scale", None) is None:
-            return None
-        found = self.scaler._per_optimizer_states.get(id(self.optimizer), {}).get("found_inf_per_device", {})
-        if found:  # step() called before scaler.update()
-            return sum(v.to(self._device) for v in found.values()) > 0
-        return self.scaler._scale.to(self._device) < self._used_scale  # after update(): the scale backed off
+    def on_removal(self, fn: Callable[[Removal], Any]) -> Callable[[Removal], Any]:
+        """Call ``fn(record)`` after every live removal, inside its transaction (an
+        exception in ``fn`` undoes the removal and propagates). Returns ``fn``."""
+        self._hooks.append(fn)
+        return fn
 
     def penalty(self) -> Tensor:
         """GSM prior plus ``gamma * C(theta)``; add it to the task loss."""
@@ -166,7 +182,7 @@ class Pruner:
         if theta.grad is not None and self._sentinel is not None and self._sentinel.grad is None:
             theta.grad = None  # the model's gradients were cleared since theta's accrued (a skipped batch): so are its
         self._penalties += 1
-        self._follow_device()
+        self._follow()
         if self.budget:  # the cost's pull on theta is the controller's (step()); the value is reported
             return self.objective.penalty(gamma=0.0) + self.budget.penalty_value(self.steps).to(theta.dtype)
         return self.objective.penalty(self.gamma())
@@ -221,43 +237,27 @@ class Pruner:
         return out
 
     @torch.no_grad()
-    def step(self) -> live_compaction.Removal | None:
+    def step(self) -> Removal | None:
         """Projected SGD on theta; every ``check_every`` steps, the pruning check.
         Returns what was removed at this step, if anything."""
         if self.steps == 0:  # before the first collective: one config on every process
             distributed.same_config(self.config)
         self._without_penalty = self._without_penalty + 1 if not self._penalties else 0
         self._penalties = self._optimizer_steps = 0
-        skipped = self._scaler_skipped()
+        self._follow()
+        skipped = self.theta_step.scaler_skipped()
         if skipped is not None and bool(skipped):  # the scaler skipped the optimizer's step: so does the pruner's
             self.theta.grad = None  # (GradScaler.step reads its overflow flag on the host already)
             return None
         if self._without_penalty == _NAG_AFTER:
             self._warn("penalty", f"pruner.penalty() has not been added to the loss for {_NAG_AFTER} steps: without it "
                                   "nothing pays for the structures, and the weight prior is missing")
-        self._follow_device()
         theta = self.theta
-        grad = theta.grad
-        fixed = bool(self._decide) and self.steps + 1 >= self._decide
-        if fixed:  # the gates are (being) decided: no theta step, no dual step
+        if bool(self._decide) and self.steps + 1 >= self._decide:  # the gates are (being) decided: no theta step
             theta.grad = None
-            grad = None
-        if grad is not None:
-            grad = distributed.average_(grad)  # every process takes the same theta step
-            finite = torch.isfinite(grad)
-            if skipped is None:  # without a scaler a non-finite gradient is an error, reported at the check
-                first = (self._first_nonfinite < 0) & ~finite.all()
-                self._first_nonfinite.copy_(torch.where(first, self._step_t, self._first_nonfinite))
-            else:  # a step the scaler took: its gradient is finite (an overflow skips above)
-                finite = finite & finite.all()
-            step_ = self.config.theta_lr * torch.where(finite, grad, 0.0)
-            if self.budget:  # the expected cost tracks the scheduled target
-                step_ = self.budget.corrected(theta, step_, self.config.theta_lr, self.steps)
-            theta.sub_(step_).clamp_(0.0, 1.0)
-            theta.grad = None
-        self._step_t.add_(1)
+        self.theta_step(theta, self.steps, skipped)
         self.steps += 1
-        self.flops_per_step.append(self._flops)
+        self.trained_flops += self.live_flops
         if self.steps == self._decide:
             return self._decide_gates()
         return self.check() if self.steps % self._check_every == 0 else None
@@ -268,125 +268,61 @@ class Pruner:
         and stays; training goes on as fine-tuning of the model eval mode computes."""
         return bool(self._decide) and self.steps >= self._decide
 
-    def _decide_gates(self) -> live_compaction.Removal | None:
+    def _decide_gates(self) -> Removal | None:
         """Round every theta to what eval mode keeps, and remove the rest now; training
         stops sampling masks. Under a budget, when that rounding misses it by more than
         :data:`fxprune.cut.TOLERANCE`, the structures of highest theta closest to it are
         kept instead (:func:`fxprune.cut.closest_to_budget`); otherwise eval mode computes
         the same function before and after."""
         bank = gate_bank(self.gated)
-        keep = self.shaper(bank.deterministic(), bank.theta, "mean")
-        self.undecided_at_decision = undecided(bank.theta.detach())
-        if self.undecided_at_decision > 0.01:
-            log.warning("step %d: %.1f%% of the gates are undecided (theta in (%g, %g)) at the decision: the budget's "
-                        "schedule did not separate them; the decision rounds them", self.steps,
-                        100 * self.undecided_at_decision, DECIDED, 1 - DECIDED)
-        if self.multipliers:
-            cut, rounded, miss = closest_to_budget(self.objective, bank, keep, self.config.targets,
-                                                   lambda k: self.shaper(k, bank.theta, "mean"))
-            if cut is not keep:
-                log.info("step %d: rounding at 0.5 misses the budget by %.1f%%; the %d structures of highest theta "
-                         "that fit miss it by %.1f%%", self.steps, 100 * rounded, int(cut.sum()), 100 * miss)
-            self.budget_miss = miss
-            if miss > TOLERANCE:
-                self._warn("budget", f"the decision at step {self.steps} misses the budget {self.config.targets} by "
-                                     f"{100 * miss:.1f}% (relative): reaching it would cut structures training kept; "
-                                     "train longer (total_steps), or give a looser budget")
-            keep = cut
+        keep, self.undecided_at_decision, self.budget_miss = decide(
+            self.objective, bank, lambda k: self.shaper(k, bank.theta, "mean"), self.config.targets, self.steps)
+        if self.budget_miss > TOLERANCE:
+            self._warn("budget", f"the decision at step {self.steps} misses the budget {self.config.targets} by "
+                                 f"{100 * self.budget_miss:.1f}% (relative): reaching it would cut structures training "
+                                 "kept; train longer (total_steps), or give a looser budget")
         self.theta.copy_(keep)
         log.info("step %d: gates decided, %d of %d kept", self.steps, int(self.theta.sum()), self.theta.numel())
-        off = (self.theta <= self.config.theta_tol).cpu().numpy()
-        self.below = np.where(off, np.maximum(self.below, self.config.patience - 1), self.below)
+        self.pruning.decided(self.theta)
         return self.check()
 
     # ----------------------------------------------------------------- pruning conditions
     @torch.no_grad()
-    def check(self) -> live_compaction.Removal | None:
+    def check(self) -> Removal | None:
         """Apply the pruning conditions and remove what meets them (reads the thetas and
         weight norms once: the only host synchronisation of training)."""
-        first = int(self._first_nonfinite)
-        if first >= 0:
-            self._first_nonfinite.fill_(-1)  # said once: training that goes on finite removes again
-            raise FloatingPointError(
-                f"the theta gradient was not finite at step {first}: the loss diverged; "
-                "lower the weight learning rate or gamma")
-        c, obj = self.config, self.objective
+        self._follow()
+        self.theta_step.raise_if_nonfinite()
         distributed.same_everywhere(self.theta.detach(), "thetas")
         if log.isEnabledFor(logging.INFO):
             log.info("step %d: %s", self.steps, ", ".join(f"{k} {v:.4g}" for k, v in self.report().items() if k != "step"))
-        state = state_of(self.gated)
-        per_weight, per_structure = obj.squared_norms()
-        theta = self.theta.detach().cpu().numpy()
-        sq, elems = per_structure.cpu().numpy(), obj.elems.cpu().numpy()
-        off = theta <= c.theta_tol
-        self.below = np.where(off, self.below + 1, 0)
-        ripe = self.below >= c.patience
-        if not ripe.any() and not distributed.active():  # under a process group every rank reaches the broadcast
-            return None
-        rms = np.sqrt(sq / np.maximum(elems, 1))
-        ref = np.zeros_like(rms)
-        for sl in state.layout.units.values():  # units: against the kept units of their group
-            kept = ~off[sl] if (~off[sl]).any() else np.ones(sl.stop - sl.start, dtype=bool)
-            ref[sl] = np.sqrt(sq[sl][kept].sum() / max(elems[sl][kept].sum(), 1))
-        if state.layout.layers:  # layers: against the weights outside every switched-off branch
-            w_sq = per_weight.cpu().numpy()
-            sizes = np.array([w.numel() for w in obj.weights], dtype=float)
-            inside = np.zeros(len(sizes), dtype=bool)
-            layer_w, layer_s = obj._layer_w.cpu().numpy(), obj._layer_s.cpu().numpy()
-            inside[layer_w[off[layer_s]]] = True
-            outside = ~inside if (~inside).any() else np.ones_like(inside)
-            ref[list(state.layout.layers.values())] = np.sqrt(w_sq[outside].sum() / max(sizes[outside].sum(), 1))
-        drop = ripe & (rms <= c.w_tol * ref) if c.w_tol is not None else ripe
-        drop &= ~(gate_bank(self.gated).deterministic().cpu().numpy() > 0)  # what eval mode keeps stays anyway
-        if distributed.active():  # rank 0 decides for every process
-            masks = distributed.broadcast_(torch.as_tensor(np.stack([drop, ripe])).to(torch.uint8)).numpy().astype(bool)
-            drop, ripe = masks[0], masks[1]
-        if not ripe.any():
-            return None
-        if c.reset_moments:  # once, at the check that first finds it ripe: later momentum is the prior's pull
-            self._reset_moments(ripe & ~drop & (self.below == c.patience))
-        if not drop.any():
-            return None
-        units = {g: drop[sl] for g, sl in state.layout.units.items() if drop[sl].any()}
-        layers = {b for b, i in state.layout.layers.items() if drop[i]}
-        return self.remove(units, layers)
-
-    def _reset_moments(self, reset: np.ndarray) -> None:
-        """Zero the optimizer state (momentum, Adam moments) of the switched-off entries.
-        A switched-off structure gets no data gradient any more, only the spike prior's
-        pull to zero; moments remembered from its active past would damp that pull for
-        thousands of steps under Adam (second moments decay with 1 - beta2 = 1e-3), and the
-        structure would never reach the weight condition. Done once per switch-off: the
-        momentum built afterwards is that pull's own, and zeroing it again slows it."""
-        if not reset.any():
-            return
-        for w, dim, slots in self.objective.unit_channels():
-            hit = np.flatnonzero(reset[slots])
-            if len(hit):
-                optim_state.zero_entries(self.optimizer, w, dim, torch.as_tensor(hit))
-        state = state_of(self.gated)
-        for b, i in state.layout.layers.items():
-            if reset[i]:
-                for w in self.objective.branch_weights(b):
-                    if w.dim():
-                        optim_state.zero_entries(self.optimizer, w, 0, torch.arange(w.shape[0]))
+        drop = self.pruning(self.gated, self.objective, self.optimizer)
+        return self.remove(*drop) if drop is not None else None
 
     # ----------------------------------------------------------------- live removal
     def remove(self, unit_drop: dict[int, np.ndarray], layer_drop: set[int],
-               verify: bool = True) -> live_compaction.Removal:
+               verify: bool = True, *, step: int | None = None) -> Removal:
         """Remove units (``unit_drop[group]``: True = remove) and branches from the live
-        model and its optimizer (:func:`fxprune.live_compaction.remove`)."""
+        model and its optimizer (:func:`fxprune.live_compaction.remove`), all or nothing:
+        the model, the optimizer, this pruner's counters and whatever :meth:`on_removal`
+        hooks follow. ``step``: the step to record (default: this one)."""
         distributed.require_wrapper(self.gated)
+        self._follow()
         before = state_of(self.gated).graph
-        record = live_compaction.remove(self.gated, unit_drop, layer_drop, self.optimizer, verify=verify,
-                                        shape=(lambda k, t: self.shaper(k, t, "max")) if self.shaper and verify else None)
-        record.step = self.steps
-        self.below = self.below[record.extra.pop("kept")]
-        self.objective.rebuild()
-        self._pick_sentinel()
-        self._follow_device()
-        self._flops = record.flops
-        self.removals.append(record)
+        saved = (self.pruning.below, self._version, self.live_flops, self._sentinel)
+
+        def follow(record: Removal) -> None:  # inside the transaction: a cache that cannot follow undoes it
+            self._follow()
+            self.objective.sync()
+            for hook in self._hooks:
+                hook(record)
+        try:
+            record = live_compaction.remove(
+                self.gated, unit_drop, layer_drop, self.optimizer, verify=verify, step=self.steps if step is None else step,
+                shape=(lambda k, t: self.shaper(k, t, "max")) if self.shaper and verify else None, followers=[follow])
+        except BaseException:
+            self.pruning.below, self._version, self.live_flops, self._sentinel = saved
+            raise
         log.info("step %d: %s; forward FLOPs per example %d (%.1f%% of dense)", self.steps,
                  describe_removal(before, record), record.flops, 100 * record.flops / max(self.dense_flops, 1))
         return record
@@ -417,7 +353,7 @@ class Pruner:
         return {
             "steps": self.steps,
             "below": self.below.tolist(),
-            "flops_per_step": list(self.flops_per_step),
+            "trained_flops": self.trained_flops,
             "multipliers": self.budget.state_dict(),
             "removals": [{"step": r.step, "units": dict(r.units), "layers": list(r.layers), "flops": r.flops,
                           "keep": {g: list(k) for g, k in r.keep.items()}} for r in self.removals],
@@ -437,13 +373,13 @@ class Pruner:
         self.require_fresh()
         for saved in state["removals"]:
             keep = {int(g): np.asarray(k, dtype=bool) for g, k in saved["keep"].items()}
-            record = self.remove({g: ~k for g, k in keep.items()}, set(saved["layers"]), verify=False)
-            record.step = int(saved["step"])
+            self.remove({g: ~k for g, k in keep.items()}, set(saved["layers"]), verify=False, step=int(saved["step"]))
         self.steps = int(state["steps"])
         self.budget.load_state_dict(state.get("multipliers", {}))
-        self._step_t.fill_(self.steps)
-        self.below = np.asarray(state["below"], dtype=np.int64)
-        self.flops_per_step = list(state["flops_per_step"])
+        self.theta_step.step_t.fill_(self.steps)
+        self.pruning.below = np.asarray(state["below"], dtype=np.int64)
+        # a checkpoint from before "trained_flops" kept one entry per step
+        self.trained_flops = state["trained_flops"] if "trained_flops" in state else sum(state["flops_per_step"])
 
     # ----------------------------------------------------------------- accounting
     def forward_flops(self) -> int:
@@ -452,4 +388,4 @@ class Pruner:
 
     def training_flops_ratio(self) -> float:
         """Cumulative forward FLOPs of the steps so far over dense training's."""
-        return sum(self.flops_per_step) / max(self.dense_flops * len(self.flops_per_step), 1)
+        return self.trained_flops / max(self.dense_flops * self.steps, 1)

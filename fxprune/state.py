@@ -26,7 +26,7 @@ from .config import PruneConfig
 from .passes.channel_graph import ChannelGraph
 from .passes.insert_gates import BANK
 
-__all__ = ["PruneState", "GateLayout", "UnitGate", "LayerGate", "GateRef", "STATE", "state_of", "gate_bank", "decisions",
+__all__ = ["PruneState", "Removal", "GateLayout", "UnitGate", "LayerGate", "GateRef", "STATE", "state_of", "gate_bank", "decisions",
            "run_example", "example_for", "set_decisions", "theta_of"]
 
 #: the ``gm.meta`` key of a gated model's :class:`PruneState`
@@ -121,6 +121,53 @@ class GateLayout:
         return GateLayout.build(groups, branches), keep
 
 
+@dataclass(eq=False)
+class Removal:
+    """The record of one live removal (:func:`fxprune.live_compaction.remove`), enough to
+    replay it and for anything derived from the model to follow it:
+
+    - ``units``: units removed per group; ``layers``: the residual branches removed;
+      ``keep``: the keep mask of every group it sliced, over that group's units before;
+    - ``theta_index``: new flat theta entry ``i`` was entry ``theta_index[i]`` before
+      (every per-gate counter and slice follows it); ``before`` / ``after``: the gate
+      layouts on either side (:meth:`index_map` per gate);
+    - ``slices``: by parameter or buffer name, the ``(dim, kept indices)`` applied to it;
+      ``deleted``: the names of the parameters and buffers removed with their branches
+      (fxprune's own gate-read indices are re-derived from ``after``, not recorded);
+    - ``version``: :attr:`PruneState.version` after it; ``step``: the training step;
+      ``flops``: forward FLOPs per example after it."""
+
+    units: dict[int, int]
+    layers: list[int]
+    keep: dict[int, list[bool]]
+    flops: int = 0
+    step: int = 0
+    version: int = 0
+    theta_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    before: GateLayout = field(default_factory=GateLayout)
+    after: GateLayout = field(default_factory=GateLayout)
+    slices: dict[str, list[tuple[int, np.ndarray]]] = field(default_factory=dict)
+    deleted: tuple[str, ...] = ()
+
+    def index_map(self, ref: "GateRef") -> np.ndarray:
+        """For the entries of gate ``ref`` before the removal: the entry each became after
+        it, or -1 where it was removed."""
+        old = self.before.slot(ref)
+        new = np.full(self.before.size, -1, dtype=np.int64)
+        new[self.theta_index] = np.arange(len(self.theta_index))
+        return new[old]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Removal):
+            return NotImplemented
+        same = (self.units, self.layers, self.keep, self.flops, self.step, self.version, self.before, self.after,
+                self.deleted) == (other.units, other.layers, other.keep, other.flops, other.step, other.version,
+                                  other.before, other.after, other.deleted)
+        return same and np.array_equal(self.theta_index, other.theta_index) and self.slices.keys() == other.slices.keys() \
+            and all(len(a) == len(b) and all(d == e and np.array_equal(i, j) for (d, i), (e, j) in zip(a, b))
+                    for a, b in ((self.slices[k], other.slices[k]) for k in self.slices))
+
+
 @dataclass
 class PruneState:
     """Everything fxprune knows about a gated model, under ``gm.meta["fxprune"]``."""
@@ -130,8 +177,11 @@ class PruneState:
     layout: GateLayout
     example: tuple[Any, ...]
     batch_dims: dict[str, int | None]
-    #: bumped by every live removal (a wrapper holding parameter references rebuilds on a change)
+    #: bumped by every live removal: whatever is derived from the model (the objective's indices, the
+    #: pruner's counters, a wrapper holding parameter references) re-derives when it changes
     version: int = 0
+    #: every live removal so far, in order (``removals[k].version == k + 1``)
+    removals: list[Removal] = field(default_factory=list)
     #: the model's class and a copy of its ``config`` attribute (transformers' models), or None
     origin: tuple[type, Any] | None = None
 

@@ -209,7 +209,7 @@ def fit(model: nn.Module, epochs: int, config: PruneConfig | None = None, *, see
         if on_epoch is not None:
             on_epoch({"epoch": epoch + 1, "loss": loss, "accuracy": accuracy(gated, test),
                       "params": sum(p.numel() for p in gated.parameters()) / dense_params,
-                      "flops": pruner.flops_per_step[-1] / dense_flops})
+                      "flops": pruner.live_flops / dense_flops})
     undecided = theta_undecided(gated, total=gates_total)
     compact = convert(gated.eval()).eval()
     layers_left = len(state_of(gated).layout.layers) - len(decisions(gated)[1])
