@@ -25,6 +25,7 @@ from .gates import GateBank, GateNorm, GateRead, LayerGateApply, bank_structure,
 from .shaping import role_classes
 from .passes import Compact, InsertGates, TraceError, analyze, front_end_of, trace
 from .passes.analysis import unread_functions
+from .passes.errors import exception_line
 from .passes.channel_graph import ChannelGraph
 from .passes.insert_gates import strip_gate_nodes
 from .passes.surgery import copy_graph, copy_module, replace_tensor, skeleton
@@ -176,7 +177,7 @@ def pick_front_end(model: nn.Module, gm: fx.GraphModule, cg: ChannelGraph, value
         other = trace(model, values, mode=mode, front_end="export")
     except (TraceError, ValueError) as exc:
         gm.meta[FRONT_END_META] = ("symbolic", f"symbolic tracing kept {kept} whole; torch.export failed: "
-                                               f"{str(exc).splitlines()[0][:300]}")
+                                               f"{exception_line(exc, with_type=False, limit=300)}")
         return gm, cg
     other_cg = analyze(other, dims)
     (a, n), (b, m) = cg.prunable_share(), other_cg.prunable_share()

@@ -28,6 +28,7 @@ from torch import fx
 
 from . import distributed
 from .files import writable
+from .passes.errors import exception_line
 from .pruner import Pruner
 
 __all__ = ["save_checkpoint", "load_checkpoint"]
@@ -147,7 +148,7 @@ def _read(path: str | os.PathLike) -> dict:
     except Exception as exc:  # noqa: BLE001 - truncated, garbage or a pickle of arbitrary objects
         raise ValueError(f"'{path}' is not a readable fxprune checkpoint (truncated, not written by "
                          f"fxprune.checkpoint.save_checkpoint, or holding objects weights_only loading refuses): "
-                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+                         f"{exception_line(exc)}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"'{path}' is not an fxprune checkpoint (written by fxprune.checkpoint.save_checkpoint)")
     return state
@@ -188,7 +189,7 @@ def load_checkpoint(path: str | os.PathLike, gated: fx.GraphModule, optimizer: t
     except (RuntimeError, ValueError, KeyError) as exc:
         raise ValueError(
             f"the checkpoint '{path}' does not fit this model and optimizer: prepare the same model with the same "
-            f"config and optimizer as the run that wrote it ({str(exc).splitlines()[0]})") from None
+            f"config and optimizer as the run that wrote it ({exception_line(exc, with_type=False)})") from None
     if scheduler is not None:
         if state["scheduler"] is None:
             raise ValueError(f"the checkpoint '{path}' has no scheduler state; resume without a scheduler")

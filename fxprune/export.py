@@ -41,6 +41,7 @@ from torch.export.pt2_archive import constants as _pt2
 from torch.fx.graph import _custom_builtins
 
 from .files import writable
+from .passes.errors import exception_line
 from .passes.reload import TypedOutput
 
 __all__ = ["save_compact", "load_exported", "UnsafeArchiveError", "PT2", "PACKAGE", "CLASS", "PackageError"]
@@ -245,7 +246,7 @@ def save_compact(compact: fx.GraphModule, example_inputs: tuple[Any, ...] | torc
         except Exception as exc:  # noqa: BLE001 - torch.export's errors are long; the first line and what to do
             raise ValueError(
                 f"torch.export could not export the compact model with dynamic_shapes={dynamic_shapes!r}: "
-                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. If the model fixes its batch "
+                f"{exception_line(exc)}. If the model fixes its batch "
                 "size, pass dynamic_shapes=None") from exc
         torch.export.save(program, staging / PT2)
         _write_package(compact, staging, example)

@@ -42,6 +42,7 @@ from torch.utils._pytree import tree_leaves
 
 from .decompose import DecomposeAttention
 from .export_front import FRONT_END_META, export_trace
+from .errors import exception_line
 from .modes import FollowModuleMode, first_difference
 from .recognize import RecognizeRMSNorm
 from .reload import ReloadTracer
@@ -257,7 +258,7 @@ def trace(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, kwar
                     ". Check the example inputs against what the model expects")
             raise ValueError(
                 f"running {type(model).__name__} on the example inputs failed at {where}: "
-                f"{type(exc.cause).__name__}: {str(exc.cause).splitlines()[0] if str(exc.cause) else ''}{hint}"
+                f"{exception_line(exc.cause)}{hint}"
             ) from exc
     finally:
         model.train(was_training)

@@ -27,6 +27,8 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
+from .errors import exception_line
+
 __all__ = ["TraceError", "LeafTracer", "LEAVES_META", "reason", "autograd_function_of", "as_call"]
 
 #: Key under which tracing stores ``{module path: reason}`` for fallback leaves.
@@ -61,7 +63,7 @@ def _failing_line(exc: BaseException) -> str:
 
 def reason(exc: BaseException) -> str:
     """One line: the exception and the user-code line that raised it."""
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} at {_failing_line(exc)}"
+    return f"{exception_line(exc)} at {_failing_line(exc)}"
 
 
 def _caller(cls: type) -> Any:

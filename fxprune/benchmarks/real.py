@@ -40,6 +40,7 @@ from torch import nn
 from ..api import convert, prepare
 from ..config import PruneConfig
 from ..cost import forward_flops
+from ..passes.errors import exception_line
 from ..pruner import Pruner
 
 __all__ = ["Model", "MODELS", "SCHEDULES", "main"]
@@ -234,7 +235,7 @@ def cell(spec: Model, task: Task, steps: int, optimizer: str, seeds: int) -> lis
                 try:
                     runs[name].append(run())
                 except Exception as exc:  # noqa: BLE001 - reported in the table, not a silent skip
-                    runs[name].append(f"not run: {type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}")
+                    runs[name].append(f"not run: {exception_line(exc, limit=100)}")
     dense = runs["dense"]
     higher = task.kind == "image"
 

@@ -21,6 +21,7 @@ import time
 
 from tabulate import tabulate
 
+from ..passes.errors import exception_line
 from ..testing.zoo import build_model, check_model, classification_models, timm_models
 
 __all__ = ["torch_pruning_attempt", "main"]
@@ -43,7 +44,7 @@ def torch_pruning_attempt(name: str, source: str, ratio: float = 0.5) -> dict:
             model(x)
         return {"ok": True, "params": sum(p.numel() for p in model.parameters()) / before}
     except Exception as exc:  # noqa: BLE001 - the attempt's failure is the measurement
-        return {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]}
+        return {"ok": False, "error": exception_line(exc, limit=160)}
 
 
 def _attempt_in_child(name: str, source: str, timeout: float) -> dict:

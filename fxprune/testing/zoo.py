@@ -27,6 +27,7 @@ import torchvision
 from ..api import channel_graph, convert, prepare
 from ..passes import front_end_of
 from ..passes.compact import max_relative_error
+from ..passes.errors import exception_line
 from ..passes.trace import bind_inputs
 from ..passes.tracer import as_call
 from .masks import implied_param_count, random_masks
@@ -209,7 +210,7 @@ def check_model(name: str, keep: float = 0.5, seed: int = 0, rtol: float = 1e-4,
             res.exported = max_relative_error(ep.module()(*every, **by_name), ref) <= rtol
         res.stage = ""
     except Exception as exc:  # noqa: BLE001 - the sweep reports every failure and goes on
-        res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        res.error = exception_line(exc, limit=300)
     res.seconds = time.perf_counter() - t0
     gc.collect()
     return res
