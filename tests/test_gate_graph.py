@@ -1,5 +1,8 @@
 """The gate-placement picture: what the graph holds, and the files it is drawn to."""
 
+import subprocess
+import sys
+
 import pydot
 import pytest
 import torch
@@ -82,3 +85,23 @@ def test_bad_picture_paths_are_clear_errors(tmp_path, capsys):
     (tmp_path / "a-file").write_text("")
     assert main(["inspect", "resnet18", "--graph", str(tmp_path / "a-file" / "g.png")]) == 2
     assert "cannot write the gate picture" in capsys.readouterr().err
+
+
+def test_drawing_leaves_the_process_matplotlib_backend_alone(tmp_path):
+    """Library code changes no process-wide state: the pictures are drawn without pyplot,
+    so a user's interactive backend is not switched to Agg."""
+    code = (
+        "import sys, matplotlib; matplotlib.use('svg'); "
+        "from fxprune.report.gate_graph import gate_graph, write_gate_graph; "
+        "from fxprune.report.costs import layer_costs, plot_costs; "
+        "import fxprune, torch; from fxprune.digits.models import resnet; "
+        "gm = fxprune.trace(resnet().eval(), (torch.randn(1, 1, 8, 8),)); "
+        f"write_gate_graph(gate_graph(fxprune.analyze(gm)), r'{tmp_path / 'g.png'}', 't'); "
+        "c = layer_costs(gm, (torch.randn(1, 1, 8, 8),)); "
+        f"plot_costs(c, c, r'{tmp_path / 'c.png'}', 't'); "
+        "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend(); "
+        "assert 'matplotlib.pyplot' not in sys.modules"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "g.png").read_bytes().startswith(b"\x89PNG")

@@ -129,12 +129,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _plot(path, dense: Run, curves: dict, betas: dict, alphas: dict, dense_costs: dict, args) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the process-wide backend stays the user's
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(2, 2, figsize=(11, 8))
+    fig = Figure(figsize=(11, 8))
+    ax = fig.subplots(2, 2)
     a = ax[0, 0]
     runs = curves["both"]
     a.plot(args.gammas, [runs[g].flops / runs[g].dense_flops for g in args.gammas], "o-", color="#2b6cb0")
@@ -183,4 +181,3 @@ def _plot(path, dense: Run, curves: dict, betas: dict, alphas: dict, dense_costs
     fig.suptitle(f"digits ResNet, {args.epochs} epochs, seed {args.seed}", fontsize=10, x=0.01, ha="left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -61,13 +61,11 @@ def plot_costs(dense: dict[str, tuple[int, int]], current: dict[str, tuple[int, 
                title: str = "") -> Path:
     """Two bar charts, FLOPs and parameters per layer, dense (light) behind now (dark)."""
     path = writable(path, "the cost picture")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the process-wide backend stays the user's
 
     names = list(dense)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 1.2 + 0.22 * len(names)), sharey=True)
+    fig = Figure(figsize=(11, 1.2 + 0.22 * len(names)))
+    axes = fig.subplots(1, 2, sharey=True)
     ys = range(len(names))
     for ax, i, label in ((axes[0], 0, "forward FLOPs per example"), (axes[1], 1, "parameters")):
         ax.barh(ys, [dense[n][i] for n in names], color="#c7d7ea", label="dense")
@@ -81,5 +79,4 @@ def plot_costs(dense: dict[str, tuple[int, int]], current: dict[str, tuple[int, 
     fig.suptitle(title, fontsize=9, x=0.01, ha="left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

@@ -182,17 +182,15 @@ def _layout(G: nx.DiGraph) -> tuple[dict[str, tuple[float, float, float]], int]:
 
 def _draw(G: nx.DiGraph, path: Path, title: str) -> None:
     """Top to bottom in execution order; lanes left to right."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the process-wide backend stays the user's
     from matplotlib.lines import Line2D
     from matplotlib.patches import FancyBboxPatch
 
     layout, n_lanes = _layout(G)
     depth = max(r1 for _, r1, _ in layout.values()) + 1
     half_w, half_h = 0.4, 0.32
-    fig, ax = plt.subplots(figsize=(1.5 + 1.9 * max(n_lanes, 2), min(1.6 + 0.34 * depth, 120.0)))
+    fig = Figure(figsize=(1.5 + 1.9 * max(n_lanes, 2), min(1.6 + 0.34 * depth, 120.0)))
+    ax = fig.subplots()
     for n, (r0, r1, lane) in layout.items():
         d = G.nodes[n]
         if d["kind"] == "layer":
@@ -233,7 +231,6 @@ def _draw(G: nx.DiGraph, path: Path, title: str) -> None:
     ax.set_title(title, fontsize=9, loc="left")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
-    plt.close(fig)
 
 
 def _write_dot(G: nx.DiGraph, path: Path, title: str) -> None:
