@@ -16,13 +16,13 @@ from . import testing
 from .api import channel_graph, convert, prepare
 from .config import CostReference, PruneConfig
 from .distributed import DistributedDataParallel
-from .passes import ChannelGraph, TraceError, analyze, front_end_of, residualize, trace
+from .passes import ChannelGraph, RuleHandle, TraceError, analyze, front_end_of, register_rule, residualize, trace
 from .pruner import Pruner
 from .state import LayerGate, PruneState, UnitGate, state_of
 
 __all__ = [
     "trace", "front_end_of", "analyze", "residualize", "prepare", "convert", "channel_graph", "PruneConfig", "CostReference", "Pruner",
     "ChannelGraph", "TraceError", "PruneState", "UnitGate", "LayerGate", "state_of", "DistributedDataParallel",
-    "testing",
+    "register_rule", "RuleHandle", "testing",
 ]
 __version__ = "0.1.0"

@@ -10,11 +10,12 @@ from .channel_graph import Binding, Branch, ChannelGraph, Group, Param, Read, Re
 from .compact import Compact, CompactionError, plan_slices, rewrite_graph
 from .insert_gates import InsertGates, StripGates
 from .residualize import Residualize, residualize
+from .rules import RuleHandle, register_rule
 from .shape_prop import AdaptiveShapeProp, propagate_shapes
 from .trace import TraceError, front_end_of, trace
 
 __all__ = [
     "trace", "TraceError", "front_end_of", "propagate_shapes", "AdaptiveShapeProp", "analyze", "InsertGates", "StripGates",
     "Residualize", "residualize", "Compact", "CompactionError", "plan_slices", "rewrite_graph",
-    "ChannelGraph", "Space", "Group", "Branch", "Binding", "Read", "Rewrite", "Param",
+    "register_rule", "RuleHandle", "ChannelGraph", "Space", "Group", "Branch", "Binding", "Read", "Rewrite", "Param",
 ]

@@ -28,6 +28,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
 from .errors import exception_line
+from .rules import is_registered_module
 
 __all__ = ["TraceError", "LeafTracer", "LEAVES_META", "reason", "autograd_function_of", "as_call"]
 
@@ -113,7 +114,8 @@ class LeafTracer(fx.Tracer):
             return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self.leaves or super().is_leaf_module(m, module_qualified_name)
+        return (module_qualified_name in self.leaves or is_registered_module(m)
+                or super().is_leaf_module(m, module_qualified_name))
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
         path = self.path_of_module(m)

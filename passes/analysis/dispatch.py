@@ -3,7 +3,9 @@
 Any op without a rule freezes every channel it touches: it is never assumed to be
 channel-preserving. The op classes come from :mod:`fxprune.passes.op_classes`; the rules
 live in :mod:`.generic` (element-wise, reductions, pooling), :mod:`.shapes` (dims
-moving) and :mod:`.layers` (layers with parameters).
+moving) and :mod:`.layers` (layers with parameters); the tables are fixed at import, and
+rules for other modules, functions and methods are registered with
+:func:`fxprune.passes.register_rule` (checked first).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .. import op_classes as ops
+from ..rules import register_rule, registered_function_rule, registered_method_rule, registered_module_rule
 from ..tracer import autograd_function_of
 from .attention import sdpa
 from .generic import (
@@ -53,7 +56,7 @@ from .shapes import cat, expand, expand_as, getitem, permute, repeat_interleave,
 if TYPE_CHECKING:  # pragma: no cover
     from .builder import Builder
 
-__all__ = ["rule_for", "unread_functions", "MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES"]
+__all__ = ["rule_for", "register_rule", "unread_functions", "MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES"]
 
 
 def _spatial_last_all(n: fx.Node) -> int:
@@ -112,11 +115,11 @@ FUNCTION_RULES: dict[Any, Rule] = {
 try:  # torchvision's stochastic depth scales whole examples: channel-preserving
     from torchvision.ops import StochasticDepth as _SD
     from torchvision.ops import stochastic_depth as _sd
-
-    FUNCTION_RULES[_sd] = passthrough
-    MODULE_RULES.append((_SD, passthrough))
 except ImportError:  # pragma: no cover
-    pass
+    _SD = _sd = None
+if _SD is not None:
+    FUNCTION_RULES = {**FUNCTION_RULES, _sd: passthrough}
+    MODULE_RULES = [*MODULE_RULES, (_SD, passthrough)]
 
 METHOD_RULES: dict[str, Rule] = {
     **{m: passthrough for m in ops.ELEMENTWISE_METHODS},
@@ -141,6 +144,9 @@ def rule_for(b: "Builder", node: fx.Node) -> Rule:
     """The rule that interprets ``node``; ``unknown`` (freeze) when there is none."""
     if node.op == "call_module":
         m = b.modules[node.target]
+        registered = registered_module_rule(m)
+        if registered is not None:
+            return registered
         if node.target in b.leaves:
             why = f"submodule '{node.target}' could not be traced and is kept whole ({b.leaves[node.target]})"
             return lambda b_, n: unknown(b_, n, why)
@@ -156,9 +162,9 @@ def rule_for(b: "Builder", node: fx.Node) -> Rule:
         if fn is not None:
             why = f"custom autograd.Function {fn.__name__} ('{node.name}') is kept whole, with its own backward"
             return lambda b_, n: unknown(b_, n, why)
-        return FUNCTION_RULES.get(node.target, unknown)
+        return registered_function_rule(node.target) or FUNCTION_RULES.get(node.target, unknown)
     if node.op == "call_method":
-        return METHOD_RULES.get(node.target, unknown)
+        return registered_method_rule(node.target) or METHOD_RULES.get(node.target, unknown)
     return unknown
 
 
@@ -170,7 +176,7 @@ def unread_functions(gm: fx.GraphModule) -> list[str]:
     for node in gm.graph.nodes:
         fn = node.target
         if (node.op == "call_function" and isinstance(fn, types.FunctionType) and fn not in FUNCTION_RULES
-                and autograd_function_of(fn) is None
+                and registered_function_rule(fn) is None and autograd_function_of(fn) is None
                 and getattr(fn, "__module__", "").split(".")[0] not in ("torch", "operator", "math", "builtins")):
             names.append(fn.__name__)
     return sorted(set(names))
