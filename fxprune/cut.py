@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .gates import GateBank
 from .objective import Objective
-from .passes.channel_graph import floor_keep
+from .passes.units import floor_keep
 
 __all__ = ["TOLERANCE", "DECIDED", "closest_to_budget", "decide", "fill", "undecided"]
 

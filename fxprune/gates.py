@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .passes.channel_graph import ChannelGraph, floor_keep, segment_matrix
+from .passes.channel_graph import ChannelGraph
+from .passes.units import floor_keep, segment_matrix
 
 __all__ = ["GateBank", "GateRead", "GateNorm", "LayerGateApply", "GATE_MODULES", "ESTIMATORS", "bank_structure", "group_floors", "read_index", "factor_slots"]
 

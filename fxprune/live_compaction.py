@@ -28,7 +28,7 @@ from torch import Tensor, fx, nn
 from . import optim_state
 from .cost import counted_run
 from .gates import GateRead, LayerGateApply, bank_structure, read_index
-from .passes.channel_graph import floor_keep
+from .passes.units import floor_keep
 from .passes.compact import check_nonempty, max_relative_error, plan_slices, rewrite_graph
 from .passes.restrict import restrict
 from .passes.surgery import copy_graph, delete_unreferenced, index_tensor, refresh_module, set_data

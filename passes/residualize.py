@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import fx, nn
@@ -39,6 +39,13 @@ _PER_ELEMENT_MODULES = BATCH_NORM + ELEMENTWISE_MODULES
 _CONV_BY_RANK = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}
 #: ``gm.meta`` key of the :class:`Residualize` pass that wrapped a model (its sections)
 RESIDUALIZE_META = "fxprune_residualize"
+
+
+@dataclass(frozen=True)
+class NoShortcut:
+    """Why a section gets no shortcut (it is left as it is, and reported)."""
+
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -104,26 +111,26 @@ class Residualize(PassBase):
         return out
 
     # ------------------------------------------------------------------ the shortcut
-    def _shortcut(self, gm: fx.GraphModule, section: list[fx.Node]) -> nn.Module | str | None:
-        """``"identity"``, a projection module, or a reason string starting with '!'."""
+    def _shortcut(self, gm: fx.GraphModule, section: list[fx.Node]) -> nn.Module | Literal["identity"] | NoShortcut:
+        """``"identity"``, a projection module, or why there is no shortcut."""
         x, y = section[0].args[0], section[-1]
         sx, sy = shape(x), shape(y)
         if sx is None or sy is None:
-            return "!no shapes recorded"
+            return NoShortcut("no shapes recorded")
         if sx == sy:
             return "identity"
         if len(sx) != len(sy) or sx[0] != sy[0]:
-            return f"!input {tuple(sx)} and output {tuple(sy)} differ in rank or batch"
+            return NoShortcut(f"input {tuple(sx)} and output {tuple(sy)} differ in rank or batch")
         first = self._module(gm, section[0])
         if isinstance(first, nn.Linear):
             if sx[:-1] != sy[:-1]:
-                return f"!input {tuple(sx)} and output {tuple(sy)} differ outside the features"
+                return NoShortcut(f"input {tuple(sx)} and output {tuple(sy)} differ outside the features")
             return nn.Linear(sx[-1], sy[-1])
         if len(sx) not in _CONV_BY_RANK:
-            return f"!no projection for rank {len(sx)}"
+            return NoShortcut(f"no projection for rank {len(sx)}")
         strides = [-(-a // b) if b else 0 for a, b in zip(sx[2:], sy[2:])]
         if not all(strides) or any((a - 1) // s + 1 != b for a, b, s in zip(sx[2:], sy[2:], strides)):
-            return f"!spatial size {tuple(sx[2:])} -> {tuple(sy[2:])} is not a stride"
+            return NoShortcut(f"spatial size {tuple(sx[2:])} -> {tuple(sy[2:])} is not a stride")
         return _CONV_BY_RANK[len(sx)](sx[1], sy[1], 1, stride=tuple(strides), bias=False)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
@@ -134,8 +141,8 @@ class Residualize(PassBase):
             if any(u.op == "output" for u in y.users):
                 self.skipped.append((name, "its output is the model's output"))
                 continue
-            if isinstance(shortcut, str) and shortcut.startswith("!"):
-                self.skipped.append((name, shortcut[1:]))
+            if isinstance(shortcut, NoShortcut):
+                self.skipped.append((name, shortcut.reason))
                 continue
             x = section[0].args[0]  # the previous section's add, if that section was wrapped
             users = list(y.users)

@@ -306,3 +306,13 @@ def test_a_norm_given_another_tensors_channel_count_normalises_its_own_kept_chan
                                                                if b.role == "producer"))
     for seed in range(3):
         converts_equivalently(m, x, seed=seed)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: fxprune.passes.Read("n", 0, 1, 1, 0, "masks"),
+    lambda: fxprune.passes.Rewrite("n", "size", 0, (1,)),
+    lambda: fxprune.passes.Binding("w", 0, 1, "produce", "layer"),
+])
+def test_a_misspelt_kind_is_refused_where_the_record_is_made(make):
+    with pytest.raises(ValueError, match="is not one of"):
+        make()

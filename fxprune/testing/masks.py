@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from ..passes.channel_graph import floor_keep
+from ..passes.units import floor_keep
 from ..state import decisions, gate_bank, set_decisions, state_of
 
 __all__ = ["random_masks", "implied_param_count"]

@@ -13,6 +13,7 @@ import numpy as np
 from torch import fx
 
 from ..channel_graph import Binding, Read, Rewrite, Space
+from ..records import ReadKind, RewriteKind, Role
 from ..op_classes import SIZE_SINK_FUNCTIONS, SIZE_SINK_METHODS, TRAILING_NORM_FUNCTIONS
 from ..trace import LEAVES_META
 from .generic import describe, shape
@@ -163,7 +164,7 @@ class Builder:
     def param(self, target: str):
         return self.tensors[target]
 
-    def bind(self, target: str, dim: int, space: int, role: str, owner: str, period: int | None = None) -> None:
+    def bind(self, target: str, dim: int, space: int, role: Role, owner: str, period: int | None = None) -> None:
         """Parameter ``target``'s dim ``dim`` is indexed by ``space``. A tensor reached
         under several names (tied weights, a shared module) is bound once: its other
         uses tie their spaces to the first one's."""
@@ -183,10 +184,10 @@ class Builder:
         name = self.canonical.get(target, target)
         self.flops[name] = self.flops.get(name, 0.0) + flops
 
-    def read(self, node: fx.Node, argpos: int, space: int, dim: int, kind: str = "mask") -> None:
+    def read(self, node: fx.Node, argpos: int, space: int, dim: int, kind: ReadKind = "mask") -> None:
         self.reads.append(Read(node.name, argpos, space, dim, self.batch_dim(node.args[argpos]), kind))
 
-    def rewrite(self, node: fx.Node, kind: str, pos: int, spaces: tuple[int, ...]) -> None:
+    def rewrite(self, node: fx.Node, kind: RewriteKind, pos: int, spaces: tuple[int, ...]) -> None:
         self.rewrites.append(Rewrite(node.name, kind, pos, spaces))
 
     # -- sizes read as Python ints
