@@ -2,9 +2,11 @@
 
 Example::
 
-    >>> gated = fxprune.prepare(model, (x,), fxprune.PruneConfig(gamma=10.0))
-    >>> ...                                   # train with fxprune.Pruner
+    >>> gated = fxprune.prepare(model, (x,), fxprune.PruneConfig(total_steps=1000))
+    >>> # ... train with fxprune.Pruner ...
     >>> compact = fxprune.convert(gated.eval())
+    >>> torch.allclose(compact(x), gated(x), atol=1e-5)
+    True
 """
 
 from __future__ import annotations
@@ -22,14 +24,14 @@ from torch import fx, nn
 from .config import PruneConfig
 from .distributed import sync_buffers
 from .gates import GateBank, GateNorm, GateRead, LayerGateApply, bank_structure, group_floors, read_index
-from .shaping import role_classes
 from .passes import Compact, InsertGates, TraceError, analyze, front_end_of, trace
 from .passes.analysis import unread_functions
-from .passes.errors import exception_line
 from .passes.channel_graph import ChannelGraph
+from .passes.errors import exception_line
 from .passes.insert_gates import strip_gate_nodes
 from .passes.surgery import copy_graph, copy_module, replace_tensor, skeleton
 from .passes.trace import FRONT_END_META, LEAVES_META, bind_inputs, forward_names, restore_buffers
+from .shaping import role_classes
 from .state import COMPACT, STATE, CompactOrigin, GateLayout, PruneState, decisions, gate_bank, run_example, state_of
 
 __all__ = ["prepare", "convert", "channel_graph", "config_of", "decisions", "gate_bank", "run_example"]
@@ -112,7 +114,7 @@ def _excluded(cg: ChannelGraph, patterns: tuple[str, ...]) -> set[int]:
     contain one (they get no layer gate)."""
     if not patterns:
         return set()
-    hit = lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)  # noqa: E731
+    hit = lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
     owners = sorted({b.owner for b in cg.bindings})
     unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(o, p) for o in owners)]
     if unmatched:  # a misspelt name would otherwise exclude nothing, silently
@@ -231,7 +233,7 @@ def prepare(model: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, co
     if not inplace:
         try:
             model = copy.deepcopy(model)
-        except Exception:  # noqa: BLE001 - parametrized modules refuse deepcopy: copy modules and tensors instead
+        except Exception:
             model = copy_module(model)
     values, _ = bind_inputs(model, _as_tuple(example_inputs), kwargs)
     _check_dtypes(model, values)
@@ -287,7 +289,7 @@ def _origin(model: nn.Module) -> tuple[type, Any] | None:
     config = getattr(model, "config", None)
     try:
         return type(model), copy.deepcopy(config)
-    except Exception:  # noqa: BLE001 - a config that cannot be copied: nothing to rebuild from
+    except Exception:
         return None
 
 

@@ -23,9 +23,13 @@ the pull on theta is this step's, and the task loss's scale is left alone.
 
 Example::
 
-    >>> controller = BudgetController(config, objective)
-    >>> controller.targets(step)               # {"flops": 0.73}
-    >>> step_ = controller.corrected(theta, lr * grad, lr, step)   # the theta step to take
+    >>> controller = BudgetController(pruner.config, pruner.objective)
+    >>> controller.targets(0)                  # at the start: the dense cost
+    {'flops': 1.0}
+    >>> theta = gate_bank(gated).theta.detach()
+    >>> step_ = controller.corrected(theta, 0.1 * torch.zeros_like(theta), 0.1, 50)   # the theta step to take
+    >>> step_.shape == theta.shape
+    True
 """
 
 from __future__ import annotations
@@ -134,10 +138,10 @@ class BudgetController:
             span = torch.log1p(hi.to(torch.float64) / _A_MIN)
 
             def strength(u: Tensor) -> Tensor:  # u in [-1, 1] -> a, 0 at 0, +-hi at +-1, log-spaced
-                return (u.sign() * _A_MIN * torch.expm1(u.abs() * span)).to(theta.dtype)
+                return (u.sign() * _A_MIN * torch.expm1(u.abs() * span)).to(theta.dtype)  # noqa: B023 - used in this iteration
 
             def cost(a: Tensor) -> Tensor:  # the expected cost after the step with ``a`` (a batch of them)
-                return obj.fractions_at((theta - step_ - a[..., None] * direction).clamp(0.0, 1.0))[k]
+                return obj.fractions_at((theta - step_ - a[..., None] * direction).clamp(0.0, 1.0))[k]  # noqa: B023
 
             one = torch.ones((), dtype=torch.float64, device=theta.device)
             goal: Tensor | float = target

@@ -11,8 +11,9 @@ The counters are per flat theta entry and follow removals through the record's
 
 Example::
 
-    >>> check = PruningCheck(config, layout.size)
-    >>> drop = check(gated, objective)         # None, or (units per group, branches)
+    >>> check = PruningCheck(pruner.config, state_of(gated).layout.size)
+    >>> print(check(gated, pruner.objective, optimizer))   # None, or (units per group, branches)
+    None
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ size and the layers that produce them, so a file is never applied to another mod
 
 Example::
 
-    >>> save_decisions("decisions.json", gated, pruner)
+    >>> path = save_decisions("decisions.json", gated, pruner)
     >>> fresh = fxprune.prepare(make_model(), (x,), config)
-    >>> apply_decisions(fresh, "decisions.json")
+    >>> fresh = apply_decisions(fresh, "decisions.json")
     >>> compact = fxprune.convert(fresh.eval())
 """
 
@@ -19,16 +19,23 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 from torch import fx
 
 from .files import writable
-from .state import decisions, set_decisions, state_of
+from .passes.channel_graph import ChannelGraph
+from .state import GateLayout, decisions, set_decisions, state_of
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .pruner import Pruner
+
+class Dense(Protocol):
+    """What the decisions read of a Pruner (no import of it: the Pruner imports this module):
+    the analysis and gate layout the model was prepared with."""
+
+    dense_graph: ChannelGraph
+    dense_layout: GateLayout
+
 
 __all__ = ["decisions_record", "save_decisions", "apply_decisions", "FORMAT"]
 
@@ -39,15 +46,19 @@ def _producers(state_graph, group: int) -> list[str]:
     return sorted({o for o, s in state_graph.layer_outputs if s in state_graph.spaces and state_graph.spaces[s].group == group})
 
 
-def decisions_record(gated: fx.GraphModule, pruner: Pruner | None = None) -> dict[str, Any]:
-    """The decisions of ``gated`` over the units it was prepared with (``pruner`` holds the
-    live removals made so far; without one, none were made)."""
+def decisions_record(gated: fx.GraphModule, pruner: Dense | None = None) -> dict[str, Any]:
+    """The decisions of ``gated`` over the units it was prepared with (``pruner``, its
+    Pruner, holds the analysis of the model before its live removals; without one, none
+    may have been made)."""
     state = state_of(gated)
+    if pruner is None and state.removals:
+        raise ValueError(f"{type(gated).__name__} has had {len(state.removals)} live removals: pass its Pruner, which "
+                         "holds the units the model was prepared with, to record the decisions over them")
     dense_graph = pruner.dense_graph if pruner is not None else state.graph
     dense_layout = pruner.dense_layout if pruner is not None else state.layout
     alive = {g: np.arange(sl.stop - sl.start) for g, sl in dense_layout.units.items()}
     dropped: set[int] = set()
-    for record in pruner.removals if pruner is not None else []:
+    for record in state.removals:
         for g, keep in record.keep.items():
             alive[g] = alive[g][np.asarray(keep, dtype=bool)]
         dropped |= set(record.layers)
@@ -61,7 +72,7 @@ def decisions_record(gated: fx.GraphModule, pruner: Pruner | None = None) -> dic
     return {"format": FORMAT, "model": type(gated).__name__, "groups": groups, "branches": branches}
 
 
-def save_decisions(path: str | os.PathLike, gated: fx.GraphModule, pruner: Pruner | None = None) -> Path:
+def save_decisions(path: str | os.PathLike, gated: fx.GraphModule, pruner: Dense | None = None) -> Path:
     """Write :func:`decisions_record` to ``path`` as JSON."""
     path = writable(path, "the decisions")
     path.write_text(json.dumps(decisions_record(gated, pruner), indent=1))

@@ -11,9 +11,12 @@ are restored as they were.
 
 Example::
 
-    >>> record = remove(gated, {3: drop_mask}, {1}, optimizer)
-    >>> record.units, record.layers
-    ({3: 12}, [1])
+    >>> group = min(state_of(gated).layout.units)
+    >>> theta_of(gated, UnitGate(group)).data[:2] = 0.0           # two units switched off
+    >>> drop = np.arange(theta_of(gated, UnitGate(group)).numel()) < 2
+    >>> record = remove(gated, {group: drop}, set(), optimizer)
+    >>> record.units == {group: 2}, record.version, record.index_map(UnitGate(group))[:3]
+    (True, 1, array([-1, -1,  0]))
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ from torch import Tensor, fx, nn
 from . import optim_state
 from .cost import counted_run
 from .gates import GateRead, LayerGateApply, bank_structure, read_index
-from .passes.units import floor_keep
-from .passes.compact import check_nonempty, max_relative_error, plan_slices, rewrite_graph
+from .passes.channel_graph import ChannelGraph
+from .passes.compact import EQUIVALENCE_RTOL, check_nonempty, max_relative_error, plan_slices, rewrite_graph
 from .passes.restrict import restrict
 from .passes.surgery import copy_graph, delete_unreferenced, index_tensor, refresh_module, set_data
+from .passes.units import floor_keep
 from .state import PruneState, Removal, gate_bank, run_example, state_of
 
 __all__ = ["Removal", "RemovalError", "remove", "describe_removal"]
@@ -140,7 +144,7 @@ def _drop_from_optimizer(optimizer: torch.optim.Optimizer, gone: set[int]) -> No
 
 
 def remove(gated: fx.GraphModule, unit_drop: dict[int, np.ndarray], layer_drop: set[int],
-           optimizer: torch.optim.Optimizer | None = None, verify: bool = True, rtol: float = 1e-3,
+           optimizer: torch.optim.Optimizer | None = None, verify: bool = True, rtol: float = EQUIVALENCE_RTOL,
            shape: Callable[[Tensor, Tensor], Tensor] | None = None, step: int = 0,
            followers: Sequence[Callable[[Removal], Any]] = ()) -> Removal:
     """Remove units (``unit_drop[group]``: True = remove) and residual branches

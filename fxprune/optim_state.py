@@ -9,7 +9,11 @@ layout for your own optimizer with :func:`register_optimizer`.
 
 Example::
 
+    >>> class MyOptimizer(torch.optim.Optimizer):
+    ...     pass                               # its state: "velocity" per element, a scalar "step"
     >>> register_optimizer(MyOptimizer, per_element=("velocity",), scalar=("step",))
+    >>> layout_of(MyOptimizer([torch.zeros(1)], {}))
+    StateLayout(per_element=('velocity',), scalar=('step',))
 """
 
 from __future__ import annotations

@@ -17,8 +17,11 @@ equal within every class and multiples of ``k`` (or whole), never under a group'
 
 Example::
 
-    >>> shaper = Shaper(gated, multiple_of=8, uniform=True)
-    >>> keep = shaper(keep, theta, "mean")
+    >>> bank = gate_bank(gated)
+    >>> shaper = Shaper(gated, multiple_of=4, uniform=True)
+    >>> keep = shaper(bank.theta > 0.5, bank.theta, "mean")   # every count a multiple of 4
+    >>> keep.shape == bank.theta.shape
+    True
 """
 
 from __future__ import annotations

@@ -9,20 +9,21 @@ and :class:`LayerGate` (a residual branch), never by strings parsed back into nu
 Example::
 
     >>> state = state_of(gated)
-    >>> state.layout.slot(UnitGate(3))
-    slice(0, 64, None)
+    >>> state.layout.slot(UnitGate(min(state.layout.units)))      # where a group's thetas lie
+    slice(0, 16, None)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
 from torch import fx, nn
 
 from .config import PruneConfig
+from .gates import GateBank
 from .passes.channel_graph import ChannelGraph
 from .passes.insert_gates import BANK
 
@@ -47,7 +48,7 @@ class LayerGate:
     branch: int
 
 
-GateRef = Union[UnitGate, LayerGate]
+GateRef = UnitGate | LayerGate
 
 
 @dataclass
@@ -59,7 +60,7 @@ class GateLayout:
     layers: dict[int, int] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, groups: dict[int, int], branches: list[int]) -> "GateLayout":
+    def build(cls, groups: dict[int, int], branches: list[int]) -> GateLayout:
         """From ``{group id: number of units}`` and the gated branch ids."""
         units, start = {}, 0
         for gid in sorted(groups):
@@ -98,7 +99,7 @@ class GateLayout:
         mask[list(self.layers.values())] = True
         return mask
 
-    def restrict(self, unit_keep: dict[int, np.ndarray], drop: set[int], cg: ChannelGraph) -> tuple["GateLayout", np.ndarray]:
+    def restrict(self, unit_keep: dict[int, np.ndarray], drop: set[int], cg: ChannelGraph) -> tuple[GateLayout, np.ndarray]:
         """The layout after removal (``unit_keep`` as given to ``cg.restrict``; groups no
         longer in ``cg`` and branches in ``drop`` are gone), and the bool mask over the
         old flat buffer of the entries that stay."""
@@ -149,7 +150,7 @@ class Removal:
     slices: dict[str, list[tuple[int, np.ndarray]]] = field(default_factory=dict)
     deleted: tuple[str, ...] = ()
 
-    def index_map(self, ref: "GateRef") -> np.ndarray:
+    def index_map(self, ref: GateRef) -> np.ndarray:
         """For the entries of gate ``ref`` before the removal: the entry each became after
         it, or -1 where it was removed."""
         old = self.before.slot(ref)
@@ -211,10 +212,12 @@ def state_of(gm: fx.GraphModule) -> PruneState:
     return state
 
 
-def gate_bank(gated: fx.GraphModule) -> nn.Module:
+def gate_bank(gated: fx.GraphModule) -> GateBank:
     """The module holding every theta of ``gated``."""
     state_of(gated)
-    return gated.get_submodule(BANK)
+    bank = gated.get_submodule(BANK)
+    assert isinstance(bank, GateBank), f"'{BANK}' of the gated model is a {type(bank).__name__}, not a GateBank"
+    return bank
 
 
 def decisions(gated: fx.GraphModule) -> tuple[dict[int, np.ndarray], set[int]]:

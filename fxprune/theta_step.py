@@ -11,9 +11,9 @@ scale the backward used, and a step the scaler skips (an overflow) is skipped he
 
 Example::
 
-    >>> step = ThetaStep(config, optimizer, scaler, budget)
-    >>> step.follow(theta)                     # after a move or a removal: the new tensor
-    >>> step(theta, steps)                     # after optimizer.step()
+    >>> step = ThetaStep(pruner.config, optimizer, None, pruner.budget)
+    >>> step.follow(pruner.theta, 0)           # after a move or a removal: the new tensor
+    >>> step(pruner.theta, 0, None)            # after optimizer.step(): no gradient yet, no step
 """
 
 from __future__ import annotations

@@ -16,10 +16,11 @@ smaller model, with no stale space, edge, read, rewrite, branch or parameter.
 
 Example::
 
-    >>> cg = analyze(trace(model, (x,)))
+    >>> from fxprune.passes import analyze, trace
+    >>> cg = analyze(trace(torchvision.models.resnet18(), (torch.randn(2, 3, 64, 64),)))
     >>> g = cg.prunable_groups[0]
-    >>> [cg.params[b.param].names for b in cg.bindings_of(g)]
-    [('conv1.weight',), ('bn1.weight',), ...]
+    >>> [cg.params[b.param].names for b in cg.bindings_of(g)][:3]
+    [('conv1.weight',), ('bn1.weight',), ('bn1.bias',)]
 """
 
 from __future__ import annotations
@@ -112,8 +113,9 @@ class ChannelGraph:
             g = self.group_of(s) if owner == layer and s in self.spaces else None
             if g is not None and g.derived:
                 units = g.unit_index[s]
-                return tuple(len({(int(a), int(b)) for a, b in zip(g.factors[0][units, i], g.factors[1][units, i])})
-                             for i in range(2))
+                heads, head_dim = (len({(int(a), int(b)) for a, b in zip(g.factors[0][units, i], g.factors[1][units, i])})
+                                   for i in range(2))
+                return heads, head_dim
         return None
 
     def bindings_of(self, group: Group) -> list[Binding]:

@@ -12,7 +12,16 @@ no bias_k/bias_v or zero attention, one embed dim for q, k and v. Others stay on
 
 Example::
 
-    >>> DecomposeAttention()(gm).modified      # torchvision's ViT: one per encoder block
+    >>> from fxprune.passes.shape_prop import propagate_shapes
+    >>> class Block(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+    ...     def forward(self, x):
+    ...         return self.attn(x, x, x, need_weights=False)[0]
+    >>> gm = fx.symbolic_trace(Block().eval())
+    >>> propagate_shapes(gm, (torch.randn(2, 5, 16),))
+    >>> DecomposeAttention()(gm).modified      # its self-attention, written out
     True
 """
 
@@ -66,7 +75,7 @@ class DecomposeAttention(PassBase):
             x, t, heads = _call_args(node)["query"], node.target, m.num_heads
             first = (0, 1) if m.batch_first else (1, 0)  # (batch, tokens) dims of x
             with graph.inserting_before(node):
-                get = lambda name: graph.get_attr(f"{t}.{name}")  # noqa: E731
+                get = lambda name: graph.get_attr(f"{t}.{name}")  # noqa: B023 - used in this iteration
                 qkv = graph.call_function(F.linear, (x, get("in_proj_weight"),
                                                      get("in_proj_bias") if m.in_proj_bias is not None else None))
                 qkv = graph.call_function(torch.unflatten, (qkv, -1, (3, heads, m.head_dim)))

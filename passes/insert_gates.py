@@ -11,8 +11,12 @@ share one gated value.
 
 Example::
 
+    >>> from fxprune.passes import analyze, trace
+    >>> gm = trace(model, (x,))
     >>> cg = analyze(gm)
-    >>> InsertGates(cg, [g.id for g in cg.prunable_groups], list(cg.branches), bank, make_read, make_layer)(gm)
+    >>> ones = lambda *_: nn.Identity()         # what fxprune.prepare hands it: GateBank, GateRead, ...
+    >>> InsertGates(cg, [g.id for g in cg.prunable_groups], list(cg.branches), nn.Identity(), ones, ones)(gm).modified
+    True
 """
 
 from __future__ import annotations

@@ -12,7 +12,14 @@ Symbolic tracing runs the forward once, so ``self.training`` is read at trace ti
 
 Example::
 
-    >>> FollowModuleMode()(gm)                 # F.dropout(x, 0.1, False) -> self.dropout_0(x)
+    >>> class Net(nn.Module):
+    ...     def forward(self, x):
+    ...         return F.dropout(x, 0.5, self.training)
+    >>> gm = fx.symbolic_trace(Net().eval())   # F.dropout(x, 0.5, False): the flag is a constant
+    >>> FollowModuleMode()(gm).modified        # -> self.dropout_0(x), an nn.Dropout(0.5)
+    True
+    >>> bool(gm.train()(torch.ones(4, 100)).eq(0).any())   # it follows train() now
+    True
 """
 
 from __future__ import annotations
@@ -142,7 +149,7 @@ def _signatures(gm: fx.GraphModule) -> list[tuple[fx.Node, str]]:
             continue
         index[n] = f"%{len(out)}"
         kwargs = dict(ref(dict(n.kwargs)))
-        if n.target is F.scaled_dot_product_attention and kwargs.get("dropout_p", None) == 0.0:
+        if n.target is F.scaled_dot_product_attention and kwargs.get("dropout_p") == 0.0:
             kwargs.pop("dropout_p")
         args = ref(n.args)
         if n.target is F.scaled_dot_product_attention and len(args) > 4 and args[4] == 0.0:

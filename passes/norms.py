@@ -8,8 +8,11 @@ through :func:`norm_call`, so the argument layouts of ``nn.LayerNorm``, ``nn.RMS
 
 Example::
 
-    >>> norm_call(node, modules)         # node: self.norm(x), an nn.LayerNorm(64)
-    NormCall(kind='layer', x=x, ndims=1, weight='norm.weight', bias='norm.bias', eps=1e-05)
+    >>> gm = fx.symbolic_trace(nn.Sequential(nn.LayerNorm(64)))
+    >>> node = next(n for n in gm.graph.nodes if n.op == "call_module")   # self.0(input), an nn.LayerNorm(64)
+    >>> norm_call(node, dict(gm.named_modules()))
+    NormCall(kind='layer', x=input_1, ndims=1, weight='0.weight', bias='0.bias', eps=1e-05, normalized_shape=None,
+             groups=None)
 """
 
 from __future__ import annotations

@@ -15,7 +15,12 @@ are all matched. Needs shapes in ``node.meta``.
 
 Example::
 
-    >>> RecognizeRMSNorm()(gm).modified      # a Llama block: two per layer, one final
+    >>> from fxprune.passes.shape_prop import propagate_shapes
+    >>> def rms(h):                          # as Llama writes it
+    ...     return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+    >>> gm = fx.symbolic_trace(rms)
+    >>> propagate_shapes(gm, (torch.randn(2, 8),))
+    >>> RecognizeRMSNorm()(gm).modified
     True
 """
 
@@ -51,7 +56,7 @@ def _squared(node: fx.Node) -> fx.Node | None:
     if _is(node, _POW) and len(node.args) == 2 and node.args[1] == 2 and not node.kwargs:
         return node.args[0] if isinstance(node.args[0], fx.Node) else None
     if _is(node, _MUL) and len(node.args) == 2 and node.args[0] is node.args[1] and not node.kwargs:
-        return node.args[0]
+        return node.args[0] if isinstance(node.args[0], fx.Node) else None
     return None
 
 
@@ -69,9 +74,11 @@ def _match(mean: fx.Node) -> tuple[fx.Node, list[fx.Node], float] | None:
     if not _is(mean, _MEAN) or not mean.args:
         return None
     sq = mean.args[0]
-    h = _squared(sq) if isinstance(sq, fx.Node) and len(sq.users) == 1 else None
+    if not isinstance(sq, fx.Node) or len(sq.users) != 1:
+        return None
+    h = _squared(sq)
     tm = h.meta.get("tensor_meta") if h is not None else None
-    if tm is None or not hasattr(tm, "shape") or not len(tm.shape) or not _last_dim_mean(mean, len(tm.shape)):
+    if h is None or tm is None or not hasattr(tm, "shape") or not len(tm.shape) or not _last_dim_mean(mean, len(tm.shape)):
         return None
     add = _only_user(mean)
     if add is None or not _is(add, _ADD) or add.kwargs or len(add.args) != 2:

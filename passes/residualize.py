@@ -13,7 +13,9 @@ they are, with the reason in ``Residualize.skipped``.
 
 Example::
 
-    >>> gm = residualize(vgg, (x,))          # then fxprune.prepare(gm, (x,))
+    >>> gm = residualize(vgg(), (x,))        # then fxprune.prepare(gm, (x,))
+    >>> len(gm.meta[RESIDUALIZE_META].sections) > 0
+    True
 """
 
 from __future__ import annotations

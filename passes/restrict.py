@@ -4,8 +4,13 @@ stale (``ChannelGraph.check`` holds on the result).
 
 Example::
 
-    >>> keep = cg.effective_keep({g: mask}, drop={branch})
-    >>> smaller = restrict(cg, keep, {branch}, replaced, gone)
+    >>> from fxprune.passes import analyze, trace
+    >>> cg = analyze(trace(model, (x,)))
+    >>> g = cg.prunable_groups[0]
+    >>> keep = cg.effective_keep({g.id: np.arange(g.num_units) >= 2}, set())   # two units go
+    >>> smaller = restrict(cg, keep, set())
+    >>> smaller.groups[g.id].num_units == g.num_units - 2
+    True
 """
 
 from __future__ import annotations

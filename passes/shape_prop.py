@@ -13,7 +13,7 @@ while running for real is the model's or the inputs', and is raised with the nod
 
 Example::
 
-    >>> gm = torch.fx.symbolic_trace(model)
+    >>> gm = torch.fx.symbolic_trace(torchvision.models.resnet18())
     >>> propagate_shapes(gm, (torch.randn(2, 3, 32, 32),))
     >>> gm.graph.find_nodes(op="call_module", target="conv1")[0].meta["tensor_meta"].shape
     torch.Size([2, 64, 16, 16])
@@ -32,7 +32,14 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._pytree import tree_map
 
-from .op_classes import CHANNEL_NORM, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS, ELEMENTWISE_MODULES, GROUP_NORM, LAYER_NORM
+from .op_classes import (
+    CHANNEL_NORM,
+    ELEMENTWISE_FUNCTIONS,
+    ELEMENTWISE_METHODS,
+    ELEMENTWISE_MODULES,
+    GROUP_NORM,
+    LAYER_NORM,
+)
 
 __all__ = ["AdaptiveShapeProp", "ShapePropError", "propagate_shapes"]
 

@@ -9,8 +9,10 @@ are spelled out once.
 
 Example::
 
-    >>> sizes_of(node, modules)          # node: x.view(b, 64, -1)
-    Sizes(values=[b, 64, -1], first_dim=0)
+    >>> gm = fx.symbolic_trace(lambda x: x.view(x.shape[0], 4, -1))
+    >>> node = next(n for n in gm.graph.nodes if n.target == "view")
+    >>> sizes_of(node, dict(gm.named_modules()))
+    Sizes(values=[getitem, 4, -1], first_dim=0)
 """
 
 from __future__ import annotations

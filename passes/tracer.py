@@ -10,10 +10,13 @@ cannot be traced, and custom ``torch.autograd.Function`` calls kept whole.
 
 Example::
 
+    >>> class Odd(nn.Module):
+    ...     def forward(self, x):
+    ...         return x if x.sum() > 0 else -x      # control flow on a value
     >>> tracer = LeafTracer()
-    >>> graph = tracer.trace(model)
+    >>> graph = tracer.trace(nn.Sequential(nn.Linear(4, 4), Odd()))
     >>> tracer.leaves
-    {'odd': 'TraceError: symbolically traced variables cannot be used as inputs to control flow at ...'}
+    {'1': 'TraceError: symbolically traced variables cannot be used as inputs to control flow at ...'}
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -71,7 +75,7 @@ def _caller(cls: type) -> Any:
     """A function that calls ``cls.apply`` (the node's target; it names the class)."""
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        return cls.apply(*args, **kwargs)
+        return cls.apply(*args, **kwargs)  # type: ignore[attr-defined]  # an autograd.Function subclass
 
     call.__name__ = call.__qualname__ = f"{cls.__name__}_apply"
     setattr(call, _FUNCTION_ATTR, cls)
@@ -109,7 +113,7 @@ class LeafTracer(fx.Tracer):
         super().__init__()
         self.leaves: dict[str, str] = {}
 
-    def trace(self, root: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+    def trace(self, root: nn.Module | Callable[..., Any], concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         with _opaque_autograd_functions(self):
             return super().trace(root, concrete_args)
 
@@ -125,7 +129,7 @@ class LeafTracer(fx.Tracer):
         depth = len(self.module_stack)
         try:
             return super().call_module(m, forward, args, kwargs)
-        except Exception as exc:  # noqa: BLE001 - the module is kept whole and run for real by shape propagation
+        except Exception as exc:
             self.leaves[path] = reason(exc)
         for key in list(self.module_stack.keys())[depth:]:  # the failed call left its scope open
             self.module_stack.pop(key)

@@ -8,8 +8,15 @@ compute what the compact model computes.
 
 Example::
 
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...                   num_attention_heads=4, num_key_value_heads=2)
+    >>> ids = torch.randint(0, 64, (2, 8))
+    >>> gated = fxprune.prepare(LlamaForCausalLM(cfg), (ids,))
     >>> hf_model = fxprune.hf.to_pretrained(gated)        # or a model fxprune.convert gave
     >>> hf_model.save_pretrained("pruned")                 # AutoModelForCausalLM.from_pretrained("pruned")
+    >>> type(hf_model).__name__, hf_model.config.num_hidden_layers
+    ('LlamaForCausalLM', 2)
 """
 
 from __future__ import annotations
@@ -122,7 +129,7 @@ def to_pretrained(model: fx.GraphModule) -> Any:
         m = _LAYER.match(key)
         weights[f"model.layers.{renumber[int(m.group(1))]}.{key[m.end():]}" if m else key] = value
     stock = cls(new)
-    expected = {k for k in stock.state_dict()}
+    expected = set(stock.state_dict())
     missing = expected - set(weights)
     if missing:
         raise ConversionError(f"the compact model has no tensor for {sorted(missing)[:4]} of {cls.__name__}")

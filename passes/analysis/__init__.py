@@ -9,10 +9,11 @@ inputs by the same rules (as a frozen space), so every read knows its batch dim.
 
 Example::
 
+    >>> from fxprune.passes import trace
     >>> gm = trace(torchvision.models.resnet18(), (torch.randn(2, 3, 64, 64),))
     >>> cg = analyze(gm)
     >>> len(cg.prunable_groups), len(cg.branches)
-    (13, 8)
+    (12, 8)
 """
 
 from __future__ import annotations
