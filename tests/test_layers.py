@@ -24,21 +24,23 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def _runtime_nodes(tree: ast.AST):
-    """Every node except those under ``if TYPE_CHECKING:`` (imports for type hints only)."""
+def _runtime_nodes(tree: ast.AST, type_only: bool = False):
+    """Every node except those under ``if TYPE_CHECKING:`` (imports for type hints only),
+    unless ``type_only``."""
     for node in ast.iter_child_nodes(tree):
-        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+        if not type_only and isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
             continue
         yield node
-        yield from _runtime_nodes(node)
+        yield from _runtime_nodes(node, type_only)
 
 
-def imports(path: Path) -> set[str]:
-    """Every fxprune module ``path`` imports at run time (at top level or inside functions)."""
+def imports(path: Path, type_only: bool = False) -> set[str]:
+    """Every fxprune module ``path`` imports at run time (at top level or inside functions),
+    and with ``type_only`` those it imports for type hints too."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out = set()
-    for node in _runtime_nodes(ast.parse(path.read_text())):
+    for node in _runtime_nodes(ast.parse(path.read_text()), type_only):
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.startswith("fxprune")}
         elif isinstance(node, ast.ImportFrom):
@@ -54,10 +56,10 @@ def imports(path: Path) -> set[str]:
     return out
 
 
-def modules() -> dict[str, set[str]]:
+def modules(type_only: bool = False) -> dict[str, set[str]]:
     files = [*ROOT.glob("fxprune/**/*.py"), *ROOT.glob("passes/**/*.py")]
     found = {module_name(p): p for p in files}
-    return {name: {i for i in imports(p) if i in found} for name, p in found.items()}
+    return {name: {i for i in imports(p, type_only) if i in found} for name, p in found.items()}
 
 
 def layer(name: str) -> int:
@@ -89,8 +91,10 @@ def test_the_cli_is_a_leaf():
     assert [n for n, deps in GRAPH.items() if "fxprune.cli" in deps] == ["fxprune.__main__"]
 
 
-def test_no_import_cycles():
-    g = nx.DiGraph([(a, b) for a, deps in GRAPH.items() for b in deps if a != b])
+@pytest.mark.parametrize("type_only", [False, True], ids=["run-time", "type-hints-too"])
+def test_no_import_cycles(type_only):
+    graph = modules(type_only) if type_only else GRAPH
+    g = nx.DiGraph([(a, b) for a, deps in graph.items() for b in deps if a != b])
     # a package importing its own submodules (``__init__`` re-exports) is not a cycle
     cycles = [c for c in nx.simple_cycles(g) if not any(x.startswith(y + ".") or y.startswith(x + ".")
                                                          for x in c for y in c if x != y)]

@@ -13,10 +13,10 @@ import numpy as np
 from torch import fx
 
 from ..channel_graph import Binding, Read, Rewrite, Space
-from ..records import ReadKind, RewriteKind, Role
 from ..op_classes import SIZE_SINK_FUNCTIONS, SIZE_SINK_METHODS, TRAILING_NORM_FUNCTIONS
+from ..records import ReadKind, RewriteKind, Role
 from ..trace import LEAVES_META
-from .generic import describe, shape
+from .nodes import describe, shape
 
 __all__ = ["Builder", "SizeRead", "ShapeOf", "Factorization"]
 

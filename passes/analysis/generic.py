@@ -8,53 +8,26 @@ or a list of those for ops that return several tensors).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import fx
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .builder import Builder
+from .builder import Builder
+from .nodes import arg, describe, is_tensor, norm_dim, shape, tensor_args
+
+__all__ = [
+    "Dims", "Rule", "arg", "shape", "is_tensor", "tensor_args", "describe", "norm_dim", "unknown", "passthrough",
+    "no_tensor", "broadcast", "matmul", "spatial", "pad", "roll", "freeze_dims", "freeze_trailing", "along_dim",
+    "mix_along", "reduce", "vector_norm",
+]
 
 Dims = dict[int, int]
-Rule = Callable[["Builder", fx.Node], Any]
-
-
-# ----------------------------------------------------------------------------- helpers
-def arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
-
-
-def shape(x: Any) -> tuple[int, ...] | None:
-    tm = x.meta.get("tensor_meta") if isinstance(x, fx.Node) else None
-    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
-
-
-def is_tensor(x: Any) -> bool:
-    return shape(x) is not None
-
-
-def tensor_args(node: fx.Node) -> list[fx.Node]:
-    out: list[fx.Node] = []
-    fx.node.map_arg((node.args, node.kwargs), lambda a: out.append(a) if is_tensor(a) else None)
-    return out
-
-
-def describe(b: "Builder", node: fx.Node) -> str:
-    if node.op == "call_module":
-        return f"{type(b.modules[node.target]).__name__} module '{node.target}'"
-    if node.op == "call_method":
-        return f"Tensor.{node.target}"
-    return getattr(node.target, "__qualname__", None) or getattr(node.target, "__name__", str(node.target))
-
-
-def norm_dim(d: int, ndim: int) -> int:
-    return d + ndim if d < 0 else d
+Rule = Callable[[Builder, fx.Node], Any]
 
 
 # ----------------------------------------------------------------------------- generic rules
-def unknown(b: "Builder", node: fx.Node, why: str | None = None) -> Dims:
+def unknown(b: Builder, node: fx.Node, why: str | None = None) -> Dims:
     why = why or f"read by '{node.name}' ({describe(b, node)}), an op the analysis does not understand"
     for t in tensor_args(node):
         for s in b.dims_of(t).values():
@@ -62,18 +35,18 @@ def unknown(b: "Builder", node: fx.Node, why: str | None = None) -> Dims:
     return {}
 
 
-def passthrough(b: "Builder", node: fx.Node) -> Dims:
+def passthrough(b: Builder, node: fx.Node) -> Dims:
     """Element-wise unary ops: output channels are the input's (a parameter read directly,
     ``logit_scale.clamp(max=m).exp()``, carries its channels through)."""
     x = tensor_args(node)
     return dict(b.tensor_dims(x[0])) if x else {}
 
 
-def no_tensor(b: "Builder", node: fx.Node) -> Dims:
+def no_tensor(b: Builder, node: fx.Node) -> Dims:
     return {}
 
 
-def _tie_broadcast(b: "Builder", ts: list[fx.Node], out_shape: Any, n: int,
+def _tie_broadcast(b: Builder, ts: list[fx.Node], out_shape: Any, n: int,
                    dims_of: Callable[[fx.Node], dict[int, int]]) -> Dims:
     """The first ``n`` output dims of a broadcast over ``ts`` (aligned at their ends): the
     full-size operand dims of each are tied, and the output dim takes their space."""
@@ -96,7 +69,7 @@ def _tie_broadcast(b: "Builder", ts: list[fx.Node], out_shape: Any, n: int,
     return out
 
 
-def broadcast(b: "Builder", node: fx.Node) -> Dims:
+def broadcast(b: Builder, node: fx.Node) -> Dims:
     """Element-wise n-ary ops with broadcasting: full-size operands are tied per dim."""
     out_shape = shape(node)
     ts = tensor_args(node)
@@ -105,7 +78,7 @@ def broadcast(b: "Builder", node: fx.Node) -> Dims:
     return _tie_broadcast(b, ts, out_shape, len(out_shape), b.dims_of)
 
 
-def matmul(b: "Builder", node: fx.Node) -> Dims:
+def matmul(b: Builder, node: fx.Node) -> Dims:
     """``a @ b`` with ``a: [..., n, k]``, ``b: [..., k, m]`` -> ``[..., n, m]``: the leading
     dims broadcast (attention's heads: ``q @ k^T`` and ``attn @ v`` tie the heads of q, k
     and v), ``n`` comes from ``a`` and ``m`` from ``b``, and the contracted ``k`` of ``a`` is
@@ -140,7 +113,7 @@ def matmul(b: "Builder", node: fx.Node) -> Dims:
 def spatial(k: int | Callable[[fx.Node], int]) -> Rule:
     """Ops acting on the trailing ``k`` dims only (pooling, interpolation, padding)."""
 
-    def rule(b: "Builder", node: fx.Node) -> Dims:
+    def rule(b: Builder, node: fx.Node) -> Dims:
         x = tensor_args(node)[0]
         why = f"'{node.name}' ({describe(b, node)}) acts across channel dim"
         return freeze_trailing(b, x, k(node) if callable(k) else k, lambda d: f"{why} {d}")
@@ -148,7 +121,7 @@ def spatial(k: int | Callable[[fx.Node], int]) -> Rule:
     return rule
 
 
-def pad(b: "Builder", node: fx.Node) -> Dims:
+def pad(b: Builder, node: fx.Node) -> Dims:
     """``F.pad(x, pad)``: ``pad`` holds a (before, after) pair per trailing dim, the last dim
     first. A dim padded by (0, 0) is untouched (Swin pads H and W of a ``[B, H, W, C]``
     tensor and passes C through); a padded channel dim is frozen."""
@@ -159,7 +132,7 @@ def pad(b: "Builder", node: fx.Node) -> Dims:
     return freeze_dims(b, x, padded, lambda d: f"'{node.name}' ({describe(b, node)}) pads channel dim {d}")
 
 
-def roll(b: "Builder", node: fx.Node) -> Dims:
+def roll(b: Builder, node: fx.Node) -> Dims:
     """``torch.roll(x, shifts, dims)``: the rolled dims (Swin's window shift rolls H and W)
     are frozen where they carry channels, the others pass through; without ``dims`` the
     tensor is rolled flattened."""
@@ -172,7 +145,7 @@ def roll(b: "Builder", node: fx.Node) -> Dims:
     return freeze_dims(b, x, rolled, lambda d: f"'{node.name}' rolls channel dim {d}")
 
 
-def freeze_dims(b: "Builder", x: fx.Node, frozen: set[int], why: Callable[[int], str]) -> Dims:
+def freeze_dims(b: Builder, x: fx.Node, frozen: set[int], why: Callable[[int], str]) -> Dims:
     """``x``'s channel dims, passed through; those in ``frozen`` (which the op acts
     across) are frozen with reason ``why(dim)``."""
     out = {}
@@ -184,7 +157,7 @@ def freeze_dims(b: "Builder", x: fx.Node, frozen: set[int], why: Callable[[int],
     return out
 
 
-def freeze_trailing(b: "Builder", x: fx.Node, k: int, why: Callable[[int], str]) -> Dims:
+def freeze_trailing(b: Builder, x: fx.Node, k: int, why: Callable[[int], str]) -> Dims:
     """``x``'s channel dims, passed through; those among its trailing ``k`` dims (which the
     op acts across) are frozen with reason ``why(dim)``."""
     nd = len(shape(x))
@@ -197,7 +170,7 @@ def along_dim(name: str, pos: int, what: str) -> Rule:
     return lambda b, node: mix_along(b, node, arg(node, pos, name), what)
 
 
-def mix_along(b: "Builder", node: fx.Node, d: int | None, what: str) -> Dims:
+def mix_along(b: Builder, node: fx.Node, d: int | None, what: str) -> Dims:
     x = tensor_args(node)[0]
     if d is None:
         return unknown(b, node)
@@ -208,7 +181,7 @@ def mix_along(b: "Builder", node: fx.Node, d: int | None, what: str) -> Dims:
     return dims
 
 
-def reduce(b: "Builder", node: fx.Node, dim_pos: int = 1) -> Dims:
+def reduce(b: Builder, node: fx.Node, dim_pos: int = 1) -> Dims:
     """sum/mean/amax (``dim`` at argument ``dim_pos``, ``keepdim`` after it): channels on
     a reduced dim freeze, the others pass."""
     x = tensor_args(node)[0]
@@ -228,6 +201,6 @@ def reduce(b: "Builder", node: fx.Node, dim_pos: int = 1) -> Dims:
     return out
 
 
-def vector_norm(b: "Builder", node: fx.Node) -> Dims:
+def vector_norm(b: Builder, node: fx.Node) -> Dims:
     """``torch.linalg.vector_norm(x, ord, dim, keepdim)`` (``F.normalize``'s norm): a reduction."""
     return reduce(b, node, dim_pos=2)
