@@ -5,7 +5,7 @@ PYTHON  := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST  := $(PYTHON) -m pytest
 
-.PHONY: demo test test-fast zoo bench clean
+.PHONY: demo test lint test-fast zoo bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -16,10 +16,15 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/fxprune demo --out out/demo
 
-# The unit and property tests, then the zoo sweeps (every torchvision classifier and a sample of timm's, numerically checked).
-test: $(STAMP)
+# The linter and the type checker on the library, the unit, property and docstring tests, then the zoo
+# sweeps (every torchvision classifier and a sample of timm's, numerically checked).
+test: lint
 	$(PYTEST) -q -m "not zoo"
 	$(PYTEST) -q -m zoo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check fxprune passes
+	$(VENV)/bin/mypy
 
 test-fast: $(STAMP)
 	$(PYTEST) -q -m "not zoo"

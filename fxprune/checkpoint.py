@@ -41,11 +41,11 @@ _MAGIC = b"fxprune-checkpoint sha256 "
 def _rng_state() -> dict:
     """The generators' states as what ``torch.load(weights_only=True)`` accepts (tensors,
     lists, numbers)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]  # the legacy tuple
     version, internal, gauss = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached": float(cached)},
         "python": {"version": version, "internal": list(internal), "gauss": gauss},
     }
@@ -145,7 +145,7 @@ def _read(path: str | os.PathLike) -> dict:
         source = io.BytesIO(payload)
     try:
         state = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - truncated, garbage or a pickle of arbitrary objects
+    except Exception as exc:
         raise ValueError(f"'{path}' is not a readable fxprune checkpoint (truncated, not written by "
                          f"fxprune.checkpoint.save_checkpoint, or holding objects weights_only loading refuses): "
                          f"{exception_line(exc)}") from None

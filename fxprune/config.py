@@ -321,7 +321,7 @@ def _check(name: str, value: object) -> object:
         if not ok:
             raise ValueError(f"{field_} must be a CostReference(flops, params, structures) of positive numbers, "
                              f"got {value!r}")
-        value = CostReference(*(float(v) for v in value))
+        value = CostReference(*(float(v) for v in value))  # type: ignore[attr-defined]  # checked iterable above
     elif name == "prior_exempt":
         if isinstance(value, str):
             value = (value,)

@@ -177,7 +177,7 @@ class ComplexityCost:
             dims_b.append(slots[1])
             rows_br.append([layers[i] for i in branches if i in layers])
         depth = max((len(r) for r in rows_br), default=0)
-        cat = lambda xs, dt: torch.as_tensor(np.concatenate(xs) if xs else np.zeros(0), dtype=dt, device=device)  # noqa: E731
+        cat = lambda xs, dt: torch.as_tensor(np.concatenate(xs) if xs else np.zeros(0), dtype=dt, device=device)
         self.size = size
         self.terms = _Terms(
             k=torch.tensor(rows_k, dtype=torch.float64, device=device),

@@ -99,7 +99,7 @@ def check_shardable(gated: nn.Module) -> None:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover
-        DTensor = ()  # noqa: N806
+        DTensor = ()
     fsdp1 = any(isinstance(m, FullyShardedDataParallel) for m in gated.modules())
     fsdp2 = any(isinstance(p, DTensor) for p in gated.parameters())
     if fsdp1 or fsdp2:

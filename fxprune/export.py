@@ -73,7 +73,7 @@ def _pickled_entries(archive: zipfile.ZipFile) -> list[str]:
         elif "/data/sample_inputs/" in f"/{name}":
             try:
                 torch.load(io.BytesIO(archive.read(name)), weights_only=True)
-            except Exception as exc:  # noqa: BLE001 - any refusal means torch would unpickle it fully
+            except Exception as exc:
                 found.append(f"{name} ({type(exc).__name__})")
     return found
 
@@ -103,14 +103,14 @@ def _rebuilt(module: nn.Module) -> str | None:
     cls = type(module)
     if cls.__module__.split(".")[:2] != ["torch", "nn"] or getattr(nn, cls.__name__, None) is not cls:
         return None
-    text = f"torch.nn.{repr(module)}"
+    text = f"torch.nn.{module!r}"
     if "\n" in text:
         return None
     try:
-        other = eval(text, {"torch": torch, "inf": float("inf")})  # noqa: S307 - the repr of a torch.nn module, here
-    except Exception:  # noqa: BLE001 - a repr that is not a constructor call
+        other = eval(text, {"torch": torch, "inf": float("inf")})
+    except Exception:
         return None
-    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}
     if type(other) is not cls or repr(other) != repr(module) or shapes(other) != shapes(module):
         return None
     return text
@@ -243,7 +243,7 @@ def save_compact(compact: fx.GraphModule, example_inputs: tuple[Any, ...] | torc
     try:
         try:
             program = torch.export.export(compact, example, dynamic_shapes=dynamic_shapes)
-        except Exception as exc:  # noqa: BLE001 - torch.export's errors are long; the first line and what to do
+        except Exception as exc:
             raise ValueError(
                 f"torch.export could not export the compact model with dynamic_shapes={dynamic_shapes!r}: "
                 f"{exception_line(exc)}. If the model fixes its batch "

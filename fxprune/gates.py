@@ -65,6 +65,7 @@ class GateBank(nn.Module):
         self.roles: list[list[int]] = []
         #: the generator masks are sampled with (None: torch's default; set per process under torch.distributed)
         self.generator: torch.Generator | None = None
+        self.theta: Tensor
         self.register_buffer("theta", torch.full((n,), float(theta_init)))
         self.set_structure(torch.zeros(0, 0, dtype=torch.long), torch.ones(n, dtype=torch.bool),
                            torch.zeros(0, dtype=torch.long))
@@ -78,7 +79,7 @@ class GateBank(nn.Module):
         self.register_buffer("per_example", per_example.to(device), persistent=False)
         self._all_per_example = bool(per_example.all())
 
-    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
+    def _apply(self, fn, recurse=True):
         """Moves (``.to()``, ``.cuda()``, ``.half()``) take theta to the new device only:
         it stays float32 (a theta step of 1e-4 is lost in fp16) and a leaf that keeps
         learning (converting a leaf that requires grad makes a non-leaf)."""

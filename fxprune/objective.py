@@ -84,7 +84,7 @@ class Objective:
             weight_flops, params = self.complexity.expected(torch.ones(self.size, dtype=torch.float64))
         #: FLOPs of ops without weights (attention products, ...): constant
         self.other_flops = max(self.dense_flops - float(weight_flops), 0.0)
-        self.dense_params = int(round(float(params)))
+        self.dense_params = round(float(params))
         #: the dense model's FLOPs per example, parameters and gates
         self.reference = CostReference(self.dense_flops, self.dense_params, self.size)
         self.ref = self.config.cost_reference or self.reference
@@ -154,7 +154,7 @@ class Objective:
         self._layer_w = torch.as_tensor([w for w, _ in pairs], dtype=torch.long, device=device)
         self._layer_s = torch.as_tensor([s for _, s in pairs], dtype=torch.long, device=device)
         self._branch_weights: dict[int, list[Tensor]] = {}
-        for b, slot in layout.layers.items():
+        for b in layout.layers:
             self._branch_weights[b] = [self.weights[position[c]] for c in cg.branches[b].params if c in position]
         for w, s in pairs:
             elems[s] += self.weights[w].numel()
@@ -196,11 +196,11 @@ class Objective:
         rows = [s.sum().reshape(1) if dims is None else s.sum(dims) if dims else s
                 for s, dims in zip(squares, self._row_dims)]
         dtype = self.theta().dtype
-        rows = torch.cat(rows).to(dtype) if rows else torch.zeros(0, dtype=dtype)
-        per_weight = rows.new_zeros(len(self.weights)).index_add(0, self._row_owner, rows)
-        per_structure = rows.new_zeros(self.size + 1).index_add(0, self._row_slot, rows)[: self.size]
+        flat = torch.cat(rows).to(dtype) if rows else torch.zeros(0, dtype=dtype)
+        per_weight = flat.new_zeros(len(self.weights)).index_add(0, self._row_owner, flat)
+        per_structure = flat.new_zeros(self.size + 1).index_add(0, self._row_slot, flat)[: self.size]
         if self._more_rows:
-            per_structure = per_structure.index_add(0, self._more_slot, rows[self._more_row])
+            per_structure = per_structure.index_add(0, self._more_slot, flat[self._more_row])
         per_structure = per_structure.index_add(0, self._layer_s, per_weight[self._layer_w])
         return per_weight, per_structure
 

@@ -132,7 +132,7 @@ class Pruner:
         #: optimizer steps since the last pruner.step() (a loop that never calls it is warned about)
         self._optimizer_steps = 0
         me = weakref.ref(self)
-        self._hook = optimizer.register_step_post_hook(lambda *_: (p := me()) is not None and p._optimizer_stepped())
+        self._hook = optimizer.register_step_post_hook(lambda *_: None if (p := me()) is None else p._optimizer_stepped())
         if decoupled:  # the prior decays the weights before the optimizer's update, as AdamW does
             self._decay_hook = optimizer.register_step_pre_hook(lambda *_: (p := me()) is not None and p.objective.decay_(optimizer))
 

@@ -13,7 +13,14 @@ The work is split so that ``convert`` and live removal share it:
 
 Example::
 
-    >>> Compact(cg, unit_keep, drop, check=(example, expected))(compact_gm)
+    >>> from fxprune.passes import analyze, trace
+    >>> gm = trace(model.eval(), (x,))
+    >>> cg = analyze(gm)
+    >>> g = cg.prunable_groups[0]
+    >>> with torch.no_grad():
+    ...     expected = gm(x)                  # what the model computes with every unit kept
+    >>> Compact(cg, {g.id: np.ones(g.num_units, dtype=bool)}, set(), check=((x,), expected))(gm).modified
+    True
 """
 
 from __future__ import annotations
@@ -26,10 +33,21 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from .channel_graph import ChannelGraph, Rewrite
 from .op_classes import TRAILING_NORM, TRAILING_NORM_FUNCTIONS
 from .sizes import set_sizes, sizes_of
-from .surgery import (delete_unreferenced, index_tensor, is_impure, out_of_place, refresh_module, replace_tensor,
-                      writes_first_input)
+from .surgery import (
+    delete_unreferenced,
+    index_tensor,
+    is_impure,
+    out_of_place,
+    refresh_module,
+    replace_tensor,
+    writes_first_input,
+)
 
-__all__ = ["Compact", "plan_slices", "rewrite_graph", "check_nonempty", "CompactionError", "max_relative_error"]
+__all__ = ["EQUIVALENCE_RTOL", "Compact", "plan_slices", "rewrite_graph", "check_nonempty", "CompactionError", "max_relative_error"]
+
+#: the relative error (max |a - b| / max |b|) within which a compacted model computes what the gated one
+#: computes on the stored example: convert and live removal both check against it
+EQUIVALENCE_RTOL = 1e-4
 
 
 class CompactionError(AssertionError):
@@ -39,7 +57,7 @@ class CompactionError(AssertionError):
 def check_nonempty(cg: ChannelGraph, unit_keep: dict[int, np.ndarray], drop: set[int]) -> None:
     """Raise ``ValueError`` if ``unit_keep`` empties a channel dimension left in the model."""
     alive = cg.live_spaces(cg.dead_nodes(drop))
-    for gid, keep in unit_keep.items():
+    for gid in unit_keep:
         for s in cg.groups[gid].spaces:
             space = cg.spaces[s]
             if s in alive and not cg.keep_indices(s, unit_keep).size:
@@ -73,7 +91,9 @@ def _rewrite(node: fx.Node, rw: Rewrite, cg: ChannelGraph, keep: dict[int, np.nd
     elif rw.kind == "slice":
         idx = node.args[1]
         items = list(idx) if isinstance(idx, tuple) else [idx]
-        start, stop, _ = items[rw.pos].indices(cg.spaces[rw.spaces[0]].size)
+        bounds = items[rw.pos]
+        assert isinstance(bounds, slice), f"slice rewrite of '{node.name}' at a {type(bounds).__name__}"
+        start, stop, _ = bounds.indices(cg.spaces[rw.spaces[0]].size)
         kept = cg.keep_indices(rw.spaces[0], keep)
         items[rw.pos] = slice(int(np.searchsorted(kept, start)), int(np.searchsorted(kept, stop)))
         node.args = (node.args[0], tuple(items) if isinstance(idx, tuple) else items[0])
@@ -141,7 +161,7 @@ class Compact(PassBase):
     (example inputs, expected output)``, the result is run on the example and compared."""
 
     def __init__(self, cg: ChannelGraph, unit_keep: dict[int, np.ndarray], drop: set[int],
-                 check: tuple[tuple, torch.Tensor] | None = None, rtol: float = 1e-4) -> None:
+                 check: tuple[tuple, torch.Tensor] | None = None, rtol: float = EQUIVALENCE_RTOL) -> None:
         super().__init__()
         self.cg, self.unit_keep, self.drop, self.check, self.rtol = cg, cg.complete_keep(unit_keep), set(drop), check, rtol
         #: ``{canonical tensor name: [(dim, kept indices)]}`` of every tensor sliced

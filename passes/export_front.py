@@ -29,7 +29,8 @@ BatchNorm's running statistics.
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -178,7 +179,7 @@ _CHECKS = {aten._assert_scalar.default, aten.sym_constrain_range_for_size.defaul
            aten._assert_tensor_metadata.default}
 
 # ---------------------------------------------------------------- calls back into modules
-_MODULE_CALLS: dict[Any, tuple[type, Callable[[nn.Module, tuple], bool]]] = {
+_MODULE_CALLS: dict[Any, tuple[type | tuple[type, ...], Callable[[nn.Module, tuple], Any]]] = {
     aten.linear.default: (nn.Linear, lambda m, a: len(a) == 2 or a[2] is not None or m.bias is None),
     aten.conv1d.default: (nn.Conv1d, lambda m, a: _conv_matches(m, a)),
     aten.conv2d.default: (nn.Conv2d, lambda m, a: _conv_matches(m, a)),
@@ -271,7 +272,7 @@ def export_trace(model: nn.Module, values: list[Any], param_names: list[str]) ->
     try:
         ep = torch.export.export(model, args, kwargs, dynamic_shapes=dict(zip(kwargs, dynamic)) if kwargs else dynamic,
                                  strict=False)
-    except Exception as exc:  # noqa: BLE001 - export raises many kinds; one clear message
+    except Exception as exc:
         raise TraceError(f"torch.export cannot export '{name}' either: {reason(exc)}") from exc
     sig = ep.graph_signature
     specs = {s.arg.name: s for s in sig.input_specs if hasattr(s.arg, "name")}

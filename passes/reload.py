@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+from collections.abc import Callable
 from typing import Any
 
 from torch import fx, nn
@@ -27,7 +28,7 @@ def _qualified(cls: type) -> str:
 
 
 @functools.cache
-def _resolve(name: str) -> type:
+def _resolve(name: str) -> Any:
     module, _, qualname = name.partition(":")
     return functools.reduce(getattr, qualname.split("."), importlib.import_module(module))
 
@@ -61,7 +62,7 @@ class ReloadTracer(fx.Tracer):
         kwargs.setdefault("autowrap_functions", (typed_output,))
         super().__init__(*args, **kwargs)
 
-    def trace(self, root: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+    def trace(self, root: nn.Module | Callable[..., Any], concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         graph = super().trace(root, concrete_args)
         out = next(n for n in reversed(graph.nodes) if n.op == "output")
         typed = out.args[0]

@@ -20,7 +20,16 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from .op_classes import CHANNEL_NORM, CONV, CONV_TRANSPOSE, GROUP_NORM, INPLACE_OPERATORS, LINEAR, TRAILING_NORM, mutates
+from .op_classes import (
+    CHANNEL_NORM,
+    CONV,
+    CONV_TRANSPOSE,
+    GROUP_NORM,
+    INPLACE_OPERATORS,
+    LINEAR,
+    TRAILING_NORM,
+    mutates,
+)
 
 __all__ = [
     "index_tensor", "set_data", "refresh_module", "skeleton", "copy_module", "replace_tensor", "reached_tensors",

@@ -41,8 +41,8 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
 from .decompose import DecomposeAttention
-from .export_front import FRONT_END_META, export_trace
 from .errors import exception_line
+from .export_front import FRONT_END_META, export_trace
 from .modes import FollowModuleMode, first_difference
 from .recognize import RecognizeRMSNorm
 from .reload import ReloadTracer

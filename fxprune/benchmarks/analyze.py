@@ -11,7 +11,7 @@ import argparse
 import importlib.util
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torchvision

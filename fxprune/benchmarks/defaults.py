@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 from tabulate import tabulate

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 import torch
 from tabulate import tabulate
@@ -77,7 +77,7 @@ def robustness(widths: tuple[float, ...], seeds: int, epochs: int, config: Prune
     if _needs_reference(config):
         x1 = prepare(models.lenet_300_100(1), (torch.zeros(2, 1, 8, 8),), config)
         config = replace(config, cost_reference=Objective(x1).reference)
-    runs = {w: [fit(_seeded(lambda: models.lenet_300_100(w), s), epochs, config, seed=s, **opt) for s in range(seeds)]
+    runs = {w: [fit(_seeded(lambda w=w: models.lenet_300_100(w), s), epochs, config, seed=s, **opt) for s in range(seeds)]
             for w in widths}
     rows, summary = [], {}
     base = [statistics.mean(r.widths[i] for r in runs[widths[0]]) for i in range(2)]

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(args.batch, 3, args.size, args.size)
     gated = prepare(model, (x[:2],), mode="eval")
     random_masks(gated, keep=args.keep, seed=0)
-    set_decisions(gated, {}, {b: True for b in state_of(gated).layout.layers})
+    set_decisions(gated, {}, dict.fromkeys(state_of(gated).layout.layers, True))
     compact = convert(gated.eval()).eval()
     flops_ratio = forward_flops(model, (x[:1],)) / forward_flops(compact, (x[:1],))
     model, compact, x = model.to(device), compact.to(device), x.to(device)

@@ -66,7 +66,7 @@ def measure(name: str, batch: int = 32, steps: int = 10, warmup: int = 2, lam1: 
     pruner = Pruner(gated, gated_opt)
     dense.train()
     gated.train()
-    weights = [p for p in dense.parameters()]
+    weights = list(dense.parameters())
     run_dense, run_gated = (torch.compile(dense), torch.compile(gated)) if compile else (dense, gated)
 
     def dense_step() -> None:
@@ -89,9 +89,8 @@ def measure(name: str, batch: int = 32, steps: int = 10, warmup: int = 2, lam1: 
             fn()
             if i >= warmup:
                 times[label].append(time.perf_counter() - t0)
-    with CountOps() as forward:
-        with torch.no_grad():
-            dense(x)
+    with CountOps() as forward, torch.no_grad():
+        dense(x)
     with CountOps() as penalty:
         pruner.penalty()
     (F.cross_entropy(run_gated(x), y) + pruner.penalty()).backward()  # theta gradients, as in training

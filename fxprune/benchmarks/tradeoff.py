@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from itertools import pairwise
 
 import torch
 from tabulate import tabulate
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [_row(f"{kind}, gamma={g:g}", r) for kind, runs in curves.items() for g, r in runs.items()]
     print("gamma sweep, per gate kind\n" + tabulate(rows, headers=HEAD, tablefmt="github"))
     both = [curves["both"][g].flops for g in args.gammas]
-    print(f"FLOPs fall monotonically with gamma (units + layers): {all(a >= b for a, b in zip(both, both[1:]))}\n")
+    print(f"FLOPs fall monotonically with gamma (units + layers): {all(a >= b for a, b in pairwise(both))}\n")
 
     target = min(r.accuracy for r in curves["both"].values() if r.accuracy >= dense.accuracy - 3.0) \
         if any(r.accuracy >= dense.accuracy - 3.0 for r in curves["both"].values()) else dense.accuracy - 3.0

@@ -58,7 +58,7 @@ def tabular(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.
     x, y = getattr(datasets, f"load_{name}")(return_X_y=True)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
     mean, std = x_tr.mean(0), x_tr.std(0) + 1e-8
-    f = lambda a: torch.tensor((a - mean) / std, dtype=torch.float32)  # noqa: E731
+    f = lambda a: torch.tensor((a - mean) / std, dtype=torch.float32)
     return f(x_tr), torch.tensor(y_tr), f(x_te), torch.tensor(y_te)
 
 

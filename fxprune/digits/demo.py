@@ -56,7 +56,7 @@ def _train(desc: str, epochs: int, config: PruneConfig | None, seed: int) -> Run
                    schedule=RECIPE.schedule, on_epoch=update)
 
 
-def _latency(dense: nn.Module, compact: nn.Module, batch: int, compile: bool) -> tuple[list[list], dict]:
+def _latency(dense: nn.Module, compact: nn.Module, batch: int, compile: bool) -> tuple[list[list], float]:
     x = digits()[2][:batch]
     timings = {"eager": (latency_ms(dense, x), latency_ms(compact, x))}
     seconds = 0.0

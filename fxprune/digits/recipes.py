@@ -4,8 +4,8 @@ them all against dense training and magnitude pruning."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 from torch import nn

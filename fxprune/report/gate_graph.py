@@ -59,7 +59,7 @@ def gate_graph(cg: ChannelGraph, gated: fx.GraphModule | None = None, collapse: 
     right after ``prepare``); ``gated``, if given, supplies the thetas after training."""
     pos = _positions(cg)
     extent = defaultdict(list)  # group -> positions of every node whose output carries it
-    for node, dims in cg.node_dims.items():
+    for node in cg.node_dims:
         for space in _spaces_of(cg, node):
             extent[cg.spaces[space].group].append(pos[node])
     units = layers = None

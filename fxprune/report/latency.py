@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +34,7 @@ def latency_ms(model: nn.Module, x: Tensor, iters: int = 20, warmup: int = 3) ->
     return 1000.0 * statistics.median(times)
 
 
-def compile_model(model: nn.Module, x: Tensor, mode: str | None = None) -> nn.Module:
+def compile_model(model: nn.Module, x: Tensor, mode: str | None = None) -> Callable[..., Any]:
     """``torch.compile(model, mode=mode)``, compiled now (one call on ``x``) so that later
     timings measure the compiled code, not the compilation."""
     compiled = torch.compile(model.eval(), mode=mode)

@@ -57,7 +57,8 @@ def _whisper() -> tuple[torch.nn.Module, tuple, dict]:
 def _t5() -> tuple[torch.nn.Module, tuple, dict]:
     import transformers as tf
 
-    cfg = tf.T5Config(vocab_size=_VOCAB, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4, decoder_start_token_id=0)
+    cfg = tf.T5Config(vocab_size=_VOCAB, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
+                      decoder_start_token_id=0)  # type: ignore[call-arg]  # a PretrainedConfig keyword
     ids = torch.randint(0, _VOCAB, (_BATCH, _SEQ))
     return tf.T5ForConditionalGeneration(cfg), (ids,), {"attention_mask": torch.ones_like(ids),
                                                         "decoder_input_ids": ids[:, :8].clone()}

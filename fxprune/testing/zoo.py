@@ -209,7 +209,7 @@ def check_model(name: str, keep: float = 0.5, seed: int = 0, rtol: float = 1e-4,
             ep = torch.export.export(compact, every, by_name)
             res.exported = max_relative_error(ep.module()(*every, **by_name), ref) <= rtol
         res.stage = ""
-    except Exception as exc:  # noqa: BLE001 - the sweep reports every failure and goes on
+    except Exception as exc:
         res.error = exception_line(exc, limit=300)
     res.seconds = time.perf_counter() - t0
     gc.collect()
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.source == "timm":
         try:
-            import timm  # noqa: F401
+            import timm
         except ImportError:
             p.error("--source timm needs timm: pip install 'fxprune[timm]'")
         names = timm_models()
@@ -276,9 +276,7 @@ def summary(results: list[ZooResult]) -> str:
     median = f"{100 * statistics.median(shares):.1f} %" if shares else "-"
     lines = [f"{len(ok)}/{len(results)} models equivalent; {len(results) - len(prepared)} not prepared; "
              f"{len(prepared) - len(ok)} prepared but not equivalent; median prunable share {median}"]
-    for r in results:
-        if r.stage in ("build", "prepare"):
-            lines.append(f"  not prepared: {r.name}: {r.error}")
+    lines.extend(f"  not prepared: {r.name}: {r.error}" for r in results if r.stage in ("build", "prepare"))
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .builder import Builder
 
 
-def sdpa(b: "Builder", node: fx.Node) -> Dims:
+def sdpa(b: Builder, node: fx.Node) -> Dims:
     q, k, v = arg(node, 0, "query"), arg(node, 1, "key"), arg(node, 2, "value")
     mask = arg(node, 3, "attn_mask")
     what = f"'{node.name}' (scaled_dot_product_attention)"

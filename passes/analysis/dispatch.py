@@ -40,13 +40,13 @@ from .generic import (
     vector_norm,
 )
 from .layers import (
+    addmm_function,
     batch_norm_function,
     conv_function,
     conv_module,
     embedding,
     group_norm,
     linear_function,
-    addmm_function,
     linear_module,
     norm_module,
     trailing_norm,
@@ -78,21 +78,21 @@ MODULE_RULES: list[tuple[type | tuple[type, ...], Rule]] = [
 ]
 
 
-def _getattr(b: "Builder", n: fx.Node) -> Any:
+def _getattr(b: Builder, n: fx.Node) -> Any:
     if n.args[1] == "shape":
         return size(b, n)
     return {} if n.args[1] in ("dtype", "device", "ndim") else unknown(b, n)
 
 
 FUNCTION_RULES: dict[Any, Rule] = {
-    **{f: passthrough for f in ops.ELEMENTWISE_FUNCTIONS},
-    **{f: broadcast for f in ops.BINARY_FUNCTIONS},
-    **{f: conv_function for f in ops.CONV_FUNCTIONS},
-    **{f: linear_function for f in ops.LINEAR_FUNCTIONS}, torch.addmm: addmm_function,
+    **dict.fromkeys(ops.ELEMENTWISE_FUNCTIONS, passthrough),
+    **dict.fromkeys(ops.BINARY_FUNCTIONS, broadcast),
+    **dict.fromkeys(ops.CONV_FUNCTIONS, conv_function),
+    **dict.fromkeys(ops.LINEAR_FUNCTIONS, linear_function), torch.addmm: addmm_function,
     **{f: spatial(k) for k, fs in ops.POOL_FUNCTIONS.items() for f in fs},
     F.batch_norm: batch_norm_function,
     F.embedding: embedding,
-    **{f: trailing_norm for f in ops.TRAILING_NORM_FUNCTIONS},
+    **dict.fromkeys(ops.TRAILING_NORM_FUNCTIONS, trailing_norm),
     F.group_norm: group_norm,
     F.interpolate: spatial(_spatial_last_all),
     F.pad: pad,
@@ -122,8 +122,8 @@ if _SD is not None:
     MODULE_RULES = [*MODULE_RULES, (_SD, passthrough)]
 
 METHOD_RULES: dict[str, Rule] = {
-    **{m: passthrough for m in ops.ELEMENTWISE_METHODS},
-    **{m: broadcast for m in ops.BINARY_METHODS},
+    **dict.fromkeys(ops.ELEMENTWISE_METHODS, passthrough),
+    **dict.fromkeys(ops.BINARY_METHODS, broadcast),
     "view": reshape, "reshape": reshape, "flatten": reshape, "unflatten": reshape, "squeeze": reshape,
     "unsqueeze": reshape,
     "permute": permute, "transpose": permute,
@@ -140,7 +140,7 @@ METHOD_RULES: dict[str, Rule] = {
 }
 
 
-def rule_for(b: "Builder", node: fx.Node) -> Rule:
+def rule_for(b: Builder, node: fx.Node) -> Rule:
     """The rule that interprets ``node``; ``unknown`` (freeze) when there is none."""
     if node.op == "call_module":
         m = b.modules[node.target]

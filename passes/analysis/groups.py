@@ -40,7 +40,8 @@ def find_groups(graph: nx.MultiGraph, spaces: list[Space], producers: set[int]) 
             for u, v, d in edges:
                 u, v = (u, v) if d["src"] == u else (v, u)  # undirected: orient the pairs
                 iu, iv = (np.arange(spaces[u].size),) * 2 if d["pairs"] is None else d["pairs"]
-                rows.append(off[u] + np.asarray(iu)), cols.append(off[v] + np.asarray(iv))
+                rows.append(off[u] + np.asarray(iu))
+                cols.append(off[v] + np.asarray(iv))
             rows_a, cols_a = np.concatenate(rows), np.concatenate(cols)
             adj = sp.coo_matrix((np.ones(len(rows_a), dtype=np.int32), (rows_a, cols_a)), shape=(total, total))
             n, labels = connected_components(adj, directed=False)

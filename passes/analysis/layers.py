@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .builder import Builder
 
 
-def conv_like(b: "Builder", node: fx.Node, x: fx.Node, w: str, bias: str | None, groups: int, transposed: bool) -> Dims:
+def conv_like(b: Builder, node: fx.Node, x: fx.Node, w: str, bias: str | None, groups: int, transposed: bool) -> Dims:
     cd = len(shape(node)) - len(b.param(w).shape) + 1
     cin_n, cout_n = shape(x)[cd], shape(node)[cd]
     cin = b.space(x, cd)
@@ -65,7 +65,7 @@ def conv_like(b: "Builder", node: fx.Node, x: fx.Node, w: str, bias: str | None,
     return {**dims, cd: out}
 
 
-def _tensor(b: "Builder", m: nn.Module, path: str, attr: str) -> tuple[str | None, list[str], str | None, str | None]:
+def _tensor(b: Builder, m: nn.Module, path: str, attr: str) -> tuple[str | None, list[str], str | None, str | None]:
     """How layer ``path``'s ``attr`` ("weight" or "bias") is held: ``(tensor to bind in its
     place, tensors indexed by its output channels too, reason to keep the input channels,
     reason to keep the output channels)``. A plain tensor binds as itself. A parametrized
@@ -90,7 +90,7 @@ def _tensor(b: "Builder", m: nn.Module, path: str, attr: str) -> tuple[str | Non
     return (same[0] if same else None), [], why, why
 
 
-def conv_module(b: "Builder", node: fx.Node) -> Dims:
+def conv_module(b: Builder, node: fx.Node) -> Dims:
     m = b.modules[node.target]
     w, extra, keep_in, keep_out = _tensor(b, m, node.target, "weight")
     bias, _, _, bias_frozen = _tensor(b, m, node.target, "bias")
@@ -103,7 +103,7 @@ def conv_module(b: "Builder", node: fx.Node) -> Dims:
     return dims
 
 
-def _parametrized(b: "Builder", owner: str, cin: int, out: int, extra: list[str], keep_in: str | None,
+def _parametrized(b: Builder, owner: str, cin: int, out: int, extra: list[str], keep_in: str | None,
                   keep_out: str | None) -> None:
     for name in extra:
         b.bind(name, 0, out, "producer", owner)
@@ -114,17 +114,17 @@ def _parametrized(b: "Builder", owner: str, cin: int, out: int, extra: list[str]
 
 
 def _attr(x: Any) -> str | None:
-    return x.target if isinstance(x, fx.Node) and x.op == "get_attr" else None
+    return str(x.target) if isinstance(x, fx.Node) and x.op == "get_attr" else None
 
 
-def conv_function(b: "Builder", node: fx.Node) -> Dims:
+def conv_function(b: Builder, node: fx.Node) -> Dims:
     w, bias, groups = arg(node, 1, "weight"), arg(node, 2, "bias"), arg(node, 6, "groups", 1)
     if _attr(w) is None or (bias is not None and _attr(bias) is None) or groups != 1:
         return unknown(b, node, f"functional conv '{node.name}' with computed weights or groups>1 is not pruned")
     return conv_like(b, node, node.args[0], _attr(w), _attr(bias), 1, False)
 
 
-def linear_like(b: "Builder", node: fx.Node, x: fx.Node, w: str, bias: str | None, transposed: bool = False) -> Dims:
+def linear_like(b: Builder, node: fx.Node, x: fx.Node, w: str, bias: str | None, transposed: bool = False) -> Dims:
     """``y = x w^T + bias`` (``w`` is ``[out, in]``; ``transposed``: ``[in, out]``, ``x w + bias``)."""
     nd = len(shape(node))
     owner = node.target if node.op == "call_module" else node.name
@@ -140,7 +140,7 @@ def linear_like(b: "Builder", node: fx.Node, x: fx.Node, w: str, bias: str | Non
     return {**{d: s for d, s in b.dims_of(x).items() if d < nd - 1}, nd - 1: out}
 
 
-def linear_module(b: "Builder", node: fx.Node) -> Dims:
+def linear_module(b: Builder, node: fx.Node) -> Dims:
     m = b.modules[node.target]
     w, extra, keep_in, keep_out = _tensor(b, m, node.target, "weight")
     bias, _, _, bias_frozen = _tensor(b, m, node.target, "bias")
@@ -152,7 +152,7 @@ def linear_module(b: "Builder", node: fx.Node) -> Dims:
     return dims
 
 
-def embedding(b: "Builder", node: fx.Node) -> Dims:
+def embedding(b: Builder, node: fx.Node) -> Dims:
     """``nn.Embedding`` / ``F.embedding``: the indices' dims pass through (the batch),
     and the rows' last dim is produced by the weight's dim 1 (prunable like a linear
     layer's outputs, unless ``max_norm`` renormalises the rows)."""
@@ -176,7 +176,7 @@ def embedding(b: "Builder", node: fx.Node) -> Dims:
     return {**{d: s for d, s in b.dims_of(idx).items() if d < nd - 1}, nd - 1: out}
 
 
-def linear_function(b: "Builder", node: fx.Node) -> Dims:
+def linear_function(b: Builder, node: fx.Node) -> Dims:
     """``F.linear(x, w, bias)`` with ``w`` a parameter; ``bias`` a parameter, or computed
     from one channel by channel (Swin V2 zeroes the k part of a copy of its q/k/v bias): its
     channels are then tied to the output's, untracked ones freeze them."""
@@ -192,7 +192,7 @@ def linear_function(b: "Builder", node: fx.Node) -> Dims:
     return dims
 
 
-def addmm_function(b: "Builder", node: fx.Node) -> Dims:
+def addmm_function(b: Builder, node: fx.Node) -> Dims:
     """``torch.addmm(bias, x, w)`` with ``w`` (``[in, out]``) and ``bias`` parameters and
     ``beta = alpha = 1``: a linear layer that holds its weight transposed (transformers'
     ``Conv1D``, GPT-2's projections)."""
@@ -202,7 +202,7 @@ def addmm_function(b: "Builder", node: fx.Node) -> Dims:
     return linear_like(b, node, x, _attr(w), _attr(bias), transposed=True)
 
 
-def channel_norm(b: "Builder", node: fx.Node, names: list[str | None]) -> Dims:
+def channel_norm(b: Builder, node: fx.Node, names: list[str | None]) -> Dims:
     """Per-channel normalisation (BatchNorm, InstanceNorm): carriers on dim 1."""
     x = node.args[0] if node.args else node.kwargs["input"]
     dims = dict(b.dims_of(x))
@@ -216,20 +216,20 @@ def channel_norm(b: "Builder", node: fx.Node, names: list[str | None]) -> Dims:
     return dims
 
 
-def norm_module(b: "Builder", node: fx.Node) -> Dims:
+def norm_module(b: Builder, node: fx.Node) -> Dims:
     m = b.modules[node.target]
     names = [f"{node.target}.{p}" for p in ("weight", "bias", "running_mean", "running_var") if getattr(m, p, None) is not None]
     return channel_norm(b, node, names)
 
 
-def batch_norm_function(b: "Builder", node: fx.Node) -> Dims:
+def batch_norm_function(b: Builder, node: fx.Node) -> Dims:
     tensors = [arg(node, i, n) for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))]
     if any(t is not None and _attr(t) is None for t in tensors):
         return unknown(b, node, f"functional batch_norm '{node.name}' with computed statistics is not pruned")
     return channel_norm(b, node, [_attr(t) for t in tensors])
 
 
-def trailing_norm(b: "Builder", node: fx.Node) -> Dims:
+def trailing_norm(b: Builder, node: fx.Node) -> Dims:
     """LayerNorm / RMSNorm (module or function) over the last dim: a ``"norm"`` read of
     its channels (the gated model's norm counts only the channels whose gate is on, the
     compact model's normalises the kept width), the affine tensors carried, the
@@ -255,11 +255,11 @@ def trailing_norm(b: "Builder", node: fx.Node) -> Dims:
     return {**b.dims_of(x), nd - 1: s}
 
 
-def _norm_over(b: "Builder", node: fx.Node, x: fx.Node, k: int, why: str) -> Dims:
+def _norm_over(b: Builder, node: fx.Node, x: fx.Node, k: int, why: str) -> Dims:
     return freeze_trailing(b, x, k, lambda d: f"{why} ('{node.name}'); pruning would change its statistics")
 
 
-def group_norm(b: "Builder", node: fx.Node) -> Dims:
+def group_norm(b: Builder, node: fx.Node) -> Dims:
     """GroupNorm over dim 1 in ``groups`` groups: a ``"norm"`` read whose statistics (per
     group) count only the channels whose gate is on. The same position is pruned in every
     group (a unit is one position, in all groups), so the groups stay equal and the compact

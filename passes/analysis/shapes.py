@@ -12,7 +12,7 @@ from torch import fx
 
 from ..channel_graph import Rewrite
 from ..sizes import sizes_of
-from .builder import ShapeOf
+from .builder import ShapeOf, SizeRead
 from .generic import Dims, arg, describe, is_tensor, norm_dim, shape, tensor_args, unknown
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,7 +48,7 @@ def _batch_position(ins: tuple[int, ...], outs: tuple[int, ...], d: int) -> int 
     return None
 
 
-def reshape(b: "Builder", node: fx.Node) -> Dims:
+def reshape(b: Builder, node: fx.Node) -> Dims:
     """view/reshape/flatten/unflatten/squeeze/unsqueeze, from the recorded shapes.
 
     Dims merged into one channel dim, one of them carrying channels, tie each merged
@@ -102,7 +102,7 @@ def reshape(b: "Builder", node: fx.Node) -> Dims:
     return out
 
 
-def check_sizes(b: "Builder", node: fx.Node, out: Dims) -> None:
+def check_sizes(b: Builder, node: fx.Node, out: Dims) -> None:
     """The sizes a view/reshape/expand/unflatten is given, against the channel spaces of
     its output ``out``: a literal channel count becomes a rewrite; a size read from a
     tensor must be the size of the same channels (checked once groups are known); any
@@ -146,7 +146,7 @@ def check_sizes(b: "Builder", node: fx.Node, out: Dims) -> None:
             b.freeze(space, f"'{node.name}' gives channel dim {o} a computed size ('{getattr(v, 'name', v)}')")
 
 
-def permute(b: "Builder", node: fx.Node) -> Dims:
+def permute(b: Builder, node: fx.Node) -> Dims:
     x = tensor_args(node)[0]
     nd = len(shape(x))
     if node.target in ("transpose", torch.transpose):
@@ -163,7 +163,7 @@ def permute(b: "Builder", node: fx.Node) -> Dims:
     return {perm.index(d): s for d, s in b.dims_of(x).items()}
 
 
-def expand(b: "Builder", node: fx.Node) -> Dims:
+def expand(b: Builder, node: fx.Node) -> Dims:
     x = tensor_args(node)[0]
     lead = len(shape(node)) - len(shape(x))
     out = {}
@@ -176,7 +176,7 @@ def expand(b: "Builder", node: fx.Node) -> Dims:
     return out
 
 
-def expand_as(b: "Builder", node: fx.Node) -> Dims:
+def expand_as(b: Builder, node: fx.Node) -> Dims:
     """``x.expand_as(other)``: a dim of ``x`` at full size keeps its channels (tied to
     ``other``'s there); a dim ``x`` broadcasts has ``other``'s size, so it carries
     ``other``'s channels (every index the same value)."""
@@ -201,7 +201,7 @@ def _integer(t: fx.Node) -> bool:
     return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
 
 
-def getitem(b: "Builder", node: fx.Node) -> Dims:
+def getitem(b: Builder, node: fx.Node) -> Dims | SizeRead | list[Dims]:
     x, idx = node.args[0], node.args[1]
     xd = b.dims.get(x.name) if isinstance(x, fx.Node) else None
     if isinstance(xd, list):
@@ -257,7 +257,7 @@ def getitem(b: "Builder", node: fx.Node) -> Dims:
     return out
 
 
-def cat(b: "Builder", node: fx.Node) -> Dims:
+def cat(b: Builder, node: fx.Node) -> Dims:
     nd = len(shape(node))
     # torch.cat skips an empty 1-D tensor whatever the other shapes (an empty KV cache)
     ts = [t for t in arg(node, 0, "tensors") if is_tensor(t) and (nd == 1 or tuple(shape(t)) != (0,))]
@@ -282,7 +282,7 @@ def cat(b: "Builder", node: fx.Node) -> Dims:
     return out
 
 
-def split(b: "Builder", node: fx.Node) -> list[Dims]:
+def split(b: Builder, node: fx.Node) -> list[Dims]:
     x = tensor_args(node)[0]
     nd = len(shape(x))
     d = norm_dim(arg(node, 2, "dim", 0), nd)
@@ -301,7 +301,7 @@ def split(b: "Builder", node: fx.Node) -> list[Dims]:
     return outs
 
 
-def size(b: "Builder", node: fx.Node) -> Any:
+def size(b: Builder, node: fx.Node) -> Any:
     """``x.size(d)`` is a size read; ``x.size()`` and ``x.shape`` are read by index later."""
     x = node.args[0]
     d = arg(node, 1, "dim")
@@ -310,7 +310,7 @@ def size(b: "Builder", node: fx.Node) -> Any:
     return ShapeOf(x)
 
 
-def unbind(b: "Builder", node: fx.Node) -> list[Dims]:
+def unbind(b: Builder, node: fx.Node) -> list[Dims]:
     """``x.unbind(dim)``: one tensor per index of ``dim``, which must carry no channels."""
     x = tensor_args(node)[0]
     nd = len(shape(x))
@@ -322,7 +322,7 @@ def unbind(b: "Builder", node: fx.Node) -> list[Dims]:
     return [dict(one) for _ in range(shape(x)[dim])]
 
 
-def repeat_interleave(b: "Builder", node: fx.Node) -> Dims:
+def repeat_interleave(b: Builder, node: fx.Node) -> Dims:
     """``x.repeat_interleave(r, dim)`` with an int ``r`` (grouped-query attention's k/v heads
     repeated for the q heads): output index i of ``dim`` is input index i // r."""
     x = tensor_args(node)[0]
