@@ -215,7 +215,7 @@ def test_where_torch_export_fails_too_the_symbolic_trace_with_its_leaves_stands(
 
 
 # ---------------------------------------------------------------- transformers' models
-transformers = pytest.importorskip("transformers")
+# (the extra is imported by the test that needs it: without it, that test alone is skipped)
 
 
 class Logits(nn.Module):
@@ -228,7 +228,7 @@ class Logits(nn.Module):
 
 
 def _tiny(kind: str):
-    T = transformers
+    T = pytest.importorskip("transformers")
     common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     if kind == "llama":
         return T.LlamaForCausalLM(T.LlamaConfig(vocab_size=50, num_key_value_heads=2, **common)), torch.randint(0, 50, (2, 7))
