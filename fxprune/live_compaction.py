@@ -156,11 +156,14 @@ def remove(gated: fx.GraphModule, unit_drop: dict[int, np.ndarray], layer_drop: 
     checkpoint's removals on a fresh model). ``shape(keep, theta)`` adds to the kept units
     what the widths must keep (:class:`fxprune.shaping.Shaper`). Each of ``followers`` is
     called with the record inside the transaction: an exception there (a derived cache
-    that cannot follow) undoes the removal too. Whatever else is derived from the model
+    that cannot follow) undoes the removal too. A follower may return a callable that
+    undoes what it did (a copy it replaced): those of the followers before a failing one
+    are called, last first. Whatever else is derived from the model
     re-derives from ``state.version`` and ``state.removals``, so this is safe to call
     without a Pruner, or beside one."""
     state = state_of(gated)
     cg, layout = state.graph, state.layout
+    optimizer = optim_state.unwrap(optimizer) if optimizer is not None else None  # the one holding the state
     layer_drop = set(layer_drop)
     unknown = layer_drop - set(layout.layers)
     if unknown:
@@ -184,6 +187,7 @@ def remove(gated: fx.GraphModule, unit_drop: dict[int, np.ndarray], layer_drop: 
     before = run_example(gated, state.example) if verify else None
 
     snapshot = _Snapshot(gated, optimizer, state)
+    undos: list[Callable[[], Any]] = []
     try:
         graph = copy_graph(gated.graph)
         modules = dict(gated.named_modules())
@@ -229,8 +233,12 @@ def remove(gated: fx.GraphModule, unit_drop: dict[int, np.ndarray], layer_drop: 
             slices={n: sl for n, sl in applied.items() if n in now}, deleted=tuple(sorted(named_before - now)))
         state.removals.append(record)
         for follow in followers:
-            follow(record)
+            undo = follow(record)
+            if callable(undo):
+                undos.append(undo)
     except BaseException:
+        for undo in reversed(undos):
+            undo()
         snapshot.restore()
         raise
     return record

@@ -42,6 +42,7 @@ from .config import PruneConfig
 from .cost import forward_flops
 from .cut import TOLERANCE, decide
 from .decisions import decisions_record
+from .followers import follow_copy
 from .live_compaction import describe_removal
 from .objective import Objective
 from .shaping import Shaper
@@ -82,6 +83,9 @@ class Pruner:
             raise RuntimeError("this gated model already has a Pruner: one Pruner learns its gates and removes its "
                                "structures (two would slice the model and the optimizer twice); use that one, or "
                                "prepare the model again for a second run")
+        optim_state.check_optimizer(optimizer)
+        #: the optimizer that holds the state (a wrapper's ``.optimizer``: accelerate's AcceleratedOptimizer)
+        optimizer = optim_state.unwrap(optimizer)
         self.gated, self.optimizer, self.scaler = gated, optimizer, scaler
         if config is not None:
             for name in PREPARE_TIME:  # the gates were built with these: another value would not be what runs
@@ -96,7 +100,6 @@ class Pruner:
             raise ValueError(
                 "the model has no prunable structure: every channel group is frozen and there is no residual "
                 f"branch (reasons: {'; '.join(reasons)})")
-        optim_state.check_optimizer(optimizer)
         distributed.check_shardable(gated)
         optim_state.check_holds(optimizer, gated, self.config.lam1)
         gate_bank(gated).theta.requires_grad_(True)
@@ -172,9 +175,16 @@ class Pruner:
 
     def on_removal(self, fn: Callable[[Removal], Any]) -> Callable[[Removal], Any]:
         """Call ``fn(record)`` after every live removal, inside its transaction (an
-        exception in ``fn`` undoes the removal and propagates). Returns ``fn``."""
+        exception in ``fn`` undoes the removal and propagates; ``fn`` may return a callable
+        that undoes its own work, called when a later follower fails). Returns ``fn``."""
         self._hooks.append(fn)
         return fn
+
+    def follow(self, holder: Any) -> Any:
+        """Keep ``holder.module``, a copy of the gated model (``AveragedModel``, timm's ``ModelEmaV3``,
+        a teacher), in step with every live removal (:mod:`fxprune.followers`). Returns ``holder``."""
+        self.on_removal(follow_copy(holder, self.gated))
+        return holder
 
     def penalty(self) -> Tensor:
         """GSM prior plus ``gamma * C(theta)``; add it to the task loss."""
@@ -314,12 +324,11 @@ class Pruner:
         def follow(record: Removal) -> None:  # inside the transaction: a cache that cannot follow undoes it
             self._follow()
             self.objective.sync()
-            for hook in self._hooks:
-                hook(record)
         try:
             record = live_compaction.remove(
                 self.gated, unit_drop, layer_drop, self.optimizer, verify=verify, step=self.steps if step is None else step,
-                shape=(lambda k, t: self.shaper(k, t, "max")) if self.shaper and verify else None, followers=[follow])
+                shape=(lambda k, t: self.shaper(k, t, "max")) if self.shaper and verify else None,
+                followers=[follow, *self._hooks])
         except BaseException:
             self.pruning.below, self._version, self.live_flops, self._sentinel = saved
             raise
