@@ -2,10 +2,14 @@
 
 Live removal slices a parameter and, with the same indices, every per-element state
 entry the optimizer keeps for it (momentum, Adam's moments, RMSprop's averages,
-Adagrad's sums); scalar entries (``step``) stay. The layout is declared per optimizer
-class, never guessed from shapes: state of a class or key fxprune does not know is
-refused with an error naming the optimizer, before anything is changed. Register a
-layout for your own optimizer with :func:`register_optimizer`.
+Adagrad's sums); scalar entries (``step``) stay. torch's common optimizers have a
+declared layout, and a key outside it is refused. Any other optimizer gets the generic
+layout (:data:`BY_SHAPE`): a state tensor with the parameter's shape is per-element
+(sliced like it), a tensor of one element or a number is scalar (kept), and anything
+else (Adafactor's factored moments) is refused at the removal with an error naming the
+optimizer and the entry, before anything is changed. Register a layout for your own
+optimizer with :func:`register_optimizer`. An optimizer wrapper holding the real one in
+``.optimizer`` (accelerate's ``AcceleratedOptimizer``) is read through: :func:`unwrap`.
 
 Example::
 
@@ -13,7 +17,7 @@ Example::
     ...     pass                               # its state: "velocity" per element, a scalar "step"
     >>> register_optimizer(MyOptimizer, per_element=("velocity",), scalar=("step",))
     >>> layout_of(MyOptimizer([torch.zeros(1)], {}))
-    StateLayout(per_element=('velocity',), scalar=('step',))
+    StateLayout(per_element=('velocity',), scalar=('step',), by_shape=False)
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,8 +33,8 @@ from torch import Tensor
 
 from .passes.surgery import index_tensor
 
-__all__ = ["StateLayout", "register_optimizer", "layout_of", "UnsupportedOptimizer", "plan_slices", "zero_entries",
-           "check_optimizer", "check_holds"]
+__all__ = ["StateLayout", "BY_SHAPE", "register_optimizer", "layout_of", "unwrap", "UnsupportedOptimizer",
+           "plan_slices", "zero_entries", "check_optimizer", "check_holds"]
 
 
 class UnsupportedOptimizer(TypeError):
@@ -42,6 +47,12 @@ class StateLayout:
 
     per_element: tuple[str, ...]
     scalar: tuple[str, ...] = ()
+    #: the generic layout: entries are classified by their shape, not by a declared key
+    by_shape: bool = False
+
+
+#: the layout of an optimizer without a declared one
+BY_SHAPE = StateLayout((), (), by_shape=True)
 
 
 _LAYOUTS: dict[type, StateLayout] = {
@@ -58,27 +69,37 @@ def register_optimizer(cls: type, per_element: Iterable[str], scalar: Iterable[s
     _LAYOUTS[cls] = StateLayout(tuple(per_element), tuple(scalar))
 
 
+def unwrap(optimizer: Any) -> torch.optim.Optimizer:
+    """The optimizer that holds the state: ``optimizer`` itself, or the one a wrapper
+    holds in ``.optimizer`` (accelerate's ``AcceleratedOptimizer``, nested or not)."""
+    seen = optimizer
+    while isinstance(getattr(seen, "optimizer", None), torch.optim.Optimizer) and seen.optimizer is not seen:
+        seen = seen.optimizer
+    if not isinstance(seen, torch.optim.Optimizer):
+        raise TypeError(f"{type(optimizer).__name__} is not a torch.optim.Optimizer, nor a wrapper holding one in "
+                        "'.optimizer': pass the optimizer that trains the gated model")
+    return seen
+
+
 def layout_of(optimizer: torch.optim.Optimizer) -> StateLayout:
-    """The declared layout of ``optimizer``'s class (the nearest registered base class)."""
-    for cls in type(optimizer).__mro__:
+    """The declared layout of ``optimizer``'s class (the nearest registered base class),
+    or :data:`BY_SHAPE`."""
+    for cls in type(unwrap(optimizer)).__mro__:
         if cls in _LAYOUTS:
             return _LAYOUTS[cls]
-    known = ", ".join(sorted(c.__name__ for c in _LAYOUTS))
-    raise UnsupportedOptimizer(
-        f"fxprune does not know how the state of {type(optimizer).__name__} is laid out, so it cannot slice it when "
-        f"structures are removed (supported: {known}); declare it with "
-        f"fxprune.optim_state.register_optimizer({type(optimizer).__name__}, per_element=(...), scalar=(...))")
+    return BY_SHAPE
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
-    """Raise :class:`UnsupportedOptimizer` now for an optimizer class without a layout."""
-    layout_of(optimizer)
+    """Raise now for what is not an optimizer (nor a wrapper of one)."""
+    unwrap(optimizer)
 
 
 def plan_slices(optimizer: torch.optim.Optimizer, param: Tensor, slices: list[tuple[int, np.ndarray]]) -> dict[str, Tensor]:
     """The new per-element state entries of ``param`` once it keeps ``slices`` (nothing
     is changed). Raises :class:`UnsupportedOptimizer` for a key the layout does not
     declare or a per-element entry not shaped like the parameter."""
+    optimizer = unwrap(optimizer)
     state = optimizer.state.get(param)
     if not state:
         return {}
@@ -86,6 +107,16 @@ def plan_slices(optimizer: torch.optim.Optimizer, param: Tensor, slices: list[tu
     out = {}
     for key, value in state.items():
         if key in layout.scalar or value is None:
+            continue
+        if layout.by_shape:
+            if isinstance(value, Tensor) and value.shape == param.shape:
+                out[key] = index_tensor(value, slices)
+            elif isinstance(value, Tensor) and value.numel() > 1:
+                raise UnsupportedOptimizer(
+                    f"{type(optimizer).__name__} keeps a state entry '{key}' of shape {tuple(value.shape)} for a "
+                    f"parameter of shape {tuple(param.shape)}: fxprune slices state shaped like the parameter and keeps "
+                    "scalars, and cannot tell how this one follows the parameter's entries; declare its layout with "
+                    "fxprune.optim_state.register_optimizer, or use an optimizer whose state is per element")
             continue
         if key not in layout.per_element:
             raise UnsupportedOptimizer(
@@ -104,6 +135,7 @@ def plan_slices(optimizer: torch.optim.Optimizer, param: Tensor, slices: list[tu
 def check_holds(optimizer: torch.optim.Optimizer, model: torch.nn.Module, lam1: float) -> None:
     """The optimizer must train the gated model's own parameters; weight decay on them
     doubles the prior's ``lam1``."""
+    optimizer = unwrap(optimizer)
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     missing = [n for n, p in named if id(p) not in held]
@@ -125,11 +157,12 @@ def check_holds(optimizer: torch.optim.Optimizer, model: torch.nn.Module, lam1: 
 
 def zero_entries(optimizer: torch.optim.Optimizer, param: Tensor, dim: int, index: Tensor) -> None:
     """Zero the per-element state entries of ``param`` at ``index`` along ``dim``."""
+    optimizer = unwrap(optimizer)
     state = optimizer.state.get(param)
     if not state:
         return
     layout = layout_of(optimizer)
-    for key in layout.per_element:
+    for key in (state if layout.by_shape else layout.per_element):
         value = state.get(key)
         if isinstance(value, Tensor) and value.shape == param.shape:
             value.index_fill_(dim, index.to(value.device), 0.0)
