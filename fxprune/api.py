@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from . import resume
 from .config import PruneConfig
 from .distributed import sync_buffers
 from .gates import GateBank, GateNorm, GateRead, LayerGateApply, bank_structure, group_floors, read_index
@@ -279,7 +280,8 @@ def _prepare(model: nn.Module, values: list[Any], config: PruneConfig, batch_dim
     bank.set_structure(*bank_structure(cg, layout.units, layout.size, bank.floors))
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     gm.meta[STATE] = PruneState(cg, config, layout, _one_example(tuple(values), dims), dict(zip(placeholders, dims)),
-                                origin=_origin(model))
+                                origin=_origin(model), dense_graph=cg, dense_layout=layout)
+    resume.install(gm)  # its state dict carries its live removals, and loading one replays them
     return gm
 
 

@@ -26,7 +26,8 @@ import torch
 from torch import fx
 
 from .passes.insert_gates import BANK, LAYERS, READS
-from .state import STATE, PruneState, Removal, state_of
+from .resume import REMOVALS_KEY
+from .state import PRUNER, STATE, PruneState, Removal, state_of
 
 __all__ = ["follow_copy", "rebuilt_copy"]
 
@@ -55,11 +56,13 @@ def rebuilt_copy(old: fx.GraphModule, gated: fx.GraphModule, record: Removal) ->
     """A copy with the live structure of ``gated`` (just after ``record``) and the values of
     ``old`` (a copy from just before it), sliced as the record says."""
     new = copy.deepcopy(gated)
-    new.meta.pop("fxprune_pruner", None)  # the copy has no Pruner of its own
+    new.meta.pop(PRUNER, None)  # the copy has no Pruner of its own
     values = old.state_dict()
     target = new.state_dict()
     out = {}
     for name, live in target.items():
+        if name == REMOVALS_KEY:  # the record of the removals, not a tensor of the model
+            continue
         if name.startswith(_OWN) or name not in values:
             out[name] = live
             continue

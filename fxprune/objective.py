@@ -78,15 +78,19 @@ class Objective:
         self.decoupled = decoupled
         state = state_of(gated)
         self.config = config or state.config
-        self.dense_flops = forward_flops(gated, state.example)
         self.rebuild()
-        with torch.no_grad():
-            weight_flops, params = self.complexity.expected(torch.ones(self.size, dtype=torch.float64))
-        #: FLOPs of ops without weights (attention products, ...): constant
-        self.other_flops = max(self.dense_flops - float(weight_flops), 0.0)
-        self.dense_params = round(float(params))
-        #: the dense model's FLOPs per example, parameters and gates
-        self.reference = CostReference(self.dense_flops, self.dense_params, self.size)
+        if state.dense_cost is None:
+            if state.version:
+                raise RuntimeError("the gated model has had live removals and its dense cost was not recorded: build "
+                                   "the Pruner (or an Objective) before removing structures")
+            with torch.no_grad():
+                weight_flops, params = self.complexity.expected(torch.ones(self.size, dtype=torch.float64))
+            flops = forward_flops(gated, state.example)
+            state.dense_cost = (CostReference(flops, round(float(params)), self.size),
+                                max(flops - float(weight_flops), 0.0))
+        #: the dense model's FLOPs per example, parameters and gates (the prepared model's, after removals too)
+        self.reference, self.other_flops = state.dense_cost  # other_flops: of ops without weights, constant
+        self.dense_flops, self.dense_params = self.reference.flops, self.reference.params
         self.ref = self.config.cost_reference or self.reference
 
     # ------------------------------------------------------------------ index tensors

@@ -46,7 +46,7 @@ from .followers import follow_copy
 from .live_compaction import describe_removal
 from .objective import Objective
 from .shaping import Shaper
-from .state import Removal, gate_bank, state_of
+from .state import PRUNER, Removal, gate_bank, state_of
 from .theta_step import ThetaStep
 
 __all__ = ["Pruner", "describe_removal", "PREPARE_TIME"]
@@ -56,8 +56,7 @@ log = logging.getLogger("fxprune")
 
 #: the PruneConfig fields ``prepare`` builds the gates with: a Pruner's config must agree on them
 PREPARE_TIME = ("structures", "theta_init", "estimator", "exclude", "min_units", "min_share")
-#: the ``gm.meta`` key of the (weak) reference to the gated model's Pruner
-_PRUNER_META = "fxprune_pruner"
+_PRUNER_META = PRUNER
 #: steps after which a loop that never adds penalty() or never calls step() is warned about
 _NAG_AFTER = 20
 
@@ -111,7 +110,7 @@ class Pruner:
         #: the pruning conditions and their per-entry counters
         self.pruning = PruningCheck(self.config, state.layout.size)
         #: the analysis and gate layout of the model before any removal
-        self.dense_graph, self.dense_layout = state.graph, state.layout
+        self.dense_graph, self.dense_layout = state.dense_graph or state.graph, state.dense_layout or state.layout
         self.dense_flops = self.objective.dense_flops
         #: forward FLOPs per example of the live model, and their sum over the steps trained
         self.live_flops, self.trained_flops = self.dense_flops, 0
@@ -368,9 +367,13 @@ class Pruner:
                           "keep": {g: list(k) for g, k in r.keep.items()}} for r in self.removals],
         }
 
-    def require_fresh(self) -> None:
-        """Raise unless nothing has been trained or removed yet (where a checkpoint loads)."""
-        if self.removals or self.steps:
+    def require_fresh(self, saved: list[dict] | None = None) -> None:
+        """Raise unless nothing has been trained yet, nor removed but the first of the
+        ``saved`` removals (where a checkpoint loads; a model's own state dict, loaded first,
+        replays them)."""
+        done = [(r.layers, {g: list(k) for g, k in r.keep.items()}) for r in self.removals]
+        want = [(list(s["layers"]), {int(g): list(k) for g, k in s["keep"].items()}) for s in saved or []]
+        if self.steps or done != want[:len(done)]:
             raise RuntimeError(
                 "Pruner.load_state_dict needs a fresh pruner: build the gated model, optimizer and Pruner "
                 "again as at the start of training, then load the checkpoint")
@@ -379,8 +382,8 @@ class Pruner:
         """Replay the saved removals on this pruner's freshly prepared model and optimizer
         (so parameter and optimizer shapes match the checkpoint), then restore the counters.
         Load the model's and the optimizer's state dicts after this."""
-        self.require_fresh()
-        for saved in state["removals"]:
+        self.require_fresh(state["removals"])
+        for saved in state["removals"][len(self.removals):]:
             keep = {int(g): np.asarray(k, dtype=bool) for g, k in saved["keep"].items()}
             self.remove({g: ~k for g, k in keep.items()}, set(saved["layers"]), verify=False, step=int(saved["step"]))
         self.steps = int(state["steps"])

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from .config import PruneConfig
+from .config import CostReference, PruneConfig
 from .gates import GateBank
 from .passes.channel_graph import ChannelGraph
 from .passes.insert_gates import BANK
@@ -32,6 +32,8 @@ __all__ = ["PruneState", "Removal", "GateLayout", "UnitGate", "LayerGate", "Gate
 
 #: the ``gm.meta`` key of a gated model's :class:`PruneState`
 STATE = "fxprune"
+#: the ``gm.meta`` key of the (weak) reference to the gated model's Pruner
+PRUNER = "fxprune_pruner"
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,12 @@ class PruneState:
     removals: list[Removal] = field(default_factory=list)
     #: the model's class and a copy of its ``config`` attribute (transformers' models), or None
     origin: tuple[type, Any] | None = None
+    #: the analysis and gate layout as prepared, before any removal
+    dense_graph: ChannelGraph | None = None
+    dense_layout: GateLayout | None = None
+    #: the prepared model's cost (FLOPs, parameters, gates) and the FLOPs of its ops without weights, recorded
+    #: by the first Objective (or before a state dict's removals are replayed): what fractions are of
+    dense_cost: tuple[CostReference, float] | None = None
 
 
 #: ``compact.meta`` key of :class:`CompactOrigin`
