@@ -26,7 +26,7 @@ import torch
 from torch import fx
 
 from .passes.insert_gates import BANK, LAYERS, READS
-from .resume import REMOVALS_KEY
+from .resume import PRUNER_KEY, REMOVALS_KEY
 from .state import PRUNER, STATE, PruneState, Removal, state_of
 
 __all__ = ["follow_copy", "rebuilt_copy"]
@@ -61,7 +61,7 @@ def rebuilt_copy(old: fx.GraphModule, gated: fx.GraphModule, record: Removal) ->
     target = new.state_dict()
     out = {}
     for name, live in target.items():
-        if name == REMOVALS_KEY:  # the record of the removals, not a tensor of the model
+        if name in (REMOVALS_KEY, PRUNER_KEY):  # records of the removals and the Pruner, not tensors of the model
             continue
         if name.startswith(_OWN) or name not in values:
             out[name] = live

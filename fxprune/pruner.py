@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, fx
 
-from . import distributed, live_compaction, optim_state
+from . import distributed, live_compaction, optim_state, resume
 from .budget import BudgetController
 from .check import PruningCheck
 from .config import PruneConfig
@@ -137,6 +137,9 @@ class Pruner:
         self._hook = optimizer.register_step_post_hook(lambda *_: None if (p := me()) is None else p._optimizer_stepped())
         if decoupled:  # the prior decays the weights before the optimizer's update, as AdamW does
             self._decay_hook = optimizer.register_step_pre_hook(lambda *_: (p := me()) is not None and p.objective.decay_(optimizer))
+        if state.pending_pruner is not None:  # a state dict loaded into the model before this Pruner was built
+            pending, state.pending_pruner = state.pending_pruner, None
+            self.load_state_dict(pending)
 
     # ----------------------------------------------------------------- training loop
     @property
@@ -356,42 +359,21 @@ class Pruner:
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
-        """Steps, patience counters, FLOPs history and every removal with its keep masks:
-        with the model's and optimizer's state dicts, enough to resume exactly."""
-        return {
-            "steps": self.steps,
-            "below": self.below.tolist(),
-            "trained_flops": self.trained_flops,
-            "multipliers": self.budget.state_dict(),
-            "removals": [{"step": r.step, "units": dict(r.units), "layers": list(r.layers), "flops": r.flops,
-                          "keep": {g: list(k) for g, k in r.keep.items()}} for r in self.removals],
-        }
+        """Steps, patience counters, FLOPs trained, multipliers and every removal with its keep
+        masks: with the model's and optimizer's state dicts, enough to resume exactly (the
+        gated model's own state dict carries it too: :mod:`fxprune.resume`)."""
+        return resume.pruner_state(self)
 
-    def require_fresh(self, saved: list[dict] | None = None) -> None:
-        """Raise unless nothing has been trained yet, nor removed but the first of the
-        ``saved`` removals (where a checkpoint loads; a model's own state dict, loaded first,
-        replays them)."""
-        done = [(r.layers, {g: list(k) for g, k in r.keep.items()}) for r in self.removals]
-        want = [(list(s["layers"]), {int(g): list(k) for g, k in s["keep"].items()}) for s in saved or []]
-        if self.steps or done != want[:len(done)]:
-            raise RuntimeError(
-                "Pruner.load_state_dict needs a fresh pruner: build the gated model, optimizer and Pruner "
-                "again as at the start of training, then load the checkpoint")
+    def require_fresh(self, saved: list[dict] | None = None, steps: int = 0) -> None:
+        """Raise unless nothing has been trained (but ``steps``) nor removed but the first of
+        the ``saved`` removals: where a checkpoint loads."""
+        resume.require_fresh(self, saved, steps)
 
     def load_state_dict(self, state: dict) -> None:
-        """Replay the saved removals on this pruner's freshly prepared model and optimizer
-        (so parameter and optimizer shapes match the checkpoint), then restore the counters.
-        Load the model's and the optimizer's state dicts after this."""
-        self.require_fresh(state["removals"])
-        for saved in state["removals"][len(self.removals):]:
-            keep = {int(g): np.asarray(k, dtype=bool) for g, k in saved["keep"].items()}
-            self.remove({g: ~k for g, k in keep.items()}, set(saved["layers"]), verify=False, step=int(saved["step"]))
-        self.steps = int(state["steps"])
-        self.budget.load_state_dict(state.get("multipliers", {}))
-        self.theta_step.step_t.fill_(self.steps)
-        self.pruning.below = np.asarray(state["below"], dtype=np.int64)
-        # a checkpoint from before "trained_flops" kept one entry per step
-        self.trained_flops = state["trained_flops"] if "trained_flops" in state else sum(state["flops_per_step"])
+        """Replay the saved removals this model has not had yet (so parameter and optimizer
+        shapes match the checkpoint), then restore the counters. Load the optimizer's state
+        dict after this; the model's, before or after."""
+        resume.load_pruner_state(self, state)
 
     # ----------------------------------------------------------------- accounting
     def forward_flops(self) -> int:

@@ -193,6 +193,8 @@ class PruneState:
     #: the prepared model's cost (FLOPs, parameters, gates) and the FLOPs of its ops without weights, recorded
     #: by the first Objective (or before a state dict's removals are replayed): what fractions are of
     dense_cost: tuple[CostReference, float] | None = None
+    #: a Pruner's state that came with a loaded state dict before the Pruner was built: the next one loads it
+    pending_pruner: dict | None = None
 
 
 #: ``compact.meta`` key of :class:`CompactOrigin`

@@ -11,6 +11,7 @@ from test_checkpoint import CONFIG, OPTIMIZERS, batches, build, steps
 
 import fxprune
 from fxprune.digits.models import resnet
+from fxprune.resume import PRUNER_KEY
 from fxprune.state import state_of
 
 
@@ -39,15 +40,18 @@ def test_a_saved_state_dict_loads_into_a_fresh_model_with_its_removals(tmp_path,
     fresh = fresh_model()
     fresh.load_state_dict(loaded)  # strict: every key matched
     assert [r.keep for r in state_of(fresh).removals] == [r.keep for r in state_of(gated).removals]
-    assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in sd.items()}
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in sd.items() if k != PRUNER_KEY}
     x = torch.randn(8, 1, 8, 8)
     gated.eval(), fresh.eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), gated(x))
     fresh.load_state_dict(loaded)  # loading again replays nothing more
+    # the Pruner's state came with it: the Pruner built on the model next takes it up
+    pruner = fxprune.Pruner(fresh, torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=0.9))
+    assert pruner.steps == 6 and pruner.removals == state_of(fresh).removals
 
 
-@pytest.mark.parametrize("order", ["pruner-first", "model-first"])
+@pytest.mark.parametrize("order", ["pruner-first", "model-first", "model-only"])
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
 def test_resume_from_plain_state_dicts_follows_the_uninterrupted_run(order, opt_name):
     data = batches(12)
@@ -60,14 +64,16 @@ def test_resume_from_plain_state_dicts_follows_the_uninterrupted_run(order, opt_
     if order == "pruner-first":  # the objects built as at the start, then every state dict loaded
         gated2, opt2, pruner2, sched2 = build(opt_name)
         gated2.load_state_dict(saved["model"])  # replays the removals through the Pruner: its optimizer follows
-    else:  # the model restored first, the optimizer and the Pruner built on it afterwards
+    else:  # the model restored first, the optimizer and the Pruner built on it afterwards (model-only: the
+        # Pruner's state is the one the model's state dict carried)
         gated2 = fresh_model()
         gated2.load_state_dict(saved["model"])
         opt2 = OPTIMIZERS[opt_name](list(gated2.parameters()))
         sched2 = torch.optim.lr_scheduler.StepLR(opt2, step_size=3, gamma=0.5)
         pruner2 = fxprune.Pruner(gated2, opt2)
     opt2.load_state_dict(saved["opt"])
-    pruner2.load_state_dict(saved["pruner"])
+    if order != "model-only":
+        pruner2.load_state_dict(saved["pruner"])
     sched2.load_state_dict(saved["sched"])
     torch.set_rng_state(rng)
     assert pruner2.removals == pruner.removals and pruner2.steps == 6
