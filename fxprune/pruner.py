@@ -113,7 +113,8 @@ class Pruner:
         self.dense_graph, self.dense_layout = state.dense_graph or state.graph, state.dense_layout or state.layout
         self.dense_flops = self.objective.dense_flops
         #: forward FLOPs per example of the live model, and their sum over the steps trained
-        self.live_flops, self.trained_flops = self.dense_flops, 0
+        self.live_flops = state.removals[-1].flops if state.removals else self.dense_flops  # (a model resumed pruned)
+        self.trained_flops = 0
         #: the budgets: their target schedule, multipliers and the correction of the theta step
         self.budget = BudgetController(self.config, self.objective)
         #: the theta optimizer

@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 APPS = ("digits", "benchmarks", "report", "testing")
 #: integrations with other frameworks: above the core, imported lazily (the framework only inside them)
-INTEGRATIONS = ("hf",)
+INTEGRATIONS = ("hf", "integrations")
 
 
 def module_name(path: Path) -> str:
