@@ -9,7 +9,7 @@ PYTEST  := $(PYTHON) -m pytest
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
-	$(PYTHON) -m pip install -q -c constraints.txt -e ".[test,bench,digits,plot,timm,transformers,accelerate]"
+	$(PYTHON) -m pip install -q -c constraints.txt -e ".[test,bench,digits,plot,timm,transformers,accelerate,lightning]"
 	touch $(STAMP)
 
 # Train and prune a ResNet on the built-in digits data: table, compact model, gate picture, latency.
