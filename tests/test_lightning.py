@@ -88,3 +88,18 @@ def test_lightning_prunes_while_it_trains_and_resumes_from_its_own_checkpoint(tm
     assert again.losses[0] == pytest.approx(whole.losses[12], rel=1e-6)
     assert again.pruner.steps == STEPS and len(again.pruner.removals) > len(first.pruner.removals)
     assert all(torch.isfinite(torch.tensor(again.losses)))
+
+
+def test_the_readme_lightning_block_runs_as_written(tmp_path):
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### In Lightning", 1)[1]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    done = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps, flops = done.stdout.split()[-2:]
+    assert int(steps) == 40 and float(flops) < 0.8
