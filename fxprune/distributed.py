@@ -92,6 +92,18 @@ class DistributedDataParallel(nn.Module):
         return self._ddp(*args, **kwargs) if self._ddp is not None else self.module(*args, **kwargs)
 
 
+def check_forward(gated: nn.Module) -> None:
+    """Refuse a gated model whose ``forward`` was replaced on the instance (accelerate's
+    mixed precision wraps it so): that wrapper holds the graph's code as it was, and a
+    live removal recompiles the graph, so the model would run stale code."""
+    if "forward" in vars(gated):
+        raise RuntimeError(
+            f"the gated model's forward was patched on the instance ({getattr(vars(gated)['forward'], '__qualname__', '?')}"
+            "), as accelerate's mixed precision does: after a live removal that patch would run the graph's old "
+            "code. Keep the model unpatched (accelerator.prepare the optimizer and data loaders, not the model, "
+            "or Accelerator(mixed_precision='no')) and run the forward under accelerator.autocast()")
+
+
 def check_shardable(gated: nn.Module) -> None:
     """Refuse a model sharded with FSDP (1 or 2): live removal slices whole tensors."""
     from torch.distributed.fsdp import FullyShardedDataParallel

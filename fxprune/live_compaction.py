@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, fx, nn
 
-from . import optim_state
+from . import distributed, optim_state
 from .cost import counted_run
 from .gates import GateRead, LayerGateApply, bank_structure, read_index
 from .passes.channel_graph import ChannelGraph
@@ -162,6 +162,7 @@ def remove(gated: fx.GraphModule, unit_drop: dict[int, np.ndarray], layer_drop: 
     re-derives from ``state.version`` and ``state.removals``, so this is safe to call
     without a Pruner, or beside one."""
     state = state_of(gated)
+    distributed.check_forward(gated)
     cg, layout = state.graph, state.layout
     optimizer = optim_state.unwrap(optimizer) if optimizer is not None else None  # the one holding the state
     layer_drop = set(layer_drop)

@@ -100,6 +100,7 @@ class Pruner:
                 "the model has no prunable structure: every channel group is frozen and there is no residual "
                 f"branch (reasons: {'; '.join(reasons)})")
         distributed.check_shardable(gated)
+        distributed.check_forward(gated)
         optim_state.check_holds(optimizer, gated, self.config.lam1)
         gate_bank(gated).theta.requires_grad_(True)
         decoupled = self.config.prior_decay == "decoupled" or (

@@ -89,3 +89,40 @@ def test_an_accelerate_optimizer_is_accepted_and_trains_through_removals():
     torch.testing.assert_close(opt.optimizer.state[w]["exp_avg"], moment[2:])
     readme_loop(gated, opt, pruner, x, y, 3)
     assert pruner.steps == 6 and pruner._optimizer_steps == 0  # its step hooks see the wrapped steps
+
+
+def test_a_forward_patched_on_the_instance_is_refused_before_it_runs_stale_code():
+    """accelerate's mixed precision wraps ``model.forward`` on the instance: after a live
+    removal recompiles the graph, that wrapper still ran the old code (a branch removal
+    failed in its own check, unit removals ended in a CompactionError at convert). The
+    Pruner refuses such a model, and so does a removal when the patch came later, naming
+    what to do, before anything changes."""
+    accelerate = pytest.importorskip("accelerate")
+    torch.manual_seed(0)
+    x = torch.randn(32, 6)
+    gated = fxprune.prepare(MLP(), (x,), fxprune.PruneConfig("units", check_every=10**6))
+    opt = torch.optim.SGD(gated.parameters(), lr=0.1)
+    pruner = fxprune.Pruner(gated, opt)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one state per process; its tests reset it
+    try:
+        accelerator = accelerate.Accelerator(cpu=True, mixed_precision="bf16")
+        refused_with_a_patched_forward(accelerator, gated, opt, pruner, x)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def refused_with_a_patched_forward(accelerator, gated, opt, pruner, x):
+    patched = accelerator.prepare_model(gated)
+    assert patched is gated and "forward" in gated.__dict__
+    gid = first_group(gated)
+    with torch.no_grad():
+        theta_of(gated, UnitGate(gid))[:2] = 0.0
+    before = snapshot(gated, opt)
+    with pytest.raises(RuntimeError, match="forward.*patched on the instance.*accelerator.autocast"):
+        pruner.remove({gid: np.arange(12) < 2}, set())
+    assert_same(snapshot(gated, opt), before)
+    other = accelerator.prepare_model(fxprune.prepare(MLP(), (x,)))  # patched before its Pruner is built
+    with pytest.raises(RuntimeError, match="forward.*patched on the instance"):
+        fxprune.Pruner(other, torch.optim.SGD(other.parameters(), lr=0.1))
