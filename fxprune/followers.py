@@ -22,10 +22,10 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import fx
 
 from .passes.insert_gates import BANK, LAYERS, READS
+from .passes.surgery import index_tensor
 from .resume import PRUNER_KEY, REMOVALS_KEY
 from .state import PRUNER, STATE, PruneState, Removal, state_of
 
@@ -66,9 +66,7 @@ def rebuilt_copy(old: fx.GraphModule, gated: fx.GraphModule, record: Removal) ->
         if name.startswith(_OWN) or name not in values:
             out[name] = live
             continue
-        value = values[name]
-        for dim, kept in record.slices.get(name, ()):
-            value = value.index_select(dim, torch.as_tensor(kept, device=value.device))
+        value = index_tensor(values[name], record.slices[name]) if name in record.slices else values[name]
         if value.shape != live.shape:
             raise RuntimeError(f"'{name}' of the copy has shape {tuple(value.shape)} after the removal's slices, the "
                                f"live model's {tuple(live.shape)}: the copy does not hold the model it follows")

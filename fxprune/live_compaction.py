@@ -182,7 +182,6 @@ def remove(gated: fx.GraphModule, unit_drop: dict[int, np.ndarray], layer_drop: 
     sliced = {canon: next(tensors[n] for n in cg.params[canon].names if n in tensors) for canon in slices}
     new_state = {}
     if optimizer is not None:
-        optim_state.check_optimizer(optimizer)
         new_state = {canon: optim_state.plan_slices(optimizer, t, slices[canon])
                      for canon, t in sliced.items() if isinstance(t, nn.Parameter)}
     before = run_example(gated, state.example) if verify else None

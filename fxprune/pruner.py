@@ -82,7 +82,6 @@ class Pruner:
             raise RuntimeError("this gated model already has a Pruner: one Pruner learns its gates and removes its "
                                "structures (two would slice the model and the optimizer twice); use that one, or "
                                "prepare the model again for a second run")
-        optim_state.check_optimizer(optimizer)
         #: the optimizer that holds the state (a wrapper's ``.optimizer``: accelerate's AcceleratedOptimizer)
         optimizer = optim_state.unwrap(optimizer)
         self.gated, self.optimizer, self.scaler = gated, optimizer, scaler
@@ -113,8 +112,7 @@ class Pruner:
         #: the analysis and gate layout of the model before any removal
         self.dense_graph, self.dense_layout = state.dense_graph or state.graph, state.dense_layout or state.layout
         self.dense_flops = self.objective.dense_flops
-        #: forward FLOPs per example of the live model, and their sum over the steps trained
-        self.live_flops = state.removals[-1].flops if state.removals else self.dense_flops  # (a model resumed pruned)
+        #: forward FLOPs per example of the live model summed over the steps trained
         self.trained_flops = 0
         #: the budgets: their target schedule, multipliers and the correction of the theta step
         self.budget = BudgetController(self.config, self.objective)
@@ -160,6 +158,12 @@ class Pruner:
         self._follow()
         return self.pruning.below
 
+    @property
+    def live_flops(self) -> float:
+        """Forward FLOPs per example of the live model (the last removal's record, or dense)."""
+        removals = self.removals
+        return removals[-1].flops if removals else self.dense_flops
+
     def _follow(self) -> None:
         """Follow the model: removals made since the last call (the state's records, in
         order), and the device the thetas are on."""
@@ -168,7 +172,6 @@ class Pruner:
             for record in state.removals[self._version:state.version]:
                 self.pruning.follow(record)
             self._version = state.version
-            self.live_flops = state.removals[-1].flops if state.removals else self.dense_flops
             self._pick_sentinel()
         theta = self.theta
         if theta.device != self._device:
@@ -323,7 +326,7 @@ class Pruner:
         distributed.require_wrapper(self.gated)
         self._follow()
         before = state_of(self.gated).graph
-        saved = (self.pruning.below, self._version, self.live_flops, self._sentinel)
+        saved = (self.pruning.below, self._version, self._sentinel)
 
         def follow(record: Removal) -> None:  # inside the transaction: a cache that cannot follow undoes it
             self._follow()
@@ -334,7 +337,7 @@ class Pruner:
                 shape=(lambda k, t: self.shaper(k, t, "max")) if self.shaper and verify else None,
                 followers=[follow, *self._hooks])
         except BaseException:
-            self.pruning.below, self._version, self.live_flops, self._sentinel = saved
+            self.pruning.below, self._version, self._sentinel = saved
             raise
         log.info("step %d: %s; forward FLOPs per example %d (%.1f%% of dense)", self.steps,
                  describe_removal(before, record), record.flops, 100 * record.flops / max(self.dense_flops, 1))

@@ -42,6 +42,14 @@ def _entry(r: Removal) -> dict:
             "keep": {str(g): [bool(k) for k in keep] for g, keep in r.keep.items()}}
 
 
+def _begins(saved: list[dict], removals: list[Removal]) -> bool:
+    """Whether the ``saved`` removals (state-dict entries) begin with ``removals``."""
+    def key(entry: dict) -> tuple:
+        return [int(b) for b in entry["layers"]], {int(g): [bool(k) for k in keep] for g, keep in entry["keep"].items()}
+
+    return [key(_entry(r)) for r in removals] == [key(s) for s in saved[:len(removals)]]
+
+
 def _tensor(value: Any) -> Tensor:
     return torch.tensor(list(json.dumps({"format": FORMAT, "value": value}).encode()), dtype=torch.uint8)
 
@@ -80,9 +88,7 @@ def pruner_state(pruner: Any) -> dict:
 def require_fresh(pruner: Any, saved: list[dict] | None = None, steps: int = 0) -> None:
     """Raise unless ``pruner`` has trained no step (or exactly ``steps``: the same state
     loaded again) and had no removal but the first of ``saved``."""
-    done = [(list(r.layers), {int(g): list(k) for g, k in r.keep.items()}) for r in pruner.removals]
-    want = [(list(s["layers"]), {int(g): list(k) for g, k in s["keep"].items()}) for s in saved or []]
-    if pruner.steps not in (0, steps) or done != want[:len(done)]:
+    if pruner.steps not in (0, steps) or not _begins(saved or [], pruner.removals):
         raise RuntimeError("Pruner.load_state_dict needs a fresh pruner: build the gated model, optimizer and Pruner "
                            "again as at the start of training, then load the checkpoint")
 
@@ -123,15 +129,14 @@ def _load_hook(module: fx.GraphModule, state_dict: dict, prefix: str, local_meta
         return
     saved = decode(t)
     state = state_of(module)
-    have = [_entry(r) for r in state.removals]
-    if [(h["layers"], h["keep"]) for h in have] != [(s["layers"], s["keep"]) for s in saved[:len(have)]]:
+    if not _begins(saved, state.removals):
         raise ValueError(f"the state dict was saved after {len(saved)} live removals that do not begin with the "
-                         f"{len(have)} this model has had: load it into a model freshly prepared as the run that "
-                         "saved it was")
+                         f"{len(state.removals)} this model has had: load it into a model freshly prepared as the run "
+                         "that saved it was")
     if state.dense_cost is None and not state.version:
         Objective(module)  # records the prepared model's cost before the removals change it
     pruner = _pruner_of(module)
-    for s in saved[len(have):]:
+    for s in saved[len(state.removals):]:
         keep = {int(g): np.asarray(k, dtype=bool) for g, k in s["keep"].items()}
         drop, layers = {g: ~k for g, k in keep.items()}, set(s["layers"])
         if pruner is not None:  # its optimizer and counters follow
