@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fxprune
 from fxprune.digits.models import resnet
+from readme_blocks import run_block
 
 L = pytest.importorskip("lightning.pytorch")
 from fxprune.integrations.lightning import PruneCallback  # noqa: E402
@@ -91,15 +92,5 @@ def test_lightning_prunes_while_it_trains_and_resumes_from_its_own_checkpoint(tm
 
 
 def test_the_readme_lightning_block_runs_as_written(tmp_path):
-    import re
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("### In Lightning", 1)[1]
-    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    done = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    steps, flops = done.stdout.split()[-2:]
+    steps, flops = run_block("### In Lightning", tmp_path).split()[-2:]
     assert int(steps) == 40 and float(flops) < 0.8

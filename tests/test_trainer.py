@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fxprune
+from readme_blocks import run_block
 
 transformers = pytest.importorskip("transformers")
 from fxprune.integrations.hf import PruneTrainer  # noqa: E402
@@ -78,15 +78,5 @@ def test_a_fresh_trainer_resumes_from_the_trainers_own_checkpoint(tmp_path):
 
 
 def test_the_readme_trainer_block_runs_as_written(tmp_path):
-    import re
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("### In the Hugging Face Trainer", 1)[1]
-    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    done = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    loss, flops = map(float, done.stdout.split()[-2:])
+    loss, flops = map(float, run_block("### In the Hugging Face Trainer", tmp_path).split()[-2:])
     assert loss > 0 and flops < 0.8
