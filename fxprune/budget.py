@@ -122,6 +122,8 @@ class BudgetController:
         sharpening and the data can sink the cost under its budget once the schedule is
         over; with two budgets, only pushes down: the binding one is met, the other stays
         under). The multipliers follow (see the module's docstring)."""
+        if not theta.numel():  # every gate has been removed: there is no step to correct
+            return step_
         obj, alpha = self.objective, self.objective.config.alpha
         push = self.separation(step)
         if push:  # away from 0.5, before the cost's correction: the expected cost stays on the target

@@ -159,3 +159,34 @@ def test_hooks_see_every_removal_of_training_in_order():
     assert [v for v, _, _ in seen] == [1, 2, 3]
     assert all(n == size for _, n, size in seen)  # the objective followed before the hook ran
     assert [r.version for r in pruner.removals] == [1, 2, 3]
+
+
+class OneBranch(torch.nn.Module):
+    """Its only gates are one residual branch and the units inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(4, 12, 3, padding=1), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(12, 4, 3, padding=1))
+        self.head = torch.nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head((h + self.body(h)).mean((2, 3)))
+
+
+def test_training_goes_on_after_the_last_gate_was_removed():
+    """Found by the memory-format property: once a removal took every gate, the budget's
+    correction of the (empty) theta step raised on an empty max()."""
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    gated = fxprune.prepare(OneBranch(), (x,), fxprune.PruneConfig("both", check_every=2, exclude=("stem",)))
+    opt = torch.optim.SGD(gated.parameters(), lr=0.02, momentum=0.9)
+    pruner = fxprune.Pruner(gated, opt)
+    with torch.no_grad():
+        theta_of(gated, LayerGate(0)).zero_()
+    pruner.remove({}, {0})
+    assert state_of(gated).layout.size == 0
+    losses = readme_loop(gated, opt, pruner, x, y, 4)  # steps and checks with nothing left to gate
+    assert np.isfinite(losses).all() and pruner.steps == 4
