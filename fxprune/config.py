@@ -93,6 +93,18 @@ class PruneConfig:
             at every step (:mod:`fxprune.budget`) so that ``E[FLOPs]/FLOPs_dense`` follows
             the scheduled target, not ``gamma``.
         target_params: the same for the parameters. Both at once: two multipliers.
+        pressure: how the budget controller presses the gates towards the budget.
+            ``"uniform"`` (default): every gate whose removal saves cost is pressed alike
+            (a layer gate ``alpha`` times), the strength set at every step so the
+            expected cost follows the schedule: which structures go is the data
+            gradient's choice, and a structure's price counts through the budget it
+            uses. ``"cost"``: each gate is pressed by its cost gradient (the budget's
+            Lagrangian), so what costs more is pressed harder. A first-order data
+            gradient sees one unit at a time and under-values units that are redundant
+            one by one but not together; a residual stream's channels, which feed every
+            layer, are the costliest units and went first under ``"cost"`` (a 4-layer
+            Llama's stream 128 -> 58 channels at half the FLOPs, +20 % bits per byte
+            against +4 %; resnet18 under AdamW 2.8 points lower over two seeds).
         budget_lr: in (0, 1], the share of its distance to the scheduled target that one
             theta step takes an expected cost over its target (``None``: 1, the whole
             distance: the cost is on the schedule at every step).
@@ -184,6 +196,7 @@ class PruneConfig:
     target_flops: float | None = None
     target_params: float | None = None
     budget_lr: float | None = None
+    pressure: Literal["uniform", "cost"] = "uniform"
     sharpen: float = 0.002
     budget_steps: int | float | None = None
     decide: int | float | None = None
@@ -256,7 +269,7 @@ class PruneConfig:
 
 
 _CHOICES = {"structures": ("units", "layers", "both"), "cost": COSTS, "estimator": ESTIMATORS,
-            "prior_decay": ("auto", "coupled", "decoupled")}
+            "prior_decay": ("auto", "coupled", "decoupled"), "pressure": ("uniform", "cost")}
 #: (lowest, highest, lowest allowed, highest allowed) of the number fields
 _RANGES = {
     "gamma": (0.0, math.inf, True, False), "alpha": (0.0, math.inf, True, False), "lam1": (0.0, math.inf, True, False),

@@ -79,11 +79,11 @@ def test_multiple_of_keeps_every_width_a_multiple_and_meets_the_budget():
 
 
 def test_a_budget_the_multiples_cannot_reach_is_missed_and_said_so():
-    """Training prunes this stack's residual stream only, whose FLOPs move by 1/8 per 8
-    channels: 0.4 lies between 0.375 and 0.5, and the decision does not cut the widths
-    training kept to reach it."""
+    """Training prunes this stack's residual stream only (pressed by its cost, the costliest
+    units), whose FLOPs move by 1/8 per 8 channels: 0.4 lies between 0.375 and 0.5, and the
+    decision does not cut the widths training kept to reach it."""
     with pytest.warns(UserWarning, match="misses the budget"):
-        gated, pruner = _train(fxprune.PruneConfig(total_steps=120, target_flops=0.4, multiple_of=8))
+        gated, pruner = _train(fxprune.PruneConfig(total_steps=120, target_flops=0.4, multiple_of=8, pressure="cost"))
     assert TOLERANCE < pruner.budget_miss <= 0.125 / 0.4 / 2 + 1e-9  # within half a step of the multiples
 
 
