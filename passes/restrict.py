@@ -25,6 +25,10 @@ from .channel_graph import Branch, ChannelGraph, Group, Param, Space
 __all__ = ["restrict"]
 
 
+def _listed(dims: object) -> list:
+    return dims if isinstance(dims, list) else [dims]
+
+
 def restrict(cg: ChannelGraph, unit_keep: dict[int, np.ndarray], drop: set[int] = frozenset(),
              replaced: dict[str, str] | None = None, gone: set[str] = frozenset()) -> ChannelGraph:
     """The analysis ``cg`` of the model after compaction: the units not in ``unit_keep``
@@ -35,6 +39,13 @@ def restrict(cg: ChannelGraph, unit_keep: dict[int, np.ndarray], drop: set[int] 
     replaced = replaced or {}
     dead = cg.dead_nodes(drop) | set(replaced)
     alive = cg.live_spaces(dead)
+    for add, new in replaced.items():  # an erased add's stream is now the tensor of the node that took its place
+        for dims in _listed(cg.node_dims.get(add)):
+            for s in dims.values() if isinstance(dims, dict) else ():
+                alive.setdefault(s, new)  # (a branch-first add's space was carried by the branch alone)
+    for sp in cg.spaces.values():  # and stays with that node at later removals, for the reads of it
+        if sp.node not in dead and sp.node in cg.node_dims:
+            alive.setdefault(sp.id, sp.node)
     new_pos = {}
     spaces: dict[int, Space] = {}
     for s in cg.spaces.values():

@@ -295,3 +295,53 @@ def test_penalty_is_a_fixed_number_of_ops_per_weight_tensor():
         counts[width] = (counter.ops, len(pruner.objective.weights))
     (ops1, n1), (ops4, n4) = counts[1], counts[4]
     assert n1 == n4 and ops1 == ops4 and ops1 <= 2 * n1 + 60
+
+
+class LinearBottleneck(nn.Module):
+    """MobileNetV2/V3's shape: a residual add with no activation after it, whose output the
+    next convolution reads directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.block = nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 1),
+                                   nn.BatchNorm2d(8))
+        self.next = nn.Conv2d(8, 12, 3, padding=1)
+        self.head = nn.Linear(12, 10)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = self.block(h) + h  # torchvision's InvertedResidual: the branch first
+        return self.head(F.relu(self.next(h)).mean((2, 3)))
+
+
+def test_a_branch_whose_add_the_next_layer_reads_directly_is_removed_live():
+    """mobilenet_v3_small: a removal of features.8's branch raised KeyError in _sync_gates (the
+    next conv's gate read the erased add's space, which no node carried any more)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    gated = fxprune.prepare(LinearBottleneck(), (x,), fxprune.PruneConfig(check_every=10**6))
+    opt = torch.optim.SGD(gated.parameters(), lr=0.05, momentum=0.9)
+    pruner = fxprune.Pruner(gated, opt)
+    readme_loop(gated, opt, pruner, x, y, 2)
+    with torch.no_grad():
+        theta_of(gated, LayerGate(0)).zero_()
+    gated.eval()
+    with torch.no_grad():
+        out = gated(x)
+    pruner.remove({}, {0})
+    with torch.no_grad():
+        torch.testing.assert_close(gated(x), out, rtol=1e-4, atol=1e-5)
+    gated.train()
+    readme_loop(gated, opt, pruner, x, y, 2)
+    gid = first_group(gated)  # a later removal still finds the space the next conv reads
+    with torch.no_grad():
+        theta_of(gated, UnitGate(gid))[:2] = 0.0
+    drop = np.zeros(theta_of(gated, UnitGate(gid)).numel(), dtype=bool)
+    drop[:2] = True
+    pruner.remove({gid: drop}, set())
+    readme_loop(gated, opt, pruner, x, y, 2)
+    gated.eval()
+    with torch.no_grad():
+        trained = gated(x)
+        torch.testing.assert_close(fxprune.convert(gated)(x), trained, rtol=1e-4, atol=1e-5)
