@@ -15,10 +15,12 @@ target: a push down when the plain step would leave the cost above it, a pull up
 below (found on a log-spaced grid of candidates refined three times, each one batched
 evaluation of the exact cost polynomial, on the device: no host synchronisation). That
 factor over ``lr`` is the multiplier of the step: the strength ``lambda`` for which
-``g + lambda dF/dtheta`` is the step taken, negative when it pulls up. The cost presses every
-gate by its price, so the structures whose data gradient is weakest for what they cost
-go first: the structure is learnt, while the expected cost is on the schedule at every
-step after the warm-up. The penalty carries the cost term's value, not its gradient:
+``g + lambda dF/dtheta`` is the step taken, negative when it pulls up. With
+``PruneConfig.pressure="uniform"`` (the default) the direction is 1 on every gate whose
+removal saves cost instead of ``dF/dtheta`` (``lambda`` is then a price per gate), so the
+structures whose data gradient is weakest go first and the budget decides how many: the
+structure is learnt, while the expected cost is on the schedule at every step after the
+warm-up. The penalty carries the cost term's value, not its gradient:
 the pull on theta is this step's, and the task loss's scale is left alone.
 
 Example::

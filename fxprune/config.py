@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Literal, NamedTuple
 
 from .gates import ESTIMATORS
@@ -32,11 +32,36 @@ class CostReference(NamedTuple):
 
 @dataclass
 class PruneConfig:
-    """What to gate, the objective's knobs, and the pruning conditions.
+    """What to gate, the objective's knobs, the budget and its schedule, and the pruning
+    conditions, in that order (every field but ``structures`` is given by name).
 
     Attributes:
         structures: which structures get gates: ``"units"`` (channel groups),
             ``"layers"`` (residual branches) or ``"both"``.
+        exclude: module names or ``fnmatch`` patterns (``"conv1"``, ``"layer4.*"``) whose
+            channels are never gated: every channel group a matching module produces or
+            reads is kept whole, and no residual branch containing one gets a layer gate.
+        min_units: every channel dimension keeps at least this many units (or all it has).
+        min_share: every gated group keeps at least this share of the units it had when
+            the gates were built, rounded up (and at least ``min_units``): a residual
+            stream or a stem is never cut to a few channels. The cost prices the floor (a
+            group at it saves nothing more, so the budget is sought elsewhere), and eval
+            mode, the removals and the decision keep it. 0 leaves ``min_units`` alone.
+        multiple_of: every pruned width (a group's units: channels, heads, head_dims) is
+            kept as a multiple of this, or whole: what tensor cores (8, 16) and tensor
+            parallelism (kept heads and MLP units divisible by its degree) need. Applied
+            at the decision, which the budget's cut searches with it, and by live removal
+            (which keeps back switched-off units to round up).
+        uniform: repeated blocks (the layers of a ``ModuleList`` built from one class)
+            keep the same width for the same role: every layer the same number of heads,
+            the same MLP width (decided jointly at the decision; live removal takes from
+            each layer only what it can take from all), so a stock config can describe
+            the pruned model (:func:`fxprune.hf.to_pretrained`).
+        theta_init: initial keep probability of every gate (1 = start from the full network).
+        estimator: the theta gradient: ``"straight_through"`` (the mask's derivative at the
+            sampled gate) or ``"balanced"`` (the derivatives with the gate on and off weighted
+            equally, so its mean is the same at every theta and theta does not settle between
+            0 and 1; method.md section 4).
         gamma: strength of the complexity cost: task loss traded for removing the whole cost
             (fixed-strength mode). ``None`` (the default): the strength is learnt to meet a
             budget; with no budget given either, ``target_flops=0.5``. With a budget,
@@ -53,7 +78,12 @@ class PruneConfig:
             size, so the final widths do not depend on the starting width.
         beta: in [0, 1], weight of FLOPs against parameters in the ``"complexity"`` cost.
         alpha: multiplies the cost gradient of layer gates (>1 favours removing layers).
+        cost_reference: a :class:`CostReference` (FLOPs per example, parameters, gates)
+            the cost is normalised by; ``None`` means the dense model's own
+            (``Objective(gated).reference``). Give models of different widths the same
+            reference and a unit costs the same in all of them.
         lam1: slab precision of the weight prior, i.e. the ordinary weight decay.
+        spike_ratio: ``lam0 / lam1``, the spike precision that pulls switched-off weights to 0.
         prior_exempt: the kinds of parameter the weight prior (slab and spike) leaves
             alone, as timm's and the Hugging Face Trainer's no-decay groups do: ``"bias"``,
             ``"norm"`` (every other parameter of at most one dimension: norm gains, layer
@@ -72,18 +102,9 @@ class PruneConfig:
             prior's gradient is added to the task gradient, as SGD's ``weight_decay`` is;
             ``"auto"`` (default): coupled under ``torch.optim.SGD``, decoupled under every
             other optimizer. The thetas get the prior's gradient either way.
-        spike_ratio: ``lam0 / lam1``, the spike precision that pulls switched-off weights to 0.
-        theta_lr: learning rate of the projected SGD on theta.
-        theta_init: initial keep probability of every gate (1 = start from the full network).
-        estimator: the theta gradient: ``"straight_through"`` (the mask's derivative at the
-            sampled gate) or ``"balanced"`` (the derivatives with the gate on and off weighted
-            equally, so its mean is the same at every theta and theta does not settle between
-            0 and 1; method.md section 4).
-        warmup: how long the cost strength ramps linearly from 0 to ``gamma``: steps (an
-            int), or a fraction of ``total_steps`` (a float); ``None``: a tenth of
-            ``total_steps`` when it is given, else 300 steps. At the start the weights are
-            random and no unit is worth its cost yet; a full ``gamma`` from step 0 can
-            switch off whole layers before the network learns what it needs.
+        sharpen: weight of ``sum theta (1 - theta)`` in the objective: a small push of
+            every theta away from 1/2 (a budget met exactly can otherwise hold gates at
+            fractional theta).
         total_steps: the training steps the user plans (optional, recommended with a
             budget: the warm-up, the budget schedule and the decision are then fractions of
             it; without it they are 300, 750 and 1,500 steps).
@@ -108,6 +129,11 @@ class PruneConfig:
         budget_lr: in (0, 1], the share of its distance to the scheduled target that one
             theta step takes an expected cost over its target (``None``: 1, the whole
             distance: the cost is on the schedule at every step).
+        warmup: how long the cost strength ramps linearly from 0 to ``gamma``: steps (an
+            int), or a fraction of ``total_steps`` (a float); ``None``: a tenth of
+            ``total_steps`` when it is given, else 300 steps. At the start the weights are
+            random and no unit is worth its cost yet; a full ``gamma`` from step 0 can
+            switch off whole layers before the network learns what it needs.
         budget_steps: with a budget, the target falls from 1 to its value over this many
             steps after the warm-up (a cubic schedule), so the model shrinks while it
             learns instead of all at once: steps (an int), a fraction of ``total_steps``,
@@ -120,9 +146,7 @@ class PruneConfig:
             ``total_steps`` (or when the schedule is over plus a fifth of it, plus 300
             steps, without ``total_steps``), so the deployed model is fine-tuned for the last
             0.4 of the run; without a budget, never.
-        sharpen: weight of ``sum theta (1 - theta)`` in the objective: a small push of
-            every theta away from 1/2 (a budget met exactly can otherwise hold gates at
-            fractional theta).
+        theta_lr: learning rate of the projected SGD on theta.
         check_every: steps between pruning checks; ``None``: a fortieth of ``total_steps``
             (2 to 20 steps), or 20 without it. A structure switched off is removed
             ``patience - 1`` to ``patience`` checks later, so this sets how long training
@@ -140,66 +164,48 @@ class PruneConfig:
             but its weights are not yet small, zero its optimizer moments once, so that the
             spike prior alone drives them (adaptive optimizers otherwise damp that pull with
             second moments remembered from the structure's active past).
-        cost_reference: a :class:`CostReference` (FLOPs per example, parameters, gates)
-            the cost is normalised by; ``None`` means the dense model's own
-            (``Objective(gated).reference``). Give models of different widths the same
-            reference and a unit costs the same in all of them.
-        exclude: module names or ``fnmatch`` patterns (``"conv1"``, ``"layer4.*"``) whose
-            channels are never gated: every channel group a matching module produces or
-            reads is kept whole, and no residual branch containing one gets a layer gate.
-        min_units: every channel dimension keeps at least this many units (or all it has).
-        min_share: every gated group keeps at least this share of the units it had when
-            the gates were built, rounded up (and at least ``min_units``): a residual
-            stream or a stem is never cut to a few channels. The cost prices the floor (a
-            group at it saves nothing more, so the budget is sought elsewhere), and eval
-            mode, the removals and the decision keep it. 0 leaves ``min_units`` alone.
-        multiple_of: every pruned width (a group's units: channels, heads, head_dims) is
-            kept as a multiple of this, or whole: what tensor cores (8, 16) and tensor
-            parallelism (kept heads and MLP units divisible by its degree) need. Applied
-            at the decision, which the budget's cut searches with it, and by live removal
-            (which keeps back switched-off units to round up).
-        uniform: repeated blocks (the layers of a ``ModuleList`` built from one class)
-            keep the same width for the same role: every layer the same number of heads,
-            the same MLP width (decided jointly at the decision; live removal takes from
-            each layer only what it can take from all), so a stock config can describe
-            the pruned model (:func:`fxprune.hf.to_pretrained`).
 
     Every field is checked when it is set, at construction and on later assignment
     (``config.gamma = -5`` raises), and the error names the field.
     """
 
+    # -- what is gated (fixed at prepare)
     structures: Literal["units", "layers", "both"] = "both"
-    gamma: float | None = None
-    cost: Literal["complexity", "structures", "gates"] = "complexity"
-    beta: float = 0.5
-    alpha: float = 1.0
-    lam1: float = 5e-4
-    prior_exempt: tuple[str, ...] = EXEMPT_KINDS
-    prior_decay: Literal["auto", "coupled", "decoupled"] = "auto"
-    spike_ratio: float = 100.0
-    theta_lr: float = 2.0
-    theta_init: float = 1.0
-    estimator: Literal["straight_through", "balanced"] = "balanced"
-    warmup: int | float | None = None
-    check_every: int | None = None
-    theta_tol: float = 0.01
-    w_tol: float | None = None
-    patience: int = 2
-    reset_moments: bool = True
-    cost_reference: CostReference | None = None
+    _: KW_ONLY  # every other field by name
     exclude: tuple[str, ...] = ()
     min_units: int = 1
     min_share: float = 0.1
     multiple_of: int | None = None
     uniform: bool = False
+    theta_init: float = 1.0
+    estimator: Literal["straight_through", "balanced"] = "balanced"
+    # -- the objective: the cost and the weight prior
+    gamma: float | None = None
+    cost: Literal["complexity", "structures", "gates"] = "complexity"
+    beta: float = 0.5
+    alpha: float = 1.0
+    cost_reference: CostReference | None = None
+    lam1: float = 5e-4
+    spike_ratio: float = 100.0
+    prior_exempt: tuple[str, ...] = EXEMPT_KINDS
+    prior_decay: Literal["auto", "coupled", "decoupled"] = "auto"
+    sharpen: float = 0.002
+    # -- the budget and the schedule: the budget controller and the theta step
     total_steps: int | None = None
     target_flops: float | None = None
     target_params: float | None = None
-    budget_lr: float | None = None
     pressure: Literal["uniform", "cost"] = "uniform"
-    sharpen: float = 0.002
+    budget_lr: float | None = None
+    warmup: int | float | None = None
     budget_steps: int | float | None = None
     decide: int | float | None = None
+    theta_lr: float = 2.0
+    # -- the pruning conditions: the pruning check
+    check_every: int | None = None
+    theta_tol: float = 0.01
+    w_tol: float | None = None
+    patience: int = 2
+    reset_moments: bool = True
 
     def check_steps(self) -> int:
         """``check_every`` in steps (None: ``total_steps // 40`` in [2, 20], or 20 without it)."""
@@ -225,7 +231,7 @@ class PruneConfig:
         if self.decide is None:
             if self.total_steps:
                 return max(round(DECIDE * self.total_steps), self.warmup_steps() + self.schedule_steps())
-            return self.warmup_steps() + round(1.2 * self.schedule_steps()) + DEFAULT_WARMUP
+            return self.warmup_steps() + round(DECIDE_AFTER * self.schedule_steps()) + DECIDE_MARGIN
         return self._steps("decide", self.decide)
 
     def _steps(self, name: str, value: int | float) -> int:
@@ -286,6 +292,8 @@ _OPTIONAL = {"multiple_of", "check_every", "gamma", "budget_lr", "w_tol", "total
 WARMUP, BUDGET_STEPS, DECIDE = 0.1, 0.25, 0.6
 #: the warm-up, in steps, when neither ``warmup`` nor ``total_steps`` is given
 DEFAULT_WARMUP = 300
+#: without ``total_steps``, the decision comes this many schedules after the warm-up, plus ``DECIDE_MARGIN`` steps
+DECIDE_AFTER, DECIDE_MARGIN = 1.2, 300
 #: steps between pruning checks when neither ``check_every`` nor ``total_steps`` is given
 DEFAULT_CHECK_EVERY = 20
 #: the budget schedule's length, in steps, when neither ``budget_steps`` nor ``total_steps`` is given

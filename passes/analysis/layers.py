@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import fx, nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrizations, parametrize
 
 from ..norms import norm_call
 from ..op_classes import CONV_TRANSPOSE
@@ -81,13 +81,19 @@ def _tensor(b: Builder, m: nn.Module, path: str, attr: str) -> tuple[str | None,
     kinds = ", ".join(type(p).__name__.lstrip("_") for p in plist)
     base = f"{path}.parametrizations.{attr}"
     names = [f"{base}.{n}" for n, _ in plist.named_parameters(recurse=False) if n.startswith("original")]
-    if len(plist) == 1 and type(plist[0]).__name__ == "_WeightNorm" and getattr(plist[0], "dim", None) == 0 \
+    if len(plist) == 1 and _WEIGHT_NORM is not None and isinstance(plist[0], _WEIGHT_NORM) \
+            and getattr(plist[0], "dim", None) == 0 \
             and not isinstance(m, CONV_TRANSPOSE) and len(names) == 2 and attr == "weight":
         g, v = f"{base}.original0", f"{base}.original1"
         return v, [g], f"'{path}' has weight_norm: every filter is normalised over its input channels", None
     why = f"'{path}'.{attr} is computed by a parametrization ({kinds}), which fxprune cannot slice"
     same = [n for n in names if tuple(b.param(n).shape) == tuple(getattr(m, attr).shape)]
     return (same[0] if same else None), [], why, why
+
+
+#: the parametrization ``torch.nn.utils.parametrizations.weight_norm`` registers (private in torch: a torch
+#: without it has every parametrization frozen, as an unknown one is)
+_WEIGHT_NORM: type | None = getattr(parametrizations, "_WeightNorm", None)
 
 
 def conv_module(b: Builder, node: fx.Node) -> Dims:
